@@ -1,0 +1,56 @@
+"""How many tokens each layer keeps per KV head: the budget, the recent window, the schedule.
+
+All counts are computed per sequence from its real (unpadded) prompt length, on tensors, so a
+batch of prompts of different lengths needs no host synchronisation. The capacity of a layer's
+static buffers is the same formula evaluated at the padded prompt length (a Python int).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import MiniKVConfig
+
+
+def keep_counts(cfg: MiniKVConfig, rank: int, num_layers: int, lengths: torch.Tensor):
+    """Tokens kept and recent-window tokens for the compressed layer ``rank`` of ``num_layers``.
+
+    lengths ``[B]`` int64 real prompt lengths. Returns ``(n_keep, n_recent)``, both ``[B]`` int64,
+    with ``n_recent <= n_keep <= lengths``. With ``budget=None`` every token is kept.
+    """
+    L = lengths.to(torch.float64)
+    if cfg.budget is None:
+        return lengths.clone(), lengths.clone()
+    if isinstance(cfg.budget, int):
+        n = torch.clamp(L, max=float(cfg.budget))
+    else:
+        n = torch.floor(cfg.budget * L).clamp_min(1.0)
+    if isinstance(cfg.recent, int):
+        r = torch.clamp(n, max=float(cfg.recent))
+    else:
+        r = torch.floor(cfg.recent * n)
+    heavy = n - r
+    if cfg.schedule == "pyramid" and num_layers > 1:
+        last = heavy / cfg.pyramid_delta
+        first = 2 * heavy - last
+        heavy = torch.floor(first + (last - first) * (rank / (num_layers - 1)) + 0.5)
+    keep = torch.minimum(heavy + r, L)
+    if cfg.scorer == "snapkv":  # a prompt no longer than the observation window is kept whole
+        keep = torch.where(L <= cfg.snap_window, L, keep)
+    keep = keep.to(torch.int64)
+    return keep, torch.minimum(r.to(torch.int64), keep)
+
+
+def capacity(cfg: MiniKVConfig, rank: int, num_layers: int, prompt_len: int) -> int:
+    """Most tokens any sequence of a batch padded to ``prompt_len`` keeps at this layer."""
+    keep, _ = keep_counts(cfg, rank, num_layers, torch.tensor([prompt_len]))
+    return int(keep[0])
+
+
+def check_prompt(cfg: MiniKVConfig, prompt_len: int) -> None:
+    """Raise if an int budget cannot be met by a prompt of ``prompt_len`` tokens."""
+    if isinstance(cfg.budget, int) and cfg.budget > prompt_len:
+        raise ValueError(
+            f"budget={cfg.budget} tokens is larger than the prompt ({prompt_len} tokens): "
+            f"use an int budget in [1, {prompt_len}], a float in (0, 1], or budget=None"
+        )

@@ -1,0 +1,267 @@
+"""The MiniKV cache: a transformers ``Cache`` whose full-attention layers compress at prefill.
+
+Prefill (first ``update`` of a layer): the prompt's K/V are returned inside a :class:`MiniKVView`;
+the attention function then computes the prompt attention together with the importance scores,
+selects the kept tokens per KV head, and writes them into static buffers (2/4-bit packed or
+dense). Decode: ``update`` appends the new tokens in place and the attention reads the store.
+Sliding-window layers keep HF's own ``DynamicSlidingWindowLayer`` (bounded, uncompressed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+
+from . import budget
+from .config import MiniKVConfig
+from .dense import dense_attention, mask_for, valid_tokens
+from .kernels import ops
+from .store import DenseStore, QuantizedStore
+
+COMPRESSED_TYPES = ("full_attention",)
+HF_TYPES = {"sliding_attention": DynamicSlidingWindowLayer}
+
+
+@dataclass(frozen=True)
+class KVMemory:
+    """KV-cache memory of the tokens held. ``ratio = used_bytes / fp16_bytes``."""
+
+    used_bytes: int
+    fp16_bytes: int
+    allocated_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.used_bytes / self.fp16_bytes if self.fp16_bytes else 0.0
+
+    @property
+    def compression(self) -> float:
+        """Fraction of the fp16 cache saved (the paper's "compression ratio")."""
+        return 1.0 - self.ratio
+
+    def __add__(self, other: "KVMemory") -> "KVMemory":
+        return KVMemory(*(a + b for a, b in zip(
+            (self.used_bytes, self.fp16_bytes, self.allocated_bytes),
+            (other.used_bytes, other.fp16_bytes, other.allocated_bytes))))
+
+
+class MiniKVView:
+    """What ``update`` returns in place of dense K/V: the layer plus, at prefill, the prompt K/V."""
+
+    def __init__(self, layer: "MiniKVLayer", key=None, value=None):
+        self.layer, self.key, self.value = layer, key, value
+
+
+class MiniKVLayer(CacheLayerMixin):
+    """One compressed attention layer (``rank`` among ``num_compressed`` compressed layers)."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, cfg: MiniKVConfig, rank: int, num_compressed: int, max_cache_len: int | None = None):
+        super().__init__()
+        self.cfg, self.rank, self.num_compressed = cfg, rank, num_compressed
+        self.max_cache_len = max_cache_len
+        self.store: QuantizedStore | DenseStore | None = None
+        self.cumulative_length = torch.tensor(0, dtype=torch.int64)  # logical tokens, as a tensor
+        self._seen = 0  # the same as a Python int, for capacity checks outside compiled code
+        self._capacity_tokens = 0
+        self._prompt_lengths: torch.Tensor | None = None
+        self.requested_len: int | None = None  # tokens a generate call will store, checked at prefill
+
+    # -- transformers CacheLayerMixin -------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            return self._begin_prefill(key_states, value_states)
+        Lq = key_states.shape[2]
+        if not torch.compiler.is_compiling():
+            if self._seen + Lq > self._capacity_tokens:
+                raise ValueError(
+                    f"generation is longer than the cache was built for: it holds {self._capacity_tokens} tokens "
+                    f"(prompt + max_new_tokens), and {self._seen + Lq} were requested; build the cache with a "
+                    f"larger max_new_tokens"
+                )
+            self._seen += Lq
+        self.store.append(key_states, value_states)
+        self.cumulative_length.add_(Lq)
+        view = MiniKVView(self)
+        return view, view
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # the prompt needs its causal + padding mask; after it, lengths live in the store
+        return (query_length, 0) if not self.is_initialized else (0, 0)
+
+    def get_seq_length(self):
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self._capacity_tokens if self.is_initialized else -1
+
+    def reset(self) -> None:
+        self.store = None
+        self.is_initialized = False
+        self._seen = 0
+        self.cumulative_length = torch.zeros_like(self.cumulative_length)
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise ValueError("beam search is not supported on a MiniKV cache (num_beams must be 1)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("a MiniKV cache cannot be cropped (assisted decoding is not supported)")
+
+    # -- prefill -----------------------------------------------------------------------------
+    def new_token_capacity(self, prompt_len: int) -> int:
+        if self.cfg.max_new_tokens is not None:
+            return self.cfg.max_new_tokens
+        if self.max_cache_len is None:
+            raise ValueError("MiniKVCache needs max_new_tokens (or max_cache_len) to size its buffers")
+        return max(self.max_cache_len - prompt_len, 0)
+
+    def _begin_prefill(self, key_states, value_states):
+        T = key_states.shape[2]
+        budget.check_prompt(self.cfg, T)
+        self.lazy_initialization(key_states, value_states)
+        new = self.new_token_capacity(T)
+        if self.requested_len is not None and self.requested_len > T + new:
+            raise ValueError(
+                f"generation is longer than the cache was built for: max_new_tokens={new} fit after this "
+                f"{T}-token prompt, generate asks for {self.requested_len - T + 1}; build the cache with a "
+                f"larger max_new_tokens"
+            )
+        kept = budget.capacity(self.cfg, self.rank, self.num_compressed, T)
+        store_cls = QuantizedStore if self.cfg.quantized else DenseStore
+        self.store = store_cls(self.cfg, self.batch_size, self.num_heads, self.head_dim, kept + new,
+                               self.dtype, self.device)
+        self.n_max = kept
+        self._capacity_tokens = T + new
+        self._prompt_T = self._seen = T
+        self.cumulative_length = torch.full((), T, dtype=torch.int64, device=self.device)
+        self.is_initialized = True
+        return MiniKVView(self, key_states, value_states), MiniKVView(self, key_states, value_states)
+
+    def attend(self, module, query, view: MiniKVView, mask, scaling: float, softcap, fallback: str, **kwargs):
+        """Attention output ``[B, Lq, Hq, D]`` for this layer (prompt or new tokens)."""
+        if view.key is not None:
+            return self._prefill(module, query, view.key, view.value, mask, scaling, softcap, fallback, **kwargs)
+        Lq = query.shape[2]
+        if isinstance(self.store, DenseStore):
+            allowed = mask_for(self.store.visible(Lq), fallback, query.dtype)
+            return dense_attention(module, query, self.store.k, self.store.v, allowed, scaling, softcap, fallback)
+        out = self.store.attend(query, scaling, softcap or 0.0)  # [B, Hq, Lq, D]
+        return out.transpose(1, 2), None
+
+    def _prefill(self, module, q, k, v, mask, scaling, softcap, fallback, **kwargs):
+        B, _, T, _ = k.shape
+        valid = valid_tokens(mask, B, T, k.device)
+        lengths = valid.sum(-1)
+        self._prompt_lengths = lengths
+        n_keep, n_recent = budget.keep_counts(self.cfg, self.rank, self.num_compressed, lengths)
+        if self.cfg.selects:
+            weight = self._query_weights(valid)
+            out, scores = ops.prefill_attention(q, k, v, valid, weight, scaling, softcap or 0.0)
+            if self.cfg.scorer == "snapkv":
+                scores = self._pool(scores)
+            out, weights = out.transpose(1, 2), None
+        else:  # nothing to score: compute the prompt exactly as the unpatched model does
+            out, weights = dense_attention(module, q, k, v, mask, scaling, softcap, fallback, **kwargs)
+            scores = torch.zeros(B, k.shape[1], T, dtype=torch.float32, device=k.device)
+        idx = ops.select_tokens(scores, valid, n_keep.to(k.device), n_recent.to(k.device), self.n_max)
+        index = idx[..., None].expand(-1, -1, -1, k.shape[-1])  # [B, Hkv, n_max, D]
+        self.store.write_prompt(k.gather(2, index), v.gather(2, index), n_keep.to(k.device))
+        return out, weights
+
+    def _query_weights(self, valid: torch.Tensor) -> torch.Tensor:
+        """Per-query weights of the scorer: all prompt queries (MiniKV) or the last window (SnapKV)."""
+        w = valid.to(torch.float32)
+        if self.cfg.scorer == "snapkv":
+            rank_from_end = valid.flip(-1).cumsum(-1).flip(-1)
+            w = w * (rank_from_end <= self.cfg.snap_window)
+        return w
+
+    def _pool(self, scores: torch.Tensor) -> torch.Tensor:
+        k = self.cfg.pool_kernel
+        B, H, T = scores.shape
+        flat = scores.view(B * H, 1, T)
+        pooled = (F.max_pool1d if self.cfg.pool == "max" else F.avg_pool1d)(flat, k, stride=1, padding=k // 2)
+        return pooled.view(B, H, T)
+
+    # -- accounting ----------------------------------------------------------------------------
+    def tokens_held(self) -> int:
+        """Real (unpadded) tokens this layer has seen, summed over the batch (host sync)."""
+        if self.store is None:
+            return 0
+        return int(self._prompt_lengths.sum()) + (self._seen - self._prompt_T) * self.batch_size
+
+    def memory(self) -> KVMemory:
+        if self.store is None:
+            return KVMemory(0, 0, 0)
+        fp16 = self.tokens_held() * self.num_heads * self.head_dim * 2 * 2  # K and V, 2 bytes each
+        return KVMemory(self.store.used_bytes(), fp16, self.store.allocated_bytes())
+
+
+class MiniKVCache(Cache):
+    """A transformers ``Cache`` storing full-attention layers the MiniKV way.
+
+    >>> cache = MiniKVCache(MiniKVConfig(bits=2, budget=0.5), model.config, max_new_tokens=64)
+    >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=64)  # doctest: +SKIP
+    ``minikv.patch`` builds one automatically inside ``generate``.
+    """
+
+    def __init__(self, cfg: MiniKVConfig, model_config, max_new_tokens: int | None = None,
+                 max_cache_len: int | None = None):
+        if max_new_tokens is not None:
+            cfg = cfg.replace(max_new_tokens=max_new_tokens)
+        self.cfg = cfg
+        text = model_config.get_text_config(decoder=True)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
+        check_layer_types(layer_types)
+        num_compressed = sum(t in COMPRESSED_TYPES for t in layer_types)
+        layers, rank = [], 0
+        for kind, kw in zip(layer_types, layer_kwargs):
+            if kind in COMPRESSED_TYPES:
+                layers.append(MiniKVLayer(cfg, rank, num_compressed, max_cache_len))
+                rank += 1
+            else:
+                layers.append(HF_TYPES[kind](**kw))
+        super().__init__(layers=layers)
+
+    def request(self, max_cache_len: int) -> None:
+        """Record how many tokens ``generate`` will store, so prefill can refuse an overflow up front."""
+        for layer in self.layers:
+            if isinstance(layer, MiniKVLayer):
+                layer.requested_len = max_cache_len
+
+    def memory(self) -> KVMemory:
+        """Bytes held now, bytes a full fp16 cache would hold for the same tokens, and bytes allocated."""
+        ours = [layer for layer in self.layers if isinstance(layer, MiniKVLayer)]
+        total = KVMemory(0, 0, 0)
+        for layer in ours:
+            total = total + layer.memory()
+        tokens = ours[0].tokens_held()
+        for layer in self.layers:
+            if not isinstance(layer, MiniKVLayer) and layer.is_initialized and layer.keys.numel():
+                B, H, _, D = layer.keys.shape
+                held = (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
+                total = total + KVMemory(held, tokens * H * D * 2 * 2, held)
+        return total
+
+
+def check_layer_types(layer_types) -> None:
+    unsupported = sorted({t for t in layer_types if t not in COMPRESSED_TYPES and t not in HF_TYPES})
+    if unsupported:
+        raise ValueError(
+            f"unsupported attention layer types {unsupported}: minikv supports {list(COMPRESSED_TYPES)} "
+            f"(compressed) and {list(HF_TYPES)} (left to HF's sliding cache)"
+        )
+    if not any(t in COMPRESSED_TYPES for t in layer_types):
+        raise ValueError(
+            "no layer of this model can be compressed: every layer is sliding-window attention "
+            "(set config.sliding_window=None if your prompts are shorter than the window)"
+        )

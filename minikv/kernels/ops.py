@@ -1,0 +1,107 @@
+"""The MiniKV custom ops (``torch.library``, namespace ``minikv``): schemas, fakes, dispatch.
+
+Each op's default kernel is the pure-PyTorch reference (any device); faster implementations
+register themselves per device with ``<op>.register_kernel(...)``. Mutated arguments are declared
+so functionalization and ``torch.compile`` see the writes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .quant import META_DTYPE, quantize_pack as _quantize_pack_ref, unpack_dequantize as _unpack_dequantize_ref
+
+
+@torch.library.custom_op("minikv::quantize_pack", mutates_args=())
+def quantize_pack(x: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantize ``x [..., N]`` along the last axis in groups -> ``(codes int32, scale fp16, mn fp16)``."""
+    return _quantize_pack_ref(x, bits, group_size)
+
+
+@quantize_pack.register_fake
+def _(x, bits, group_size):
+    *lead, n = x.shape
+    codes = x.new_empty((*lead, n * bits // 32), dtype=torch.int32)
+    meta = x.new_empty((*lead, n // group_size), dtype=META_DTYPE)
+    return codes, meta, torch.empty_like(meta)
+
+
+@torch.library.custom_op("minikv::unpack_dequantize", mutates_args=())
+def unpack_dequantize(
+    codes: Tensor, scale: Tensor, mn: Tensor, bits: int, group_size: int, dtype: torch.dtype
+) -> Tensor:
+    """Inverse of ``quantize_pack``: ``codes [..., W]`` -> ``[..., W * 32 // bits]`` in ``dtype``."""
+    return _unpack_dequantize_ref(codes, scale, mn, bits, group_size, dtype)
+
+
+@unpack_dequantize.register_fake
+def _(codes, scale, mn, bits, group_size, dtype):
+    return codes.new_empty((*codes.shape[:-1], codes.shape[-1] * 32 // bits), dtype=dtype)
+
+
+@torch.library.custom_op("minikv::prefill_attention", mutates_args=())
+def prefill_attention(
+    q: Tensor, k: Tensor, v: Tensor, valid: Tensor, query_weight: Tensor, scale: float, softcap: float
+) -> tuple[Tensor, Tensor]:
+    """Causal prompt attention ``[B, Hq, T, D]`` plus per-KV-head weighted column sums ``[B, Hkv, T]``."""
+    return reference.prefill_attention(q, k, v, valid, query_weight, scale, softcap)
+
+
+@prefill_attention.register_fake
+def _(q, k, v, valid, query_weight, scale, softcap):
+    B, _, T, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, k.shape[1], T), dtype=torch.float32)
+
+
+@torch.library.custom_op("minikv::select_tokens", mutates_args=())
+def select_tokens(scores: Tensor, valid: Tensor, n_keep: Tensor, n_recent: Tensor, n_max: int) -> Tensor:
+    """Kept token positions ``[B, Hkv, n_max]`` (first ``n_keep[b]`` sorted in time)."""
+    return reference.select_tokens(scores, valid, n_keep, n_recent, n_max)
+
+
+@select_tokens.register_fake
+def _(scores, valid, n_keep, n_recent, n_max):
+    B, H, _ = scores.shape
+    return scores.new_empty((B, H, n_max), dtype=torch.int64)
+
+
+@torch.library.custom_op(
+    "minikv::append_kv",
+    mutates_args=("k_codes", "k_scale", "k_mn", "v_codes", "v_scale", "v_mn", "n_packed", "res_k", "res_v", "res_len"),
+)
+def append_kv(
+    k_new: Tensor, v_new: Tensor,
+    k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor,
+    n_packed: Tensor, res_k: Tensor, res_v: Tensor, res_len: Tensor, bits: int, group_size: int,
+) -> None:
+    """Append new tokens to the residual and flush full residuals into the packed store, in place."""
+    reference.append_kv(
+        k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
+        bits, group_size,
+    )
+
+
+@append_kv.register_fake
+def _(k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, bits, group_size):
+    return None
+
+
+@torch.library.custom_op("minikv::decode_attention", mutates_args=())
+def decode_attention(
+    q: Tensor,
+    k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor,
+    n_packed: Tensor, res_k: Tensor, res_v: Tensor, res_len: Tensor,
+    scale: float, softcap: float, bits: int, group_size: int,
+) -> Tensor:
+    """One-softmax attention of new queries over ``[packed store ; residual]`` -> ``[B, Hq, Lq, D]``."""
+    return reference.decode_attention(
+        q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
+        scale, softcap, bits, group_size,
+    )
+
+
+@decode_attention.register_fake
+def _(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, scale, softcap, bits, group_size):
+    return torch.empty_like(q)

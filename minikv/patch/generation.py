@@ -1,0 +1,37 @@
+"""What ``generate`` does differently on a patched model: it builds a MiniKV cache itself and
+refuses decoding strategies that need to copy, reorder or crop the cache."""
+
+from __future__ import annotations
+
+from transformers.generation.configuration_utils import GenerationMode
+
+from ..cache import MiniKVCache
+
+SUPPORTED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+
+
+def check_generation_mode(mode, generation_config) -> None:
+    if mode in SUPPORTED_MODES:
+        return
+    raise ValueError(
+        f"{mode.value} is not supported on a MiniKV-compressed cache (got num_beams="
+        f"{generation_config.num_beams}): use greedy or sampling with num_beams=1 and no assistant model, "
+        f"or minikv.unpatch(model) first"
+    )
+
+
+def make_prepare_cache(model, original):
+    """Wrap ``model._prepare_cache_for_generation`` (bound ``original``) for a patched model."""
+
+    def prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        check_generation_mode(generation_mode, generation_config)
+        cache = model_kwargs.get("past_key_values")
+        if cache is None and generation_config.use_cache is not False and generation_config.cache_implementation is None:
+            cfg = model._minikv_patch.config
+            model_kwargs["past_key_values"] = MiniKVCache(cfg, model.config, max_cache_len=max_cache_length)
+            return None
+        if isinstance(cache, MiniKVCache):
+            cache.request(max_cache_length)
+        return original(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+
+    return prepare_cache_for_generation

@@ -1,0 +1,67 @@
+"""``patch`` / ``unpatch``: switch a Hugging Face causal LM to the MiniKV cache and back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..cache import check_layer_types
+from ..config import MiniKVConfig
+from . import SUPPORTED_MODEL_TYPES
+from . import attention
+from .generation import make_prepare_cache
+
+_PREPARE = "_prepare_cache_for_generation"
+
+
+@dataclass
+class PatchState:
+    config: MiniKVConfig
+    attn_implementation: str
+    prepare_override: object  # an instance attribute that existed before patch, or None
+
+
+def check_model(model, cfg: MiniKVConfig) -> None:
+    """Raise, naming what is wrong, if ``model`` cannot be patched with ``cfg``."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    if getattr(model, "_minikv_patch", None) is not None:
+        raise ValueError("this model is already patched by minikv: call minikv.unpatch(model) first")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "generate"):
+        raise ValueError(f"minikv.patch needs a Hugging Face causal LM, got {type(model).__name__}")
+    text = config.get_text_config(decoder=True)
+    if text.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported model family {text.model_type!r}: supported are {list(SUPPORTED_MODEL_TYPES)}"
+        )
+    check_layer_types(get_layer_types_and_kwargs(text)[0])
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    cfg.check_head_dim(head_dim)
+
+
+def patch(model, bits: int = 2, budget=0.5, **knobs):
+    """See :func:`minikv.patch`."""
+    cfg = knobs.pop("config", None) or MiniKVConfig(bits=bits, budget=budget, **knobs)
+    check_model(model, cfg)
+    original = model.config._attn_implementation
+    attention.register()
+    state = PatchState(cfg, original, model.__dict__.get(_PREPARE))
+    model.set_attn_implementation(attention.IMPLEMENTATIONS.get(original, "minikv"))
+    setattr(model, _PREPARE, make_prepare_cache(model, getattr(type(model), _PREPARE).__get__(model)))
+    model._minikv_patch = state
+    return model
+
+
+def unpatch(model):
+    """See :func:`minikv.unpatch`."""
+    state = getattr(model, "_minikv_patch", None)
+    if state is None:
+        raise ValueError("this model is not patched by minikv")
+    model.set_attn_implementation(state.attn_implementation)
+    if state.prepare_override is None:
+        del model.__dict__[_PREPARE]
+    else:
+        model.__dict__[_PREPARE] = state.prepare_override
+    del model._minikv_patch
+    return model
+

