@@ -174,7 +174,11 @@ class MiniKVLayer(CacheLayerMixin):
             scores = torch.zeros(B, k.shape[1], T, dtype=torch.float32, device=k.device)
         idx = ops.select_tokens(scores, valid, n_keep.to(k.device), n_recent.to(k.device), self.n_max)
         index = idx[..., None].expand(-1, -1, -1, k.shape[-1])  # [B, Hkv, n_max, D]
-        self.store.write_prompt(k.gather(2, index), v.gather(2, index), n_keep.to(k.device))
+        n_keep = n_keep.to(k.device)
+        kept = (torch.arange(self.n_max, device=k.device)[None] < n_keep[:, None])[:, None, :, None]
+        zero = torch.zeros((), dtype=k.dtype, device=k.device)  # slots past n_keep[b] hold nothing
+        self.store.write_prompt(torch.where(kept, k.gather(2, index), zero),
+                                torch.where(kept, v.gather(2, index), zero), n_keep)
         return out, weights
 
     def _query_weights(self, valid: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,14 @@ def _family_configs():
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 
 
-def tiny_model(family: str = "llama", dtype=torch.float64, seed: int = 0, **overrides):
-    """A randomly initialised causal LM of ``family`` (fp64 by default: greedy ties cannot flip)."""
+def tiny_model(family: str = "llama", dtype=None, seed: int = 0, **overrides):
+    """A randomly initialised causal LM of ``family``.
+
+    fp64 by default, so greedy ties cannot flip; fp32 for Gemma 2, whose eager mask adds the dtype's
+    minimum to the scores: in fp64 that overflows to -inf and left-padded rows become NaN in HF itself.
+    """
+    if dtype is None:
+        dtype = torch.float32 if family == "gemma2" else torch.float64
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)

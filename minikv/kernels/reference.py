@@ -43,7 +43,9 @@ def prefill_attention(q, k, v, valid, query_weight, scale: float, softcap: float
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     qf = q.float().view(B, Hkv, Hq // Hkv, T, D)  # [B, Hkv, g, T, D]
-    kf, vf = k.float(), v.float()
+    # padding positions may hold anything (even NaN): zero them so 0-weights stay 0
+    kf = torch.where(valid[:, None, :, None], k.float(), 0.0)
+    vf = torch.where(valid[:, None, :, None], v.float(), 0.0)
     out = torch.empty(B, Hkv, Hq // Hkv, T, D, dtype=torch.float32, device=q.device)
     scores = torch.zeros(B, Hkv, T, dtype=torch.float32, device=q.device)
     pos = torch.arange(T, device=q.device)
@@ -109,6 +111,7 @@ def decode_attention(
     filled = torch.where(slot[None] < C, slot[None] < n_packed[:, None], slot[None] - C < res_len[:, None])
     limit = (n_packed + res_len)[:, None] - (Lq - 1 - torch.arange(Lq, device=q.device))[None]  # [B, Lq]
     allowed = filled[:, None, :] & (logical[:, None, :] < limit[:, :, None])  # [B, Lq, C+R]
+    vals = torch.where(filled[:, None, :, None], vals, 0.0)  # empty slots may hold anything
     qf = q.float().view(B, Hkv, Hq // Hkv, Lq, D)
     p = _softmax(_logits(qf, keys, scale, softcap), allowed[:, None, None])
     out = torch.einsum("bhgmn,bhnd->bhgmd", p, vals)

@@ -1,0 +1,15 @@
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_torchao():
+    # transformers imports torchao, which logs about CUDA-only extensions; import it once quietly
+    from minikv.kernels.quant import _torchao
+
+    _torchao()

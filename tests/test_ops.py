@@ -1,0 +1,154 @@
+"""The custom ops: opcheck, and the attention math against fp64 materialised references."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from minikv.kernels import ops
+from minikv.kernels.quant import unpack_dequantize
+
+# (B, Hq, Hkv, T, D): odd lengths, T < G, GQA 1/3/4/8, batch 1 and > 1
+SHAPES = [(1, 2, 2, 5, 16), (2, 6, 2, 37, 16), (3, 8, 2, 130, 32), (1, 8, 1, 17, 64), (2, 9, 3, 257, 16)]
+
+
+def _inputs(B, Hq, Hkv, T, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, T, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(dtype)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    for b in range(1, B):  # left padding, different per sequence
+        valid[b, : (7 * b) % max(T - 1, 1)] = False
+    return q, k, v, valid
+
+
+def _dense_fp64(q, k, v, allowed, scale, softcap=0.0):
+    """Materialised attention in fp64: allowed [B, 1|Hq, Lq, N]."""
+    g = q.shape[1] // k.shape[1]
+    kk = k.double().repeat_interleave(g, 1)
+    vv = v.double().repeat_interleave(g, 1)
+    s = q.double() @ kk.transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ vv, p
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_prefill_attention_and_scores_match_fp64(shape, softcap):
+    q, k, v, valid = _inputs(*shape)
+    B, Hq, Hkv, T, D = shape
+    w = torch.rand(B, T) * valid
+    out, scores = ops.prefill_attention(q, k, v, valid, w, D**-0.5, softcap)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = causal[None, None] & valid[:, None, None, :]
+    ref, p = _dense_fp64(q, k, v, allowed, D**-0.5, softcap)
+    rows = valid[:, None, :, None]  # padded query rows are unspecified
+    assert torch.allclose((out.double() * rows), ref * rows, atol=1e-5)
+    ref_scores = (p * w.double()[:, None, :, None]).sum(2).view(B, Hkv, Hq // Hkv, T).sum(2)
+    assert torch.allclose(scores.double(), ref_scores, atol=1e-4, rtol=1e-5)
+
+
+def test_prefill_reference_never_builds_the_full_square(monkeypatch):
+    import minikv.kernels.reference as R
+
+    seen = []
+    real = R._softmax
+
+    def spy(s, allowed):
+        seen.append(s.shape[-2] * s.shape[-1])
+        return real(s, allowed)
+
+    monkeypatch.setattr(R, "_softmax", spy)
+    T = 3 * R.QUERY_BLOCK + 5
+    q, k, v, valid = _inputs(1, 2, 1, T, 16)
+    ops.prefill_attention(q, k, v, valid, valid.float(), 0.25, 0.0)
+    assert max(seen) <= R.QUERY_BLOCK * T < T * T
+
+
+def _store(B, H, D, C, bits, G):
+    kc = torch.zeros(B, H, D, C * bits // 32, dtype=torch.int32)
+    ks = torch.zeros(B, H, D, C // G, dtype=torch.float16)
+    vc = torch.zeros(B, H, C, D * bits // 32, dtype=torch.int32)
+    vs = torch.zeros(B, H, C, D // G, dtype=torch.float16)
+    return [kc, ks, ks.clone(), vc, vs, vs.clone()]
+
+
+def _filled_store(B, Hkv, D, bits, G, R, n_packed, res_len, seed=0):
+    """A store holding n_packed[b] quantized tokens and res_len[b] residual tokens."""
+    g = torch.Generator().manual_seed(seed)
+    C = max(n_packed) + R
+    C = -(-C // G) * G
+    buf = _store(B, Hkv, D, C, bits, G)
+    k = torch.randn(B, Hkv, C, D, generator=g)
+    v = torch.randn(B, Hkv, C, D, generator=g)
+    kc, ks, km = ops.quantize_pack(k.transpose(-1, -2), bits, G)
+    vc, vs, vm = ops.quantize_pack(v, bits, G)
+    for dst, src in zip(buf, (kc, ks, km, vc, vs, vm)):
+        dst.copy_(src)
+    res_k = torch.randn(B, Hkv, R, D, generator=g)
+    res_v = torch.randn(B, Hkv, R, D, generator=g)
+    return buf, torch.tensor(n_packed), res_k, res_v, torch.tensor(res_len)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (6, 2), (8, 1)])
+@pytest.mark.parametrize("Lq", [1, 3])
+def test_decode_attention_is_one_softmax_over_store_and_residual(bits, Hq, Hkv, Lq):
+    B, D, G, R = 3, 32, 16, 32
+    buf, n_packed, res_k, res_v, res_len = _filled_store(B, Hkv, D, bits, G, R, [0, 16, 48], [5, 31, 3])
+    q = torch.randn(B, Hq, Lq, D)
+    out = ops.decode_attention(q, *buf, n_packed, res_k, res_v, res_len, D**-0.5, 0.0, bits, G)
+    K = unpack_dequantize(buf[0], buf[1], buf[2], bits, G, torch.float64).transpose(-1, -2)
+    V = unpack_dequantize(buf[3], buf[4], buf[5], bits, G, torch.float64)
+    for b in range(B):
+        n, r = int(n_packed[b]), int(res_len[b])
+        keys = torch.cat([K[b : b + 1, :, :n], res_k[b : b + 1, :, :r].double()], 2)
+        vals = torch.cat([V[b : b + 1, :, :n], res_v[b : b + 1, :, :r].double()], 2)
+        N = n + r
+        allowed = torch.arange(N)[None, :] < (N - (Lq - 1 - torch.arange(Lq)))[:, None]  # causal among new
+        ref, _ = _dense_fp64(q[b : b + 1], keys, vals, allowed[None, None], D**-0.5)
+        assert torch.allclose(out[b : b + 1].double(), ref, atol=1e-5), b
+
+
+def test_append_flushes_at_exactly_R():
+    B, H, D, G, R, bits = 2, 2, 16, 16, 32, 2
+    buf = _store(B, H, D, 96, bits, G)
+    n_packed = torch.tensor([0, 16])
+    res_k, res_v = torch.zeros(B, H, R, D), torch.zeros(B, H, R, D)
+    res_len = torch.tensor([R - 3, 0])
+    toks = torch.randn(B, H, 5, D)
+    history = []
+    for i in range(5):
+        ops.append_kv(toks[:, :, i : i + 1], toks[:, :, i : i + 1] * 2, *buf, n_packed, res_k, res_v, res_len, bits, G)
+        history.append((n_packed.tolist(), res_len.tolist()))
+    # sequence 0: 29 -> 30, 31, 32=R flush -> 0, 1, 2; sequence 1 never reaches R
+    assert history == [([0, 16], [30, 1]), ([0, 16], [31, 2]), ([32, 16], [0, 3]), ([32, 16], [1, 4]), ([32, 16], [2, 5])]
+    # the flushed group of sequence 0 holds the residual as it was, quantized
+    assert torch.equal(res_k[0, :, :2], toks[0, :, 3:5])
+    assert torch.equal(res_k[1, :, :5], toks[1])
+    # sequence 1's store is untouched
+    assert (buf[0][1] == 0).all() and (buf[3][1] == 0).all()
+
+
+def _ops_cases():
+    q, k, v, valid = _inputs(2, 4, 2, 21, 16)
+    x = torch.randn(2, 3, 64)
+    codes, s, m = ops.quantize_pack(x, 2, 16)
+    buf, n_packed, res_k, res_v, res_len = _filled_store(2, 2, 16, 2, 16, 32, [16, 0], [3, 9])
+    scores = torch.rand(2, 2, 21)
+    n_keep, n_recent = torch.tensor([10, 8]), torch.tensor([4, 3])
+    yield ops.quantize_pack, (x, 2, 16)
+    yield ops.quantize_pack, (x.half(), 4, 8)
+    yield ops.unpack_dequantize, (codes, s, m, 2, 16, torch.float32)
+    yield ops.prefill_attention, (q, k, v, valid, valid.float(), 0.25, 0.0)
+    yield ops.select_tokens, (scores, valid, n_keep, n_recent, 10)
+    yield ops.append_kv, (torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16), *buf, n_packed, res_k, res_v, res_len, 2, 16)
+    yield ops.decode_attention, (torch.randn(2, 4, 1, 16), *buf, n_packed, res_k, res_v, res_len, 0.25, 0.0, 2, 16)
+
+
+@pytest.mark.parametrize("op,args", list(_ops_cases()), ids=lambda x: getattr(x, "_name", None) or "")
+def test_opcheck(op, args):
+    opcheck(op, args)
