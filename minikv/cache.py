@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 from . import budget
 from .config import MiniKVConfig
 from .dense import dense_attention, mask_for, valid_tokens
-from .kernels import ops
+from .kernels import implementation
 from .store import DenseStore, QuantizedStore
 
 COMPRESSED_TYPES = ("full_attention",)
@@ -163,16 +163,17 @@ class MiniKVLayer(CacheLayerMixin):
         lengths = valid.sum(-1)
         self._prompt_lengths = lengths
         n_keep, n_recent = budget.keep_counts(self.cfg, self.rank, self.num_compressed, lengths)
+        impl = implementation(self.cfg.backend, k.device)
         if self.cfg.selects:
             weight = self._query_weights(valid)
-            out, scores = ops.prefill_attention(q, k, v, valid, weight, scaling, softcap or 0.0)
+            out, scores = impl.prefill_attention(q, k, v, valid, weight, scaling, softcap or 0.0)
             if self.cfg.scorer == "snapkv":
                 scores = self._pool(scores)
             out, weights = out.transpose(1, 2), None
         else:  # nothing to score: compute the prompt exactly as the unpatched model does
             out, weights = dense_attention(module, q, k, v, mask, scaling, softcap, fallback, **kwargs)
             scores = torch.zeros(B, k.shape[1], T, dtype=torch.float32, device=k.device)
-        idx = ops.select_tokens(scores, valid, n_keep.to(k.device), n_recent.to(k.device), self.n_max)
+        idx = impl.select_tokens(scores, valid, n_keep.to(k.device), n_recent.to(k.device), self.n_max)
         index = idx[..., None].expand(-1, -1, -1, k.shape[-1])  # [B, Hkv, n_max, D]
         n_keep = n_keep.to(k.device)
         kept = (torch.arange(self.n_max, device=k.device)[None] < n_keep[:, None])[:, None, :, None]

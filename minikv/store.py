@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .config import MiniKVConfig
-from .kernels import ops
+from .kernels import implementation
 from .kernels.quant import META_DTYPE
 
 
@@ -23,6 +23,7 @@ class QuantizedStore:
 
     def __init__(self, cfg: MiniKVConfig, B: int, H: int, D: int, tokens: int, dtype, device):
         self.bits, self.group = cfg.bits, cfg.q_group_size
+        self.impl = implementation(cfg.backend, torch.device(device))
         G, R, per_word = self.group, cfg.residual_length, 32 // cfg.bits
         C = round_up(max(tokens, 1), G)
         self.capacity = C
@@ -52,8 +53,8 @@ class QuantizedStore:
         N = k.shape[2]
         full = (N // G) * G
         if full:
-            kc, ks, km = ops.quantize_pack(k[:, :, :full].transpose(-1, -2), self.bits, G)  # [B, H, D, full/16]
-            vc, vs, vm = ops.quantize_pack(v[:, :, :full], self.bits, G)  # [B, H, full, D/16]
+            kc, ks, km = self.impl.quantize_pack(k[:, :, :full].transpose(-1, -2), self.bits, G)  # [B, H, D, full/16]
+            vc, vs, vm = self.impl.quantize_pack(v[:, :, :full], self.bits, G)  # [B, H, full, D/16]
             per_word = 32 // self.bits
             self.k_codes[..., : full // per_word] = kc
             self.k_scale[..., : full // G] = ks
@@ -71,10 +72,10 @@ class QuantizedStore:
         self.res_v[:, :, :G] = v.gather(2, index)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        ops.append_kv(k, v, *self.buffers(), self.bits, self.group)
+        self.impl.append_kv(k, v, *self.buffers(), self.bits, self.group)
 
     def attend(self, q: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
-        return ops.decode_attention(q, *self.buffers(), scale, softcap, self.bits, self.group)
+        return self.impl.decode_attention(q, *self.buffers(), scale, softcap, self.bits, self.group)
 
     def lengths(self) -> torch.Tensor:
         return self.n_packed + self.res_len

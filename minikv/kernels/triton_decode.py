@@ -1,0 +1,155 @@
+"""Triton decode attention over ``[2/4-bit packed store ; full-precision residual]`` (flash-decoding).
+
+Grid ``(B * Hkv, S)``: program ``(b, h, s)`` reads split ``s`` of KV head ``h``'s packed tokens once
+for the whole query group (``g = Hq / Hkv`` heads x ``Lq`` new queries as the rows of one tile),
+dequantizes each tile in registers, multiplies with ``tl.dot`` and keeps an online softmax; the last
+split also reads the residual. Splits are merged by their log-sum-exp in PyTorch (a few small ops).
+All buffers are the contiguous ones ``QuantizedStore`` allocates.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _softcapped(s, softcap, SOFTCAP: tl.constexpr):
+    if SOFTCAP:  # softcap * tanh(s / softcap), tanh from exp (no libdevice needed)
+        x = s / softcap
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        s = softcap * tl.where(x < 0, -t, t)
+    return s
+
+
+@triton.jit
+def _online_update(s, allowed, m, l):
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    l = l * alpha + tl.sum(p, axis=1)
+    return p, alpha, m_new, l
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, npk_ptr, rk_ptr, rv_ptr, rl_ptr,
+    acc_ptr, m_ptr, l_ptr,
+    scale, softcap, Hkv, C, R, Lq, split_tokens,
+    BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GQ: tl.constexpr, BQ: tl.constexpr,
+    BT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # constexpr: tile sizes (BQ query rows, BT tokens, D channels) and the bit layout fix the code
+    PW: tl.constexpr = 32 // BITS
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    b = pid // Hkv
+    n_packed = tl.load(npk_ptr + b)
+    res_len = tl.load(rl_ptr + b)
+    total = n_packed + res_len
+    rows = tl.arange(0, BQ)
+    row_ok = rows < GQ
+    qi = rows % Lq  # rows are (head of the group, new query) pairs
+    limit = total - (Lq - 1 - qi)  # query qi sees the first `limit` cached tokens
+    d = tl.arange(0, D)
+    tok = tl.arange(0, BT)
+    q = tl.load(q_ptr + (pid * GQ + rows[:, None]) * D + d[None, :], mask=row_ok[:, None], other=0.0)
+    dot_dtype = tl.float32 if DOT_FP32 else q_ptr.dtype.element_ty
+    q = q.to(dot_dtype)
+    m = tl.full([BQ], float("-inf"), tl.float32)
+    l = tl.zeros([BQ], tl.float32)
+    acc = tl.zeros([BQ, D], tl.float32)
+
+    kc_base = kc_ptr + pid * D * (C // PW)
+    ks_base = ks_ptr + pid * D * (C // G)
+    km_base = km_ptr + pid * D * (C // G)
+    vc_base = vc_ptr + pid * C * (D // PW)
+    vs_base = vs_ptr + pid * C * (D // G)
+    vm_base = vm_ptr + pid * C * (D // G)
+    start = split * split_tokens
+    end = tl.minimum(start + split_tokens, n_packed)
+    for t0 in range(start, end, BT):
+        t = t0 + tok
+        t_ok = t < end
+        # keys [D, BT]: per channel, 16 (8) tokens per word, a scale and min per G tokens
+        kw = tl.load(kc_base + d[:, None] * (C // PW) + t[None, :] // PW, mask=t_ok[None, :], other=0)
+        kq = (kw >> ((t[None, :] % PW) * BITS)) & QMAX
+        ksc = tl.load(ks_base + d[:, None] * (C // G) + t[None, :] // G, mask=t_ok[None, :], other=0.0)
+        kmn = tl.load(km_base + d[:, None] * (C // G) + t[None, :] // G, mask=t_ok[None, :], other=0.0)
+        k = kq.to(tl.float32) * ksc.to(tl.float32) + kmn.to(tl.float32)
+        s = tl.dot(q, k.to(dot_dtype), input_precision="ieee") * scale
+        s = _softcapped(s, softcap, SOFTCAP)
+        allowed = row_ok[:, None] & t_ok[None, :] & (t[None, :] < limit[:, None])
+        p, alpha, m, l = _online_update(s, allowed, m, l)
+        # values [BT, D]: per token, 16 (8) channels per word, a scale and min per G channels
+        vw = tl.load(vc_base + t[:, None] * (D // PW) + d[None, :] // PW, mask=t_ok[:, None], other=0)
+        vq = (vw >> ((d[None, :] % PW) * BITS)) & QMAX
+        vsc = tl.load(vs_base + t[:, None] * (D // G) + d[None, :] // G, mask=t_ok[:, None], other=0.0)
+        vmn = tl.load(vm_base + t[:, None] * (D // G) + d[None, :] // G, mask=t_ok[:, None], other=0.0)
+        v = tl.where(t_ok[:, None], vq.to(tl.float32) * vsc.to(tl.float32) + vmn.to(tl.float32), 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype), input_precision="ieee")
+    if split == n_splits - 1:  # the residual, full precision, after the packed tokens
+        rk_base = rk_ptr + pid * R * D
+        rv_base = rv_ptr + pid * R * D
+        for r0 in range(0, res_len, BT):
+            r = r0 + tok
+            r_ok = r < res_len
+            k = tl.load(rk_base + r[None, :] * D + d[:, None], mask=r_ok[None, :], other=0.0)
+            s = tl.dot(q, k.to(dot_dtype), input_precision="ieee") * scale
+            s = _softcapped(s, softcap, SOFTCAP)
+            allowed = row_ok[:, None] & r_ok[None, :] & ((n_packed + r)[None, :] < limit[:, None])
+            p, alpha, m, l = _online_update(s, allowed, m, l)
+            v = tl.load(rv_base + r[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype), input_precision="ieee")
+    out = (pid * n_splits + split) * BQ
+    tl.store(acc_ptr + (out + rows[:, None]) * D + d[None, :], acc)
+    tl.store(m_ptr + out + rows, m)
+    tl.store(l_ptr + out + rows, l)
+
+
+BLOCK_T = 32
+
+
+def _num_splits(bh: int, capacity: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU (2 per SM); one split per program on the interpreter."""
+    blocks = max(1, triton.cdiv(capacity, BLOCK_T))
+    if device.type != "cuda":
+        return min(blocks, 2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(blocks, triton.cdiv(2 * sms, bh)))
+
+
+def decode_attention(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
+                     scale: float, softcap: float, bits: int, group_size: int):
+    """Triton launcher of ``minikv::decode_attention`` (same contract as the reference)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, R = res_k.shape[1], res_k.shape[2]
+    C = v_codes.shape[2]
+    GQ = (Hq // Hkv) * Lq
+    BQ = max(16, triton.next_power_of_2(GQ))
+    S = _num_splits(B * Hkv, C, q.device)
+    split_tokens = triton.cdiv(triton.cdiv(max(C, 1), S), BLOCK_T) * BLOCK_T
+    qg = q.reshape(B, Hkv, Hq // Hkv, Lq, D).contiguous()  # rows of a KV head: (head, query)
+    acc = torch.empty(B * Hkv, S, BQ, D, dtype=torch.float32, device=q.device)
+    m = torch.empty(B * Hkv, S, BQ, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    dot_fp32 = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    with torch.device(q.device):
+        _decode_attention_kernel[(B * Hkv, S)](
+            qg, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
+            acc, m, l, scale, softcap, Hkv, C, R, Lq, split_tokens,
+            BITS=bits, G=group_size, D=D, GQ=GQ, BQ=BQ, BT=BLOCK_T, SOFTCAP=softcap > 0, DOT_FP32=dot_fp32,
+        )
+    # merge the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s
+    M = m.amax(1, keepdim=True)
+    w = torch.exp(m - torch.where(M == float("-inf"), 0.0, M))  # [B*Hkv, S, BQ]
+    out = (w[..., None] * acc).sum(1) / (w * l).sum(1).clamp_min(1e-30)[..., None]  # [B*Hkv, BQ, D]
+    return out[:, :GQ].reshape(B, Hq, Lq, D).to(q.dtype)
