@@ -1,0 +1,21 @@
+"""The benchmark scripts keep running (tiny shapes on CPU; their numbers are not results)."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("script", ["bench_decode.py", "bench_prefill.py", "bench_quantize.py"])
+def test_benchmark_quick_run_writes_a_csv(script, tmp_path):
+    out = tmp_path / "r.csv"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert rows and {"provider", "median_ms", "device", "torch"} <= set(rows[0])
+    assert all(float(r["median_ms"]) > 0 for r in rows)
