@@ -9,6 +9,7 @@ All buffers are the contiguous ones ``QuantizedStore`` allocates.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -118,12 +119,17 @@ def _decode_attention_kernel(
 BLOCK_T = 32
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_splits(bh: int, capacity: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU (2 per SM); one split per program on the interpreter."""
+    """Enough programs to fill the GPU (2 per SM); at most two splits on the interpreter."""
     blocks = max(1, triton.cdiv(capacity, BLOCK_T))
     if device.type != "cuda":
         return min(blocks, 2)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(blocks, triton.cdiv(2 * sms, bh)))
 
 

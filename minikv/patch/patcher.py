@@ -37,6 +37,9 @@ def check_model(model, cfg: MiniKVConfig) -> None:
     check_layer_types(get_layer_types_and_kwargs(text)[0])
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     cfg.check_head_dim(head_dim)
+    from ..kernels import implementation
+
+    implementation(cfg.backend, model.device)  # backend="triton" where Triton cannot run: refused now
 
 
 def patch(model, bits: int = 2, budget=0.5, **knobs):
