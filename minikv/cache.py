@@ -105,10 +105,10 @@ class MiniKVLayer(CacheLayerMixin):
         return self._capacity_tokens if self.is_initialized else -1
 
     def reset(self) -> None:
-        self.store = None
+        """Forget the tokens; the buffers stay, to be reused by a prompt needing the same capacity."""
         self.is_initialized = False
         self._seen = 0
-        self.cumulative_length = torch.zeros_like(self.cumulative_length)
+        self.requested_len = None
 
     def reorder_cache(self, beam_idx) -> None:
         raise ValueError("beam search is not supported on a MiniKV cache (num_beams must be 1)")
@@ -137,12 +137,18 @@ class MiniKVLayer(CacheLayerMixin):
             )
         kept = budget.capacity(self.cfg, self.rank, self.num_compressed, T)
         store_cls = QuantizedStore if self.cfg.quantized else DenseStore
-        self.store = store_cls(self.cfg, self.batch_size, self.num_heads, self.head_dim, kept + new,
-                               self.dtype, self.device)
+        shape = (store_cls, self.batch_size, self.num_heads, self.head_dim, kept + new, self.dtype, self.device)
+        if self.store is None or getattr(self, "_store_shape", None) != shape:
+            self.store = store_cls(self.cfg, *shape[1:])
+            self._store_shape = shape
+            self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
+            if not torch.compiler.is_compiling():  # fixed addresses: no recompiles, CUDA graphs can replay
+                for t in (*self.store.buffers(), self.cumulative_length):
+                    torch._dynamo.mark_static_address(t)
         self.n_max = kept
         self._capacity_tokens = T + new
         self._prompt_T = self._seen = T
-        self.cumulative_length = torch.full((), T, dtype=torch.int64, device=self.device)
+        self.cumulative_length.fill_(T)
         self.is_initialized = True
         return MiniKVView(self, key_states, value_states), MiniKVView(self, key_states, value_states)
 

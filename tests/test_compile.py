@@ -47,3 +47,42 @@ def test_compiled_decode_step_matches_eager_in_one_graph_across_flushes():
     assert torch.allclose(logits, eager_logits, atol=1e-5)
     assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert not dynamo.utils.counters["graph_break"]
+
+
+def test_minikv_generate_matches_hf_generate_on_the_patched_model():
+    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5, residual_length=16)
+    ids = torch.randint(1, 320, (2, 50), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    ours = minikv.generate(model, ids, mask, max_new_tokens=24)
+    hf = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, hf)
+
+
+def test_compiled_loop_compiles_once_for_two_prompts_of_the_same_capacity():
+    model = minikv.patch(tiny_model("llama"), bits=2, budget=32, recent=8, residual_length=16)
+    steps = 70  # crosses four residual flushes
+    cache = minikv.MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=steps)
+    prompts = [torch.randint(1, 320, (1, T), generator=torch.Generator().manual_seed(T)) for T in (50, 61)]
+    eager = [minikv.generate(model, p, max_new_tokens=steps) for p in prompts]
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    buffers = None
+    for p, want in zip(prompts, eager):
+        got = minikv.generate(model, p, max_new_tokens=steps, compile=True, cache=cache)
+        assert torch.equal(got, want)
+        layer = next(layer for layer in cache.layers if hasattr(layer, "store"))
+        now = [t.data_ptr() for t in layer.store.buffers()]
+        assert buffers is None or now == buffers  # the second request reuses the buffers
+        buffers = now
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not dynamo.utils.counters["graph_break"]
+
+
+def test_generate_refuses_more_tokens_than_its_cache_holds():
+    import pytest
+
+    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5)
+    cache = minikv.MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)
+    with pytest.raises(ValueError, match="longer than the cache was built for"):
+        minikv.generate(model, torch.randint(1, 320, (1, 20)), max_new_tokens=8, cache=cache)
