@@ -19,3 +19,14 @@ def test_benchmark_quick_run_writes_a_csv(script, tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert rows and {"provider", "median_ms", "device", "torch"} <= set(rows[0])
     assert all(float(r["median_ms"]) > 0 for r in rows)
+
+
+def test_generate_benchmark_runs_on_smollm2(tmp_path):
+    out = tmp_path / "g.csv"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_generate.py"), "--context", "64", "--new", "3",
+                           "--providers", "minikv-eager,hf-dynamic", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["provider"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"minikv-eager", "hf-dynamic"}
+    assert float(rows["minikv-eager"]["kv_MiB"]) > 0 and float(rows["hf-dynamic"]["decode_tokens_per_s"]) > 0
