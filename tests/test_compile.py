@@ -86,3 +86,21 @@ def test_generate_refuses_more_tokens_than_its_cache_holds():
     cache = minikv.MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)
     with pytest.raises(ValueError, match="longer than the cache was built for"):
         minikv.generate(model, torch.randint(1, 320, (1, 20)), max_new_tokens=8, cache=cache)
+
+
+def test_hf_generate_compiles_the_minikv_decode_step():
+    """transformers compiles the decode step of a compileable cache itself (on CUDA by default; forced
+    here on CPU through its compile config): one graph, fullgraph, the same tokens as eager."""
+    from transformers import CompileConfig
+
+    model = minikv.patch(tiny_model("llama", dtype=torch.float32), bits=2, budget=0.5, residual_length=16)
+    ids = torch.randint(1, 320, (1, 50), generator=torch.Generator().manual_seed(0))
+    eager = model.generate(ids, max_new_tokens=30, do_sample=False)
+    config = CompileConfig(fullgraph=True, dynamic=False)
+    config._compile_all_devices = True  # transformers' switch for compiling off CUDA
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    out = model.generate(ids, max_new_tokens=30, do_sample=False, compile_config=config)
+    assert torch.equal(out, eager)
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not dynamo.utils.counters["graph_break"]
