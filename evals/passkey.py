@@ -65,7 +65,7 @@ def main() -> int:
     model, tok = load_model(None)
     prompts = [passkey_prompt(tok, args.tokens, seed=s) for s in range(args.seeds)]
     rows = []
-    print(f"| configuration | pass keys found | KV bytes (% of fp16) | s / prompt |\n|---|---|---|---|")
+    print("| configuration | pass keys found | KV bytes (% of fp16) | s / prompt |\n|---|---|---|---|")
     for name, knobs in CONFIGS.items():
         found, ratio, sec = run(model, tok, prompts, knobs)
         rows.append(dict(config=name, found=found, seeds=len(prompts), kv_percent_of_fp16=round(100 * ratio, 2),

@@ -100,7 +100,7 @@ def run_generate(args) -> dict:
         text, key = passkey_prompt(tokenizer, args.prompt_tokens, seed=args.seed)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(args.device)
     T = inputs.input_ids.shape[1]
-    minikv.patch(model, config=cfg.replace(max_new_tokens=args.max_new_tokens))
+    minikv.patch(model, config=cfg)
     cache = minikv.MiniKVCache(cfg, model.config, max_new_tokens=args.max_new_tokens)
     clock = _Clock()
     with torch.inference_mode():

@@ -99,6 +99,7 @@ class DenseStore:
         self.k = torch.zeros(B, H, self.capacity, D, dtype=dtype, device=device)
         self.v = torch.zeros(B, H, self.capacity, D, dtype=dtype, device=device)
         self.length = torch.zeros(B, dtype=torch.int64, device=device)
+        self._slots = torch.arange(self.capacity, device=device)  # built once, not per token
 
     def buffers(self) -> list[torch.Tensor]:
         return [self.k, self.v, self.length]
@@ -119,7 +120,7 @@ class DenseStore:
 
     def visible(self, Lq: int) -> torch.Tensor:
         """``[B, 1, Lq, C]`` bool: slot ``s`` is seen by new query ``i`` if ``s < length - (Lq - 1 - i)``."""
-        slot = torch.arange(self.capacity, device=self.k.device)
+        slot = self._slots
         limit = self.length[:, None] - (Lq - 1 - torch.arange(Lq, device=self.k.device))[None]  # [B, Lq]
         return (slot[None, None, :] < limit[:, :, None])[:, None]
 

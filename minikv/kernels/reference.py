@@ -147,9 +147,10 @@ def append_kv(
     """
     R = res_k.shape[2]
     per_word = 32 // bits
+    every = torch.ones_like(res_len, dtype=torch.bool)
     for i in range(k_new.shape[2]):
-        _masked_write(res_k, 2, res_len, k_new[:, :, i : i + 1], torch.ones_like(res_len, dtype=torch.bool))
-        _masked_write(res_v, 2, res_len, v_new[:, :, i : i + 1], torch.ones_like(res_len, dtype=torch.bool))
+        _masked_write(res_k, 2, res_len, k_new[:, :, i : i + 1], every)
+        _masked_write(res_v, 2, res_len, v_new[:, :, i : i + 1], every)
         res_len.add_(1)
         full = res_len == R  # [B]
         kc, ks, km = quantize_pack(res_k.transpose(-1, -2), bits, group_size)  # [B, H, D, R*bits/32], [B, H, D, R/G]
