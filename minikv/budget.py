@@ -25,20 +25,40 @@ def keep_counts(cfg: MiniKVConfig, rank: int, num_layers: int, lengths: torch.Te
         n = torch.clamp(L, max=float(cfg.budget))
     else:
         n = torch.floor(cfg.budget * L).clamp_min(1.0)
-    if isinstance(cfg.recent, int):
+    if cfg.scorer == "streaming":  # StreamingLLM: the sinks, the rest of the budget is the window
+        r = (n - cfg.sinks).clamp_min(0.0)
+    elif isinstance(cfg.recent, int):
         r = torch.clamp(n, max=float(cfg.recent))
     else:
         r = torch.floor(cfg.recent * n)
-    heavy = n - r
-    if cfg.schedule == "pyramid" and num_layers > 1:
-        last = heavy / cfg.pyramid_delta
-        first = 2 * heavy - last
-        heavy = torch.floor(first + (last - first) * (rank / (num_layers - 1)) + 0.5)
+    heavy = schedule(cfg, rank, num_layers, n - r, L - r)
     keep = torch.minimum(heavy + r, L)
     if cfg.scorer == "snapkv":  # a prompt no longer than the observation window is kept whole
         keep = torch.where(L <= cfg.snap_window, L, keep)
     keep = keep.to(torch.int64)
     return keep, torch.minimum(r.to(torch.int64), keep)
+
+
+def schedule(cfg: MiniKVConfig, rank: int, num_layers: int, heavy: torch.Tensor, room: torch.Tensor):
+    """Scored tokens at layer ``rank`` for an average of ``heavy`` per layer (``room`` = tokens available).
+
+    - ``uniform``: ``heavy`` everywhere;
+    - ``pyramid`` (MiniKV): linear from ``2h - h/delta`` (first layer) to ``h/delta`` (last), rounded;
+    - ``pyramidkv`` (PyramidKV): ``min = h // beta``, ``max = 2h - min`` (clipped to ``room``, and then
+      ``min = 2h - max``), layer ``l`` gets ``max - l * (max - min) / (L - 1)``, rounded. PyramidKV's code
+      floors the step to an integer, which overshoots the average budget by up to ``(L - 1) / 2`` tokens
+      per layer; the real-valued step keeps the average, so policies compare at equal memory.
+    """
+    if num_layers <= 1 or cfg.schedule == "uniform" or cfg.scorer == "streaming":
+        return heavy
+    if cfg.schedule == "pyramid":
+        last = heavy / cfg.pyramid_delta
+        first = 2 * heavy - last
+        return torch.floor(first + (last - first) * (rank / (num_layers - 1)) + 0.5)
+    low = torch.floor(heavy / cfg.pyramid_beta)
+    high = torch.minimum(2 * heavy - low, room)
+    low = 2 * heavy - high
+    return torch.floor(high - rank * (high - low) / (num_layers - 1) + 0.5)
 
 
 def capacity(cfg: MiniKVConfig, rank: int, num_layers: int, prompt_len: int) -> int:

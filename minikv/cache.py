@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
-from . import budget
+from . import budget, selection
 from .config import MiniKVConfig
 from .dense import dense_attention, mask_for, valid_tokens
 from .kernels import implementation
@@ -170,15 +169,20 @@ class MiniKVLayer(CacheLayerMixin):
         self._prompt_lengths = lengths
         n_keep, n_recent = budget.keep_counts(self.cfg, self.rank, self.num_compressed, lengths)
         impl = implementation(self.cfg.backend, k.device)
-        if self.cfg.selects:
-            weight = self._query_weights(valid)
+        scorer = selection.scorer(self.cfg.scorer)
+        if self.cfg.selects and scorer.NEEDS_ATTENTION:
+            weight = scorer.query_weights(valid, self.cfg)
             out, scores = impl.prefill_attention(q, k, v, valid, weight, scaling, softcap or 0.0)
-            if self.cfg.scorer == "snapkv":
-                scores = self._pool(scores)
             out, weights = out.transpose(1, 2), None
-        else:  # nothing to score: compute the prompt exactly as the unpatched model does
+            scores = scorer.finish(scores, self.cfg)
+        else:  # no attention scores needed: compute the prompt exactly as the unpatched model does
             out, weights = dense_attention(module, q, k, v, mask, scaling, softcap, fallback, **kwargs)
-            scores = torch.zeros(B, k.shape[1], T, dtype=torch.float32, device=k.device)
+            if self.cfg.selects:
+                scores = scorer.scores(k, valid, self.cfg)
+            else:
+                scores = torch.zeros(B, k.shape[1], T, dtype=torch.float32, device=k.device)
+        if self.cfg.selects and self.cfg.crush > 0:
+            scores = selection.crush(scores, valid, n_keep.to(k.device), n_recent.to(k.device), self.cfg)
         idx = impl.select_tokens(scores, valid, n_keep.to(k.device), n_recent.to(k.device), self.n_max)
         index = idx[..., None].expand(-1, -1, -1, k.shape[-1])  # [B, Hkv, n_max, D]
         n_keep = n_keep.to(k.device)
@@ -187,21 +191,6 @@ class MiniKVLayer(CacheLayerMixin):
         self.store.write_prompt(torch.where(kept, k.gather(2, index), zero),
                                 torch.where(kept, v.gather(2, index), zero), n_keep)
         return out, weights
-
-    def _query_weights(self, valid: torch.Tensor) -> torch.Tensor:
-        """Per-query weights of the scorer: all prompt queries (MiniKV) or the last window (SnapKV)."""
-        w = valid.to(torch.float32)
-        if self.cfg.scorer == "snapkv":
-            rank_from_end = valid.flip(-1).cumsum(-1).flip(-1)
-            w = w * (rank_from_end <= self.cfg.snap_window)
-        return w
-
-    def _pool(self, scores: torch.Tensor) -> torch.Tensor:
-        k = self.cfg.pool_kernel
-        B, H, T = scores.shape
-        flat = scores.view(B * H, 1, T)
-        pooled = (F.max_pool1d if self.cfg.pool == "max" else F.avg_pool1d)(flat, k, stride=1, padding=k // 2)
-        return pooled.view(B, H, T)
 
     # -- accounting ----------------------------------------------------------------------------
     def tokens_held(self) -> int:

@@ -10,8 +10,9 @@ import dataclasses
 from dataclasses import dataclass
 
 SUPPORTED_BITS = (2, 4, 16)
-SCORERS = ("minikv", "snapkv")
-SCHEDULES = ("uniform", "pyramid")
+SCORERS = ("minikv", "snapkv", "a2sf", "keynorm", "streaming")
+SCHEDULES = ("uniform", "pyramid", "pyramidkv")
+CRUSH_ANCHORS = ("alternate", "zeros", "ones", "mean", "random")
 POOLS = ("max", "avg")
 GQA_REDUCTIONS = ("mean", "max")
 BACKENDS = ("auto", "reference", "triton")
@@ -31,10 +32,16 @@ class MiniKVConfig:
         count, a ``float`` in (0, 1] a fraction of each prompt, ``None`` keeps every token.
     recent: the recent window kept on top of the scored tokens: an ``int`` is a token count,
         a ``float`` in [0, 1] a fraction of the budget (MiniKV's default splits it in halves).
-    scorer: ``"minikv"`` (cumulative attention of every prompt query, H2O-style) or
-        ``"snapkv"`` (attention of the last ``snap_window`` queries, smoothed by a 1-D pool).
-    schedule: ``"uniform"`` or ``"pyramid"`` (MiniKV's layer-discriminative budget: the scored
-        part falls linearly from ``2h - h/delta`` at layer 0 to ``h/delta`` at the last layer).
+    scorer: ``"minikv"`` (cumulative attention of every prompt query, H2O-style),
+        ``"snapkv"`` (attention of the last ``snap_window`` queries, smoothed by a 1-D pool),
+        ``"a2sf"`` (attention accumulated with forgetting factor ``a2sf_decay``), ``"keynorm"``
+        (small key norms first) or ``"streaming"`` (``sinks`` first tokens + the recent window).
+        See :mod:`minikv.selection`.
+    schedule: ``"uniform"``, ``"pyramid"`` (MiniKV's layer-discriminative budget: the scored
+        part falls linearly from ``2h - h/delta`` at layer 0 to ``h/delta`` at the last layer) or
+        ``"pyramidkv"`` (PyramidKV's integer series with ``pyramid_beta``).
+    crush: fraction of the scored budget given to KVCrush representatives (0 = off, < 1);
+        ``crush_anchor`` / ``crush_seed`` pick the Hamming anchor (see :mod:`minikv.selection.kvcrush`).
     q_group_size: quantization group G (keys: G tokens per channel; values: G channels per token).
     residual_length: R, full-precision tokens buffered at decode before they are quantized.
     max_new_tokens: how many new tokens the cache must hold; ``None`` lets ``generate`` size it.
@@ -51,6 +58,12 @@ class MiniKVConfig:
     pool: str = "max"
     schedule: str = "uniform"
     pyramid_delta: float = 7.0
+    pyramid_beta: float = 20.0
+    a2sf_decay: float = 0.95
+    sinks: int = 4
+    crush: float = 0.0
+    crush_anchor: str = "alternate"
+    crush_seed: int = 0
     q_group_size: int = 16
     residual_length: int = 128
     max_new_tokens: int | None = None
@@ -72,6 +85,18 @@ class MiniKVConfig:
             raise ValueError(f"pool_kernel must be odd (got {self.pool_kernel}) so the pool keeps positions")
         if not isinstance(self.pyramid_delta, (int, float)) or self.pyramid_delta < 1:
             raise ValueError(f"pyramid_delta must be a number >= 1, got {self.pyramid_delta!r}")
+        if not isinstance(self.pyramid_beta, (int, float)) or self.pyramid_beta < 1:
+            raise ValueError(f"pyramid_beta must be a number >= 1, got {self.pyramid_beta!r}")
+        if isinstance(self.a2sf_decay, bool) or not isinstance(self.a2sf_decay, (int, float)) \
+                or not 0.0 < self.a2sf_decay <= 1.0:
+            raise ValueError(f"a2sf_decay must be in (0, 1], got {self.a2sf_decay!r}")
+        _check_int("sinks", self.sinks, low=0)
+        if isinstance(self.crush, bool) or not isinstance(self.crush, (int, float)) or not 0.0 <= self.crush < 1.0:
+            raise ValueError(f"crush (the KVCrush share of the scored budget) must be in [0, 1), got {self.crush!r}")
+        _check_choice("crush_anchor", self.crush_anchor, CRUSH_ANCHORS)
+        _check_int("crush_seed", self.crush_seed, low=0)
+        if self.scorer == "streaming" and isinstance(self.budget, int) and self.sinks > self.budget:
+            raise ValueError(f"sinks={self.sinks} is larger than budget={self.budget}: the sinks must fit in the budget")
         _check_int("q_group_size", self.q_group_size, low=1)
         _check_int("residual_length", self.residual_length, low=1)
         if self.max_new_tokens is not None:

@@ -7,6 +7,8 @@ allocation, so a decode step is a fixed graph.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .config import MiniKVConfig
@@ -43,6 +45,14 @@ class QuantizedStore:
     def buffers(self) -> list[torch.Tensor]:
         return [self.k_codes, self.k_scale, self.k_mn, self.v_codes, self.v_scale, self.v_mn,
                 self.n_packed, self.res_k, self.res_v, self.res_len]
+
+    def __deepcopy__(self, memo):
+        """A copy with its own buffers (the kernel namespace is shared, not copied)."""
+        new = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(new, name, value.clone())
+        return new
 
     def write_prompt(self, k: torch.Tensor, v: torch.Tensor, n_keep: torch.Tensor) -> None:
         """Store the kept prompt tokens ``k/v [B, H, N, D]`` (first ``n_keep[b]`` valid).

@@ -175,8 +175,9 @@ def test_backend_triton_is_refused_where_triton_does_not_run():
         implementation("triton", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_patched_generation_with_triton_equals_the_reference(family):
+@pytest.mark.parametrize("family, policy", [("llama", {}), ("gemma2", {}), ("llama", dict(scorer="a2sf", crush=0.25)),
+                                            ("llama", dict(scorer="keynorm", schedule="pyramidkv"))])
+def test_patched_generation_with_triton_equals_the_reference(family, policy):
     model = tiny_model(family, dtype=torch.float32, head_dim=64)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 320, (2, 70), generator=g)
@@ -184,7 +185,7 @@ def test_patched_generation_with_triton_equals_the_reference(family):
     mask[1, :11] = 0
     outs = {}
     for backend in ("reference", "triton"):
-        minikv.patch(model, bits=2, budget=0.5, residual_length=16, backend=backend)
+        minikv.patch(model, bits=2, budget=0.5, residual_length=16, backend=backend, **policy)
         outs[backend] = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
         minikv.unpatch(model)
     assert torch.equal(outs["reference"], outs["triton"])

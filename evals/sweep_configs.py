@@ -1,0 +1,25 @@
+"""The configurations of ``evals/sweep.py``: (line in the plot, ``minikv_hf`` model args)."""
+
+FULL = ("full cache", dict(cache="full"))
+
+GROUPS = {
+    "baselines": [
+        FULL,
+        ("HF QuantizedCache (quanto)", dict(cache="quanto", bits=4)),
+        ("HF QuantizedCache (quanto)", dict(cache="quanto", bits=2)),
+    ],
+    "minikv": [
+        ("minikv 2-bit, minikv scorer", dict(cache="minikv", bits=2, budget=0.75)),
+        ("minikv 2-bit, minikv scorer", dict(cache="minikv", bits=2, budget=0.5)),
+        ("minikv 2-bit, minikv scorer", dict(cache="minikv", bits=2, budget=0.25)),
+        ("minikv 2-bit, minikv scorer, pyramid", dict(cache="minikv", bits=2, budget=0.5, schedule="pyramid")),
+        ("minikv 2-bit, snapkv scorer", dict(cache="minikv", bits=2, budget=0.75, scorer="snapkv")),
+        ("minikv 2-bit, snapkv scorer", dict(cache="minikv", bits=2, budget=0.5, scorer="snapkv")),
+        ("minikv 2-bit, snapkv scorer", dict(cache="minikv", bits=2, budget=0.25, scorer="snapkv")),
+        ("minikv 2-bit, snapkv scorer, pyramid", dict(cache="minikv", bits=2, budget=0.5, scorer="snapkv",
+                                                      schedule="pyramid")),
+        ("minikv 2-bit, all tokens", dict(cache="minikv", bits=2, budget=None)),
+        ("minikv 4-bit, snapkv scorer", dict(cache="minikv", bits=4, budget=0.5, scorer="snapkv")),
+        ("minikv 4-bit, snapkv scorer", dict(cache="minikv", bits=4, budget=0.25, scorer="snapkv")),
+    ],
+}

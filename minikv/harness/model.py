@@ -1,0 +1,129 @@
+"""``minikv_hf``: lm-eval's HF model with the KV cache compressed, for every request type.
+
+``--model_args`` take ``pretrained=`` (a hub id, a local directory, a ``.gguf`` file, or ``smollm2``
+/ nothing for the embedded SmolLM2-135M-Instruct), ``dtype=`` (default float32), ``cache=``
+(``minikv`` default, ``quanto``, ``full``) and every field of :class:`minikv.MiniKVConfig`
+(``bits``, ``budget``, ``recent``, ``scorer``, ``schedule``, ``q_group_size``, ``residual_length``, ...),
+plus lm-eval's own HF arguments (``batch_size``, ``max_length``, ...).
+
+- ``generate_until``: a fresh cache per batch, built here (so its memory is recorded), left padding
+  handled by the cache's per-sequence lengths.
+- ``loglikelihood`` / multiple choice / ``loglikelihood_rolling``: scored through the cache
+  (:mod:`minikv.harness.scoring`); with ``cache=full`` lm-eval's stock scoring runs unchanged.
+``self.kv`` totals the bytes every cache held against an fp16 cache of the same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+from ..config import MiniKVConfig
+from .caches import KINDS, QUANTO_BITS, KVBytes, fp16_bytes, quantized_cache_bytes
+from .scoring import score_group
+
+KNOBS = tuple(f.name for f in dataclasses.fields(MiniKVConfig) if f.name != "max_new_tokens")
+EMBEDDED = (None, "smollm2", "SmolLM2-135M-Instruct")
+
+
+class MiniKVLM(HFLM):
+    def __init__(self, pretrained=None, cache: str = "minikv", dtype: str = "float32", device: str | None = None,
+                 **kwargs):
+        if cache not in KINDS:
+            raise ValueError(f"cache must be one of {list(KINDS)}, got {cache!r}")
+        knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in KNOBS}
+        if cache == "minikv":
+            self.minikv_config = MiniKVConfig(**knobs)  # validated before anything loads
+        else:
+            extra = sorted(set(knobs) - ({"bits"} if cache == "quanto" else set()))
+            if extra:
+                raise ValueError(f"{extra} only apply to cache=minikv (got cache={cache!r})")
+            self.minikv_config = None
+        self.quanto_bits = knobs.get("bits", 2)
+        if cache == "quanto" and self.quanto_bits not in QUANTO_BITS:
+            raise ValueError(f"bits must be one of {list(QUANTO_BITS)} with cache=quanto, got {self.quanto_bits}")
+        self.cache_kind, self.kv = cache, KVBytes()
+        model, tokenizer = _load(pretrained, dtype, device or "cpu")
+        super().__init__(pretrained=model, tokenizer=kwargs.pop("tokenizer", tokenizer), **kwargs)
+        if self.minikv_config is not None:
+            import minikv
+
+            minikv.patch(self.model, config=self.minikv_config)
+
+    # -- caches -----------------------------------------------------------------------------
+    def new_cache(self, new_tokens: int):
+        """An empty cache of this evaluation's kind that holds ``new_tokens`` after its prompt."""
+        if self.cache_kind == "minikv":
+            from ..cache import MiniKVCache
+
+            return MiniKVCache(self.minikv_config, self.model.config, max_new_tokens=new_tokens)
+        if self.cache_kind == "quanto":
+            from transformers import QuantizedCache
+
+            return QuantizedCache("quanto", self.model.config, nbits=self.quanto_bits)
+        return None
+
+    def record(self, cache, batch: int, tokens: int) -> None:
+        if self.cache_kind == "minikv":
+            mem = cache.memory()
+            self.kv.add(mem.used_bytes, mem.fp16_bytes)
+        elif self.cache_kind == "quanto":
+            self.kv.add(quantized_cache_bytes(cache), fp16_bytes(self.model.config, batch, tokens))
+
+    # -- lm-eval hooks ----------------------------------------------------------------------
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        cache = self.new_cache(max_length - context.shape[1])
+        if cache is None:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        out = super()._model_generate(context, max_length, stop, past_key_values=cache, **generation_kwargs)
+        self.record(cache, context.shape[0], out.shape[1] - 1)
+        return out
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        if self.cache_kind == "full":
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        groups = defaultdict(list)  # context tokens -> request indices (choices share one prefill)
+        for i, (_, context, _) in enumerate(requests):
+            groups[tuple(context)].append(i)
+        results = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="minikv loglikelihood")
+        for context, idx in groups.items():
+            conts = [requests[i][2] for i in idx]
+            recorder = _Recorder(self)
+            scores = score_group(self.model, recorder.new_cache, self.cache_kind == "minikv", context, conts,
+                                 self.max_length)
+            recorder.flush()
+            for i, answer in zip(idx, scores):
+                results[i] = answer
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            bar.update(len(idx))
+        bar.close()
+        return results
+
+
+class _Recorder:
+    """Hands out caches to the scorer and records the memory of each once it is filled."""
+
+    def __init__(self, lm: MiniKVLM):
+        self.lm, self.caches = lm, []
+
+    def new_cache(self, new_tokens: int):
+        cache = self.lm.new_cache(new_tokens)
+        self.caches.append(cache)
+        return cache
+
+    def flush(self) -> None:
+        for cache in self.caches:
+            self.lm.record(cache, 1, int(cache.get_seq_length()))
+
+
+def _load(pretrained, dtype: str, device: str):
+    from ..models import load_model
+
+    if not isinstance(pretrained, str | type(None)):  # already a model: lm-eval's own path
+        return pretrained, None
+    return load_model(None if pretrained in EMBEDDED else pretrained, dtype=dtype, device=device)

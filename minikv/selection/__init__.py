@@ -1,0 +1,34 @@
+"""Token selection at prefill, as small composable pieces.
+
+A policy is a **scorer** (``MiniKVConfig.scorer``), a **budget schedule** over layers
+(``schedule``, :mod:`minikv.budget`) and optionally the **KVCrush** wrapper (``crush > 0``). The base
+(:func:`minikv.kernels.reference.select_tokens`, the ``select_tokens`` op) then keeps, per sequence
+and KV head, the ``n_recent`` newest tokens plus the best-scored older ones, in temporal order.
+
+Scorers that read attention give per-query weights ``w[q]``; the prefill kernel returns
+``C[j] = sum_q w[q] A[q, j]`` summed over each KV head's query group, so one kernel serves them all:
+
+=============  ==========================================================  ====================
+scorer         score of token j                                            file
+=============  ==========================================================  ====================
+``minikv``     cumulative attention of every prompt query (H2O, MiniKV)   ``cumulative.py``
+``snapkv``     attention of the last ``snap_window`` queries, 1-D pooled   ``snapkv.py``
+``a2sf``       attention decayed by ``a2sf_decay`` per query of age        ``a2sf.py``
+``keynorm``    minus the L2 norm of the key (no attention read)            ``keynorm.py``
+``streaming``  the first ``sinks`` tokens (StreamingLLM; no scores)        ``streaming.py``
+=============  ==========================================================  ====================
+"""
+
+from __future__ import annotations
+
+from . import a2sf, cumulative, keynorm, snapkv, streaming
+from .kvcrush import rescore as crush
+
+SCORERS = {"minikv": cumulative, "snapkv": snapkv, "a2sf": a2sf, "keynorm": keynorm, "streaming": streaming}
+
+
+def scorer(name: str):
+    return SCORERS[name]
+
+
+__all__ = ["SCORERS", "crush", "scorer"]
