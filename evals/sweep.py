@@ -1,7 +1,7 @@
 """Accuracy vs KV memory on the offline long-context suite, minikv configurations vs baselines.
 
     python evals/sweep.py                       # the full sweep (SmolLM2-135M, CPU; ~1 h on 2 cores)
-    python evals/sweep.py --smoke               # 2 configurations, 1 sample, short prompts (CI)
+    python evals/sweep.py --smoke               # 2 configurations, 1 sample, 3 short tasks (CI)
     python evals/sweep.py --groups policies     # only the selection-policy rows
 
 Runs lm-eval (``minikv_hf``, tasks of ``evals/tasks``, tag ``minikv_long``) once per configuration
@@ -104,14 +104,14 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--tasks", default="minikv_long")
     p.add_argument("--out", default=str(HERE / "results" / "sweep_smollm2"))
-    p.add_argument("--smoke", action="store_true", help="2 configurations, 1 sample of 300 tokens, 2 tasks")
+    p.add_argument("--smoke", action="store_true", help="2 configurations, 1 sample of 300 tokens, 3 tasks (CI)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     configs = [c for g in args.groups.split(",") for c in GROUPS[g]]
     tasks = args.tasks.split(",")
     if args.smoke:
         configs = [GROUPS["baselines"][0], GROUPS["minikv"][1]]
-        args.tokens, args.samples, tasks = 300, 1, ["minikv_passkey", "minikv_passkey_choice"]
+        args.tokens, args.samples, tasks = 300, 1, ["minikv_passkey", "minikv_passkey_choice", "minikv_reference_ppl"]
     import lm_eval
     import torch
     import transformers

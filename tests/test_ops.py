@@ -147,6 +147,12 @@ def _ops_cases():
     yield ops.select_tokens, (scores, valid, n_keep, n_recent, 10)
     yield ops.append_kv, (torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16), *buf, n_packed, res_k, res_v, res_len, 2, 16)
     yield ops.decode_attention, (torch.randn(2, 4, 1, 16), *buf, n_packed, res_k, res_v, res_len, 0.25, 0.0, 2, 16)
+    # queries as transformers passes them: [B, T, H, D] transposed to [B, H, T, D] (the fakes must
+    # give the kernels' contiguous strides, or inductor's stride asserts fail at run time)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    yield ops.prefill_attention, (qt, k, v, valid, valid.float(), 0.25, 0.0)
+    q3 = torch.randn(2, 3, 4, 16).transpose(1, 2)
+    yield ops.decode_attention, (q3, *buf, n_packed, res_k, res_v, res_len, 0.25, 0.0, 2, 16)
 
 
 @pytest.mark.parametrize("op,args", list(_ops_cases()), ids=lambda x: getattr(x, "_name", None) or "")

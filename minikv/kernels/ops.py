@@ -52,7 +52,7 @@ def prefill_attention(
 @prefill_attention.register_fake
 def _(q, k, v, valid, query_weight, scale, softcap):
     B, _, T, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, k.shape[1], T), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((B, k.shape[1], T), dtype=torch.float32)  # contiguous, as the kernels
 
 
 @torch.library.custom_op("minikv::select_tokens", mutates_args=())
@@ -104,4 +104,4 @@ def decode_attention(
 
 @decode_attention.register_fake
 def _(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, scale, softcap, bits, group_size):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as the kernels

@@ -1,0 +1,60 @@
+"""The offline long-context suite and the accuracy-vs-memory sweep (smoke version, SmolLM2)."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "evals" / "tasks"))
+
+import minikv_data  # noqa: E402
+import minikv_metrics  # noqa: E402
+
+GENERATORS = [minikv_data.niah_single, minikv_data.niah_multikey, minikv_data.niah_multivalue,
+              minikv_data.niah_multiquery, minikv_data.passkey, minikv_data.variable_tracking,
+              minikv_data.common_words, minikv_data.frequent_words]
+
+
+@pytest.mark.parametrize("gen", GENERATORS, ids=lambda g: g.__name__)
+def test_generated_tasks_are_seeded_sized_and_hold_their_answers(gen):
+    a, b, c = (gen(tokens=800, samples=3, seed=s)["test"] for s in (0, 0, 1))
+    assert a.to_list() == b.to_list() and a.to_list() != c.to_list()  # the seed decides everything
+    for row in a:
+        assert 0.4 * 800 * minikv_data.CHARS_PER_TOKEN < len(row["input"]) < 1.6 * 800 * minikv_data.CHARS_PER_TOKEN
+        text = row["input"]
+        if gen is minikv_data.common_words:  # the common words are the most frequent in the list
+            counts = {w: text.count(f". {w} ") for w in minikv_data.WORDS}
+            others = [counts[w] for w in counts if w not in row["outputs"]]
+            assert min(counts[w] for w in row["outputs"]) > max(others)
+        elif gen is not minikv_data.frequent_words:
+            assert all(o in text for o in row["outputs"])  # the needles are in the haystack
+        assert minikv_metrics.string_match_all(row, [" ".join(row["outputs"])])["score"] == 1.0
+        assert minikv_metrics.string_match_all(row, ["nothing"])["score"] == 0.0
+
+
+def test_multiple_choice_and_perplexity_data():
+    mc = minikv_data.passkey_choice(tokens=500, samples=4)["test"]
+    assert all(len(set(r["choices"])) == 4 and r["choices"][r["label"]] in r["input"] for r in mc)
+    docs = minikv_data.reference_text(tokens=1000, samples=3)["test"]
+    assert len({d["name"] for d in docs}) == 3 and all(len(d["text"]) == 4000 for d in docs)
+
+
+@pytest.mark.slow
+def test_smoke_sweep_writes_csv_markdown_and_plot(tmp_path):
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, str(ROOT / "evals" / "sweep.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [r["method"] for r in rows] == ["full cache", "minikv 2-bit, minikv scorer"]
+    full, mkv = rows
+    assert float(full["kv_percent_of_fp16"]) == 100.0 and 5 < float(mkv["kv_percent_of_fp16"]) < 40
+    for r in rows:  # generate_until, multiple choice (log-likelihood) and rolling perplexity all ran
+        assert 0 <= float(r["minikv_passkey"]) <= 1 and 0 <= float(r["minikv_passkey_choice"]) <= 1
+        assert float(r["word_perplexity"]) > 1
+    assert float(mkv["word_perplexity"]) != float(full["word_perplexity"])  # compression reached the scores
+    assert "| full cache |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
