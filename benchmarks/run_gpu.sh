@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# All kernel benchmarks on the first CUDA device; CSVs in benchmarks/results/.
+# Every GPU measurement on the first CUDA device; CSVs in benchmarks/results/ (one `device` call).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python benchmarks/bench_quantize.py --device cuda
 python benchmarks/bench_decode.py --device cuda --bits 2 --group 32
 python benchmarks/bench_prefill.py --device cuda
+# issue 4: Llama-3.1-8B-shaped decode (eager / compiled / CUDA graphs vs HF static compiled, dynamic,
+# quantized), batch 1/8/32 at 4k and 32k, peak memory; and whether compiling the prefill pays off
+python benchmarks/bench_generate.py --llama8b --device cuda --batch 1 8 32 --context 4096 32768 --new 64 \
+    --out benchmarks/results/generate_llama8b_cuda.csv
+python benchmarks/bench_prefill_compile.py --device cuda --lengths 4096 8192 16384 \
+    --out benchmarks/results/prefill_compile_cuda.csv
