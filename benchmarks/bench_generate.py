@@ -22,6 +22,7 @@ sys.path.insert(0, __import__("os").path.dirname(__file__))
 from common import device_from_args, print_table, stamp, write_csv  # noqa: E402
 
 import minikv  # noqa: E402
+from minikv.compat import cache_key  # noqa: E402
 from minikv.loop import _compiled_step, _decode_step  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def static_loop(model, ids, new, compiled):
 
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new)
     with torch.inference_mode():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(ids, use_cache=True, **{cache_key(): cache}).logits[:, -1]
         step = _compiled_step(None) if compiled else _decode_step
         tok, pos = logits.argmax(-1, keepdim=True), torch.full((ids.shape[0], 1), ids.shape[1] - 1, device=ids.device)
         for _ in range(new - 1):

@@ -21,6 +21,7 @@ sys.path.insert(0, __import__("os").path.dirname(__file__))
 from common import device_from_args, print_table, stamp, write_csv  # noqa: E402
 
 import minikv  # noqa: E402
+from minikv.compat import cache_key  # noqa: E402
 
 
 def main() -> int:
@@ -41,7 +42,7 @@ def main() -> int:
 
     def prefill(ids):
         cache = minikv.MiniKVCache(cfg, model.config, max_new_tokens=16)
-        return model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        return model(ids, use_cache=True, **{cache_key(): cache}).logits[:, -1]
 
     compiled = torch.compile(prefill, dynamic=True)
 

@@ -17,6 +17,7 @@ import time
 import torch
 
 import minikv
+from minikv.compat import cache_key
 from minikv.models import load_model, quiet_hub
 from minikv.prompts import passkey_prompt
 
@@ -44,7 +45,7 @@ def run(model, tok, prompts, knobs):
                 cache = minikv.MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8)
             t = time.perf_counter()
             with torch.inference_mode():
-                out = model.generate(**inputs, max_new_tokens=8, do_sample=False, past_key_values=cache,
+                out = model.generate(**inputs, max_new_tokens=8, do_sample=False, **{cache_key(): cache},
                                      pad_token_id=tok.pad_token_id)
             seconds += time.perf_counter() - t
             found += key in tok.decode(out[0, inputs.input_ids.shape[1]:])

@@ -210,7 +210,7 @@ class MiniKVCache(Cache):
     """A transformers ``Cache`` storing full-attention layers the MiniKV way.
 
     >>> cache = MiniKVCache(MiniKVConfig(bits=2, budget=0.5), model.config, max_new_tokens=64)
-    >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=64)  # doctest: +SKIP
+    >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=64)  # doctest: +SKIP  (``cache=`` from transformers 5.24)
     ``minikv.patch`` builds one automatically inside ``generate``.
     """
 

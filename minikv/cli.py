@@ -12,6 +12,7 @@ import json
 import sys
 import time
 
+from .compat import cache_key
 from .config import MiniKVConfig
 
 
@@ -104,7 +105,7 @@ def run_generate(args) -> dict:
     cache = minikv.MiniKVCache(cfg, model.config, max_new_tokens=args.max_new_tokens)
     clock = _Clock()
     with torch.inference_mode():
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens,
+        out = model.generate(**inputs, **{cache_key(): cache}, max_new_tokens=args.max_new_tokens,
                              do_sample=False, streamer=clock, pad_token_id=tokenizer.pad_token_id)
     answer = tokenizer.decode(out[0, T:], skip_special_tokens=True)
     mem = cache.memory()

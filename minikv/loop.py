@@ -12,10 +12,11 @@ import functools
 import torch
 
 from .cache import MiniKVCache
+from .compat import cache_key
 
 
 def _decode_step(model, cache, tokens, positions):
-    logits = model(tokens, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = model(tokens, position_ids=positions, use_cache=True, **{cache_key(): cache}).logits[:, -1]
     return logits.clone()  # outputs of a CUDA-graph replay are overwritten by the next one
 
 
@@ -56,8 +57,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
             )
         cache.reset()
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # left padding
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True).logits[:, -1]
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                   **{cache_key(): cache}).logits[:, -1]
     step = _compiled_step(mode) if compile else _decode_step
     pos = positions[:, -1:]
     tokens = logits.argmax(-1, keepdim=True)

@@ -21,6 +21,7 @@ from collections import defaultdict
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from ..compat import cache_key
 from ..config import MiniKVConfig
 from .caches import KINDS, QUANTO_BITS, KVBytes, fp16_bytes, quantized_cache_bytes
 from .scoring import score_group
@@ -78,7 +79,7 @@ class MiniKVLM(HFLM):
         cache = self.new_cache(max_length - context.shape[1])
         if cache is None:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
-        out = super()._model_generate(context, max_length, stop, past_key_values=cache, **generation_kwargs)
+        out = super()._model_generate(context, max_length, stop, **{cache_key(): cache}, **generation_kwargs)
         self.record(cache, context.shape[0], out.shape[1] - 1)
         return out
 

@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..compat import cache_key
+
 
 def split_point(n_context: int, n_inp: int) -> int:
     """Tokens of ``inp`` prefilled into the cache (see the module docstring); 0 = nothing to compress."""
@@ -54,10 +56,10 @@ def score_group(model, new_cache: Callable[[int], object], forkable: bool, conte
                 cache, head = copy.deepcopy(shared[split][0]), shared[split][1]
             else:
                 cache = new_cache(longest if share else inp.shape[1] - split)
-                head = model(inp[:, :split], past_key_values=cache, use_cache=True).logits
+                head = model(inp[:, :split], use_cache=True, **{cache_key(): cache}).logits
                 if share and len(continuations) > 1:
                     shared[split] = (copy.deepcopy(cache), head)
-            tail = model(inp[:, split:], past_key_values=cache, use_cache=True).logits
+            tail = model(inp[:, split:], use_cache=True, **{cache_key(): cache}).logits
             logits = torch.cat([head, tail], dim=1)
         logp = F.log_softmax(logits[0, -len(cont):].double(), dim=-1)
         target = torch.tensor(cont, device=model.device)

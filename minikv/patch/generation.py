@@ -6,6 +6,7 @@ from __future__ import annotations
 from transformers.generation.configuration_utils import GenerationMode
 
 from ..cache import MiniKVCache
+from ..compat import cache_key
 
 SUPPORTED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
 
@@ -25,10 +26,11 @@ def make_prepare_cache(model, original):
 
     def prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         check_generation_mode(generation_mode, generation_config)
-        cache = model_kwargs.get("past_key_values")
+        key = cache_key()
+        cache = model_kwargs.get(key)
         if cache is None and generation_config.use_cache is not False and generation_config.cache_implementation is None:
             cfg = model._minikv_patch.config
-            model_kwargs["past_key_values"] = MiniKVCache(cfg, model.config, max_cache_len=max_cache_length)
+            model_kwargs[key] = MiniKVCache(cfg, model.config, max_cache_len=max_cache_length)
             return None
         if isinstance(cache, MiniKVCache):
             cache.request(max_cache_length)
