@@ -167,7 +167,8 @@ class MiniKVLayer(CacheLayerMixin):
         valid = valid_tokens(mask, B, T, k.device)
         lengths = valid.sum(-1)
         self._prompt_lengths = lengths
-        n_keep, n_recent = budget.keep_counts(self.cfg, self.rank, self.num_compressed, lengths)
+        counts = budget.keep_counts(self.cfg, self.rank, self.num_compressed, lengths)
+        n_keep, n_recent = (n.to(k.device) for n in counts)
         impl = implementation(self.cfg.backend, k.device)
         scorer = selection.scorer(self.cfg.scorer)
         if self.cfg.selects and scorer.NEEDS_ATTENTION:
@@ -182,10 +183,9 @@ class MiniKVLayer(CacheLayerMixin):
             else:
                 scores = torch.zeros(B, k.shape[1], T, dtype=torch.float32, device=k.device)
         if self.cfg.selects and self.cfg.crush > 0:
-            scores = selection.crush(scores, valid, n_keep.to(k.device), n_recent.to(k.device), self.cfg)
-        idx = impl.select_tokens(scores, valid, n_keep.to(k.device), n_recent.to(k.device), self.n_max)
+            scores = selection.crush(scores, valid, n_keep, n_recent, self.cfg)
+        idx = impl.select_tokens(scores, valid, n_keep, n_recent, self.n_max)
         index = idx[..., None].expand(-1, -1, -1, k.shape[-1])  # [B, Hkv, n_max, D]
-        n_keep = n_keep.to(k.device)
         kept = (torch.arange(self.n_max, device=k.device)[None] < n_keep[:, None])[:, None, :, None]
         zero = torch.zeros((), dtype=k.dtype, device=k.device)  # slots past n_keep[b] hold nothing
         self.store.write_prompt(torch.where(kept, k.gather(2, index), zero),

@@ -6,11 +6,13 @@ because more queries could see them (the bias of cumulative scores).
 
 import torch
 
+from .positions import rank_from_end
+
 NEEDS_ATTENTION = True
 
 
 def query_weights(valid, cfg):
-    age = valid.flip(-1).cumsum(-1).flip(-1) - 1  # 0 for the newest real token
+    age = rank_from_end(valid) - 1  # 0 for the newest real token
     w = torch.pow(torch.tensor(cfg.a2sf_decay, dtype=torch.float32, device=valid.device), age.float())
     return w * valid
 

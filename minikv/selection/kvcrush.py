@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .positions import rank_from_end
+
 ANCHORS = ("alternate", "zeros", "ones", "mean", "random")
 
 
@@ -48,8 +50,7 @@ def rescore(scores, valid, n_keep, n_recent, cfg) -> torch.Tensor:
     """Scores ``[B, H, T]`` -> KVCrush scores (2 importance / 1 representative / 0), same shape."""
     B, H, T = scores.shape
     dev = scores.device
-    rank_from_end = valid.flip(-1).cumsum(-1).flip(-1)
-    candidate = valid & (rank_from_end > n_recent[:, None])  # [B, T]
+    candidate = valid & (rank_from_end(valid) > n_recent[:, None])  # [B, T]
     n_sel = (n_keep - n_recent)[:, None, None]  # [B, 1, 1]
     n_crush = torch.floor(cfg.crush * n_sel.double()).long()
     n_imp = n_sel - n_crush

@@ -2,12 +2,13 @@
 
 import torch.nn.functional as F
 
+from .positions import rank_from_end
+
 NEEDS_ATTENTION = True
 
 
 def query_weights(valid, cfg):
-    rank_from_end = valid.flip(-1).cumsum(-1).flip(-1)  # 1 for the newest real token
-    return (valid & (rank_from_end <= cfg.snap_window)).float()
+    return (valid & (rank_from_end(valid) <= cfg.snap_window)).float()
 
 
 def finish(scores, cfg):
