@@ -24,8 +24,10 @@ from minikv.store import QuantizedStore  # noqa: E402
 
 
 def make_store(B, Hkv, D, T, bits, G, R, dtype, device):
-    store = QuantizedStore(MiniKVConfig(bits=bits, q_group_size=G, residual_length=R, backend="auto"),
-                           B, Hkv, D, T, dtype, device)
+    # the kernel alone: keys and values at `bits`, no sinks, no rotation (applied outside the kernel)
+    cfg = MiniKVConfig(bits=bits, k_bits=bits, q_group_size=G, residual_length=R, sink_tokens=0, rotate="none",
+                       backend="auto")
+    store = QuantizedStore(cfg, B, Hkv, D, T, dtype, device)
     k = torch.randn(B, Hkv, T, D, dtype=dtype, device=device)
     v = torch.randn(B, Hkv, T, D, dtype=dtype, device=device)
     store.write_prompt(k, v, torch.full((B,), T, dtype=torch.int64, device=device))
@@ -50,9 +52,9 @@ def run(cases, providers, device, bits, G):
             if "minikv-triton" in providers and device.type == "cuda":
                 from minikv.kernels.triton_decode import decode_attention
 
-                fns["minikv-triton"] = (lambda: decode_attention(q, *store.buffers(), scale, 0.0, bits, G), store_bytes(store, q))
+                fns["minikv-triton"] = (lambda: decode_attention(q, *store.buffers(), scale, 0.0, store.k_bits, store.v_bits, G), store_bytes(store, q))
             if "reference" in providers:
-                fns["reference"] = (lambda: reference.decode_attention(q, *store.buffers(), scale, 0.0, bits, G), store_bytes(store, q))
+                fns["reference"] = (lambda: reference.decode_attention(q, *store.buffers(), scale, 0.0, store.k_bits, store.v_bits, G), store_bytes(store, q))
             for name, dt in (("sdpa_fp16", torch.float16), ("sdpa_bf16", torch.bfloat16)):
                 if name in providers:
                     kk, vv, qq = k.to(dt), v.to(dt), q.to(dt)

@@ -1,6 +1,6 @@
-"""Pass-key retrieval on the embedded SmolLM2-135M-Instruct: full cache vs minikv configurations.
+"""Pass-key retrieval on an embedded model: full cache vs minikv configurations.
 
-    python evals/passkey.py [--tokens 2000] [--seeds 5] [--out evals/results/passkey_smollm2.csv]
+    python evals/passkey.py [--model smollm2|gemma3-270m] [--tokens 2000] [--seeds 5] [--out CSV]
 
 Prints a markdown table (found / seeds, KV bytes as % of fp16) and writes a CSV.
 """
@@ -17,19 +17,22 @@ import time
 import torch
 
 import minikv
+from minikv.cli import encode
 from minikv.compat import cache_key
 from minikv.models import load_model, quiet_hub
 from minikv.prompts import passkey_prompt
 
+PAPER = dict(preset="paper")  # the old rows are the paper's recipe with one knob changed
 CONFIGS = {
     "full cache (fp32)": None,
-    "minikv defaults (2-bit, 50%, minikv scorer)": dict(bits=2, budget=0.5),
-    "minikv scorer, 16-bit, 50%": dict(bits=16, budget=0.5),
-    "minikv scorer, 2-bit, 75%": dict(bits=2, budget=0.75),
-    "minikv scorer, pyramid, 2-bit, 50%": dict(bits=2, budget=0.5, schedule="pyramid"),
-    "snapkv scorer, 2-bit, 50%": dict(bits=2, budget=0.5, scorer="snapkv"),
-    "snapkv scorer, 4-bit, 50%": dict(bits=4, budget=0.5, scorer="snapkv"),
-    "2-bit only, all tokens kept": dict(bits=2, budget=None),
+    "minikv defaults": dict(),
+    "MiniKV paper recipe (preset='paper')": PAPER,
+    "paper, uniform schedule (old defaults)": dict(**PAPER, schedule="uniform"),
+    "paper, uniform, 16-bit": dict(**PAPER, schedule="uniform", bits=16),
+    "paper, uniform, 75% kept": dict(**PAPER, schedule="uniform", budget=0.75),
+    "paper, uniform, snapkv scorer": dict(**PAPER, schedule="uniform", scorer="snapkv"),
+    "paper, uniform, snapkv scorer, 4-bit": dict(**PAPER, schedule="uniform", scorer="snapkv", bits=4),
+    "paper, every token kept (2-bit only)": dict(**PAPER, budget=None),
 }
 
 
@@ -39,7 +42,7 @@ def run(model, tok, prompts, knobs):
         minikv.patch(model, **knobs)
     try:
         for text, key in prompts:
-            inputs = tok(text, return_tensors="pt", add_special_tokens=False)
+            inputs = encode(tok, text)
             cache = None
             if knobs is not None:
                 cache = minikv.MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8)
@@ -58,12 +61,14 @@ def run(model, tok, prompts, knobs):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2", help="smollm2 or gemma3-270m")
     p.add_argument("--tokens", type=int, default=2000)
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--out", default="evals/results/passkey_smollm2.csv")
+    p.add_argument("--out", default=None, help="default evals/results/passkey_<model>.csv")
     args = p.parse_args()
     quiet_hub()
-    model, tok = load_model(None)
+    model, tok = load_model(args.model)
+    args.out = args.out or f"evals/results/passkey_{args.model}.csv"
     prompts = [passkey_prompt(tok, args.tokens, seed=s) for s in range(args.seeds)]
     rows = []
     print("| configuration | pass keys found | KV bytes (% of fp16) | s / prompt |\n|---|---|---|---|")

@@ -1,14 +1,16 @@
 """Side-by-side table and plot of every selection policy (issue 6), from the two sweep CSVs.
 
-    python evals/report.py      # reads evals/results/sweep_smollm2.csv + sweep_policies_smollm2.csv
+    python evals/report.py [--model gemma3-270m]  # reads evals/results/sweep_<model>.csv + sweep_policies_<model>.csv
 
-The policy sweep (``python evals/sweep.py --groups policies --out evals/results/sweep_policies_smollm2``)
+The policy sweep (``python evals/sweep.py --configs policies --out evals/results/sweep_policies_<model>``)
 holds PyramidKV, StreamingLLM, A2SF, key norm and KVCrush; the MiniKV/H2O and SnapKV rows at the same
-2-bit budgets and the full cache come from the main sweep. Writes ``evals/results/policies_smollm2.{csv,md,png}``.
+2-bit budgets and the full cache come from the main sweep. Writes ``evals/results/policies_<model>.{csv,md,png}``
+with the main sweep's intervals (``evals/stats.py``), recomputed from the scores and sample counts.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import sys
 from pathlib import Path
@@ -16,14 +18,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from sweep import write_outputs  # noqa: E402
+from sweep import MODEL_NAMES, write_outputs  # noqa: E402
 
 FROM_MAIN = {"full cache": "full cache", "minikv 2-bit, minikv scorer": "MiniKV / H2O (cumulative)",
              "minikv 2-bit, snapkv scorer": "SnapKV (= KVCrush without its wrapper)"}
-META = ("prompt_tokens", "samples", "machine", "torch", "transformers", "lm_eval")
+META = ("model", "prompt_tokens", "samples", "machine", "torch", "transformers", "lm_eval")
 
 
 def load(path: Path) -> list[dict]:
+    """The rows of a sweep CSV, numbers as floats and empty cells as None."""
     rows = []
     for r in csv.DictReader(open(path)):
         for k, v in r.items():
@@ -36,14 +39,18 @@ def load(path: Path) -> list[dict]:
 
 
 def main() -> int:
-    main_rows = load(HERE / "results" / "sweep_smollm2.csv")
-    policy_rows = load(HERE / "results" / "sweep_policies_smollm2.csv")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2", choices=sorted(MODEL_NAMES))
+    model = p.parse_args().model
+    main_rows = load(HERE / "results" / f"sweep_{model}.csv")
+    policy_rows = load(HERE / "results" / f"sweep_policies_{model}.csv")
     rows = [dict(r, method=FROM_MAIN[r["method"]]) for r in main_rows if r["method"] in FROM_MAIN] + policy_rows
-    meta = {k: policy_rows[0][k] for k in META}
-    meta["prompt_tokens"], meta["samples"] = int(meta["prompt_tokens"]), int(meta["samples"])
+    meta = {k: policy_rows[0].get(k) for k in META}
+    meta["model"], meta["prompt_tokens"], meta["samples"] = model, int(meta["prompt_tokens"]), int(meta["samples"])
     rows = [{k: v for k, v in r.items() if k not in META} for r in rows]
-    write_outputs(rows, HERE / "results" / "policies_smollm2", meta)
-    print((HERE / "results" / "policies_smollm2.md").read_text())
+    out = HERE / "results" / f"policies_{model}"
+    write_outputs(rows, out, meta)
+    print(out.with_suffix(".md").read_text())
     return 0
 
 

@@ -1,6 +1,13 @@
-"""The configurations of ``evals/sweep.py``: (line in the plot, ``minikv_hf`` model args)."""
+"""The configurations of ``evals/sweep.py``, by group: (line in the plot, ``minikv_hf`` model args).
+
+Add a group with ``GROUPS["name"] = [...]`` and run it with ``--configs name``; a file of its own
+with a ``GROUPS`` dict runs with ``--configs FILE.py`` or ``--configs FILE.py:name``.
+"""
 
 FULL = ("full cache", dict(cache="full"))
+# the rows measured before the fidelity defaults: the paper's recipe with a uniform schedule, the
+# library's defaults of that time, so that every row keeps its meaning when the defaults change
+OLD = dict(cache="minikv", preset="paper", schedule="uniform")
 
 GROUPS = {
     "baselines": [
@@ -9,18 +16,18 @@ GROUPS = {
         ("HF QuantizedCache (quanto)", dict(cache="quanto", bits=2)),
     ],
     "minikv": [
-        ("minikv 2-bit, minikv scorer", dict(cache="minikv", bits=2, budget=0.75)),
-        ("minikv 2-bit, minikv scorer", dict(cache="minikv", bits=2, budget=0.5)),
-        ("minikv 2-bit, minikv scorer", dict(cache="minikv", bits=2, budget=0.25)),
-        ("minikv 2-bit, minikv scorer, pyramid", dict(cache="minikv", bits=2, budget=0.5, schedule="pyramid")),
-        ("minikv 2-bit, snapkv scorer", dict(cache="minikv", bits=2, budget=0.75, scorer="snapkv")),
-        ("minikv 2-bit, snapkv scorer", dict(cache="minikv", bits=2, budget=0.5, scorer="snapkv")),
-        ("minikv 2-bit, snapkv scorer", dict(cache="minikv", bits=2, budget=0.25, scorer="snapkv")),
-        ("minikv 2-bit, snapkv scorer, pyramid", dict(cache="minikv", bits=2, budget=0.5, scorer="snapkv",
+        ("minikv 2-bit, minikv scorer", dict(**OLD, bits=2, budget=0.75)),
+        ("minikv 2-bit, minikv scorer", dict(**OLD, bits=2, budget=0.5)),
+        ("minikv 2-bit, minikv scorer", dict(**OLD, bits=2, budget=0.25)),
+        ("minikv 2-bit, minikv scorer, pyramid", dict(OLD, bits=2, budget=0.5, schedule="pyramid")),
+        ("minikv 2-bit, snapkv scorer", dict(**OLD, bits=2, budget=0.75, scorer="snapkv")),
+        ("minikv 2-bit, snapkv scorer", dict(**OLD, bits=2, budget=0.5, scorer="snapkv")),
+        ("minikv 2-bit, snapkv scorer", dict(**OLD, bits=2, budget=0.25, scorer="snapkv")),
+        ("minikv 2-bit, snapkv scorer, pyramid", dict(OLD, bits=2, budget=0.5, scorer="snapkv",
                                                       schedule="pyramid")),
-        ("minikv 2-bit, all tokens", dict(cache="minikv", bits=2, budget=None)),
-        ("minikv 4-bit, snapkv scorer", dict(cache="minikv", bits=4, budget=0.5, scorer="snapkv")),
-        ("minikv 4-bit, snapkv scorer", dict(cache="minikv", bits=4, budget=0.25, scorer="snapkv")),
+        ("minikv 2-bit, all tokens", dict(**OLD, bits=2, budget=None)),
+        ("minikv 4-bit, snapkv scorer", dict(**OLD, bits=4, budget=0.5, scorer="snapkv")),
+        ("minikv 4-bit, snapkv scorer", dict(**OLD, bits=4, budget=0.25, scorer="snapkv")),
     ],
 }
 
@@ -28,7 +35,7 @@ GROUPS = {
 # scorers' rows are in "minikv"); KVCrush wraps SnapKV, whose plain rows are its "without" line.
 LEVELS = (0.75, 0.5, 0.25)
 GROUPS["policies"] = [
-    (name, dict(cache="minikv", bits=2, budget=level, **knobs))
+    (name, dict(OLD, bits=2, budget=level, **knobs))
     for name, knobs in [
         ("PyramidKV (snapkv scorer, pyramidkv schedule)", dict(scorer="snapkv", schedule="pyramidkv")),
         ("StreamingLLM (4 sinks + window)", dict(scorer="streaming")),
@@ -37,4 +44,14 @@ GROUPS["policies"] = [
         ("KVCrush 25% around SnapKV", dict(scorer="snapkv", crush=0.25)),
     ]
     for level in LEVELS
+]
+
+# the judge of the fidelity defaults: the baselines, minikv with the library's defaults and with
+# MiniKV's paper recipe (``preset`` goes to minikv_hf unchanged)
+GROUPS["fidelity"] = [
+    FULL,
+    ("minikv defaults", dict(cache="minikv")),
+    ("MiniKV paper recipe", dict(cache="minikv", preset="paper")),
+    ("HF QuantizedCache (quanto)", dict(cache="quanto", bits=4)),
+    ("HF QuantizedCache (quanto)", dict(cache="quanto", bits=2)),
 ]

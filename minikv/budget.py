@@ -32,6 +32,8 @@ def keep_counts(cfg: MiniKVConfig, rank: int, num_layers: int, lengths: torch.Te
     else:
         r = torch.floor(cfg.recent * n)
     heavy = schedule(cfg, rank, num_layers, n - r, L - r)
+    if cfg.sink_tokens:  # the sinks are never evicted: the scored part holds at least them
+        heavy = torch.maximum(heavy, torch.clamp(L - r, max=float(cfg.sink_tokens)))
     keep = torch.minimum(heavy + r, L)
     if cfg.scorer == "snapkv":  # a prompt no longer than the observation window is kept whole
         keep = torch.where(L <= cfg.snap_window, L, keep)

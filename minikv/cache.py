@@ -41,6 +41,12 @@ class KVMemory:
         """Fraction of the fp16 cache saved (the paper's "compression ratio")."""
         return 1.0 - self.ratio
 
+    def __str__(self) -> str:
+        mib = 2**20
+        return (f"KV cache {self.used_bytes / mib:.2f} MiB held, {100 * self.ratio:.1f}% of fp16 "
+                f"({self.fp16_bytes / mib:.2f} MiB; {100 * self.compression:.1f}% saved), "
+                f"{self.allocated_bytes / mib:.2f} MiB allocated")
+
     def __add__(self, other: "KVMemory") -> "KVMemory":
         return KVMemory(*(a + b for a, b in zip(
             (self.used_bytes, self.fp16_bytes, self.allocated_bytes),
@@ -184,6 +190,8 @@ class MiniKVLayer(CacheLayerMixin):
                 scores = torch.zeros(B, k.shape[1], T, dtype=torch.float32, device=k.device)
         if self.cfg.selects and self.cfg.crush > 0:
             scores = selection.crush(scores, valid, n_keep, n_recent, self.cfg)
+        if self.cfg.sink_tokens:
+            scores = selection.protect_sinks(scores, valid, self.cfg.sink_tokens)
         idx = impl.select_tokens(scores, valid, n_keep, n_recent, self.n_max)
         index = idx[..., None].expand(-1, -1, -1, k.shape[-1])  # [B, Hkv, n_max, D]
         kept = (torch.arange(self.n_max, device=k.device)[None] < n_keep[:, None])[:, None, :, None]
@@ -218,8 +226,9 @@ class MiniKVCache(Cache):
                  max_cache_len: int | None = None):
         if max_new_tokens is not None:
             cfg = cfg.replace(max_new_tokens=max_new_tokens)
-        self.cfg = cfg
         text = model_config.get_text_config(decoder=True)
+        cfg = cfg.for_head_dim(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+        self.cfg = cfg
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
         check_layer_types(layer_types)
         num_compressed = sum(t in COMPRESSED_TYPES for t in layer_types)
@@ -238,12 +247,21 @@ class MiniKVCache(Cache):
             if isinstance(layer, MiniKVLayer):
                 layer.requested_len = max_cache_len
 
-    def memory(self) -> KVMemory:
-        """Bytes held now, bytes a full fp16 cache would hold for the same tokens, and bytes allocated."""
+    def memory(self, scope: str = "compressed") -> KVMemory:
+        """Bytes held now, bytes an fp16 cache of the same tokens would take, and bytes allocated.
+
+        ``scope="compressed"``: the layers minikv stores (what the method saves); ``"all"``: every
+        layer, those left to transformers (sliding windows, held uncompressed in the model's dtype)
+        included. Every byte held counts: codes, fp16 scales and minimums, sinks and residual.
+        """
+        if scope not in ("compressed", "all"):
+            raise ValueError(f"scope must be 'compressed' or 'all', got {scope!r}")
         ours = [layer for layer in self.layers if isinstance(layer, MiniKVLayer)]
         total = KVMemory(0, 0, 0)
         for layer in ours:
             total = total + layer.memory()
+        if scope == "compressed":
+            return total
         tokens = ours[0].tokens_held()
         for layer in self.layers:
             if not isinstance(layer, MiniKVLayer) and layer.is_initialized and layer.keys.numel():

@@ -1,7 +1,8 @@
-"""``minikv generate`` / ``python -m minikv``: long-context generation with a compressed KV cache.
+"""minikv generate / python -m minikv: long-context generation with a compressed KV cache.
 
-With no prompt, a pass key is hidden in ~4k tokens of filler and the embedded SmolLM2-135M-Instruct
-is asked for it. Prints the answer, prompt tokens, KV bytes (fp16 vs minikv), compression and speed.
+With no prompt, a pass key is hidden in ~4k tokens of filler and the model (by default the embedded
+SmolLM2-135M-Instruct; --model gemma3-270m for the embedded Gemma 3 270M base) is asked for it.
+Prints the answer, prompt tokens, KV bytes (fp16 vs minikv), compression and speed.
 """
 
 from __future__ import annotations
@@ -13,42 +14,88 @@ import sys
 import time
 
 from .compat import cache_key
-from .config import MiniKVConfig
+from .config import (
+    BACKENDS, CRUSH_ANCHORS, POOLS, PRESETS, ROTATIONS, SCHEDULES, SCORERS, SUPPORTED_BITS, MiniKVConfig,
+    build_config,
+)
+from .models import DEFAULT_MODEL, EMBEDDED_MODELS, MissingModelPackage
 
 
 def parse_budget(text: str):
-    if text.lower() == "none":
-        return None
-    return float(text) if any(c in text for c in ".eE") else int(text)
+    try:
+        if text.lower() == "none":
+            return None
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be an int >= 1 (tokens), a float in (0, 1] (fraction of "
+                                         f"the prompt) or 'none', got {text!r}") from None
 
 
 def parse_recent(text: str):
-    return float(text) if any(c in text for c in ".eE") else int(text)
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"recent must be an int >= 0 (tokens) or a float in [0, 1] (fraction "
+                                         f"of the budget), got {text!r}") from None
+
+
+def _optional_bits(text: str):
+    return None if text.lower() == "none" else int(text)
+
+
+# every MiniKVConfig field but max_new_tokens (the CLI's own flag): (type or action, choices, help)
+KNOB_FLAGS = {
+    "bits": (int, SUPPORTED_BITS, "bit width of keys and values: 2, 4, or 16 (no quantization)"),
+    "k_bits": (_optional_bits, None, "bit width of the keys when it differs (2 or 4)"),
+    "v_bits": (_optional_bits, None, "bit width of the values when it differs (2 or 4)"),
+    "sink_tokens": (int, None, "first tokens of the prompt kept, in full precision"),
+    "clip": (argparse.BooleanOptionalAction, None, "MSE-optimal clipped quantization scales"),
+    "rotate": (str, ROTATIONS, "Hadamard rotation of values (v), keys (k) or both before quantization"),
+    "budget": (parse_budget, None, "tokens kept per KV head per layer (int), fraction of the prompt (float), or none"),
+    "recent": (parse_recent, None, "recent window: tokens (int) or fraction of the budget (float)"),
+    "scorer": (str, SCORERS, "token importance scorer"),
+    "snap_window": (int, None, "SnapKV observation window (queries)"),
+    "pool_kernel": (int, None, "SnapKV 1-D pooling kernel (odd)"),
+    "pool": (str, POOLS, "SnapKV pooling"),
+    "schedule": (str, SCHEDULES, "budget over layers"),
+    "pyramid_delta": (float, None, "MiniKV pyramid: last layer keeps h/delta"),
+    "pyramid_beta": (float, None, "PyramidKV: smallest layer budget h/beta"),
+    "a2sf_decay": (float, None, "A2SF forgetting factor per query of age"),
+    "sinks": (int, None, "StreamingLLM's sink tokens (scorer=streaming)"),
+    "crush": (float, None, "KVCrush share of the scored budget (0 = off)"),
+    "crush_anchor": (str, CRUSH_ANCHORS, "KVCrush Hamming anchor"),
+    "crush_seed": (int, None, "KVCrush seed (crush_anchor=random)"),
+    "q_group_size": (int, None, "quantization group G"),
+    "residual_length": (int, None, "full-precision decode tokens before a flush (R)"),
+    "backend": (str, BACKENDS, "kernels: auto (Triton on CUDA), reference or triton"),
+}
 
 
 def _knob_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per knob; a flag not given takes the preset's or MiniKVConfig's default (shown)."""
     d = MiniKVConfig()
-    g = parser.add_argument_group("minikv knobs (see MiniKVConfig)")
-    g.add_argument("--bits", type=int, default=d.bits, help="2, 4, or 16 (no quantization)")
-    g.add_argument("--budget", type=parse_budget, default=d.budget,
-                   help="tokens kept per KV head per layer (int), fraction of the prompt (float), or none")
-    g.add_argument("--recent", type=parse_recent, default=d.recent, help="recent window: tokens (int) or fraction of the budget")
-    g.add_argument("--scorer", default=d.scorer, choices=["minikv", "snapkv"])
-    g.add_argument("--snap-window", type=int, default=d.snap_window)
-    g.add_argument("--pool-kernel", type=int, default=d.pool_kernel)
-    g.add_argument("--pool", default=d.pool, choices=["max", "avg"])
-    g.add_argument("--schedule", default=d.schedule, choices=["uniform", "pyramid"])
-    g.add_argument("--pyramid-delta", type=float, default=d.pyramid_delta)
-    g.add_argument("--q-group-size", type=int, default=d.q_group_size)
-    g.add_argument("--residual-length", type=int, default=d.residual_length)
-    g.add_argument("--backend", default=d.backend, choices=["auto", "reference", "triton"])
+    g = parser.add_argument_group("minikv knobs (MiniKVConfig; defaults in brackets)")
+    g.add_argument("--preset", choices=list(PRESETS), default=argparse.SUPPRESS,
+                   help="a named recipe (paper: MiniKV as published); the flags given override it")
+    for name, (kind, choices, text) in KNOB_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{text} [{getattr(d, name)}]"
+        if kind is argparse.BooleanOptionalAction:
+            g.add_argument(flag, action=kind, default=argparse.SUPPRESS, help=help_text)
+        else:
+            g.add_argument(flag, type=kind, choices=choices and list(choices), default=argparse.SUPPRESS,
+                           help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minikv", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="minikv", description=__doc__.splitlines()[0],
+                                     epilog="every flag: minikv generate --help (or python -m minikv --help)")
     sub = parser.add_subparsers(dest="command")
-    gen = sub.add_parser("generate", help="generate with a MiniKV cache (the default command)")
-    gen.add_argument("--model", default=None, help="hub id, local directory or .gguf file (default: embedded SmolLM2)")
+    gen = sub.add_parser("generate", help="generate with a MiniKV cache (the default command)",
+                         description=__doc__.split("\n\n")[1].replace("\n", " "))
+    gen.add_argument("--model", default=None,
+                     help=f"short name of an embedded model ({', '.join(EMBEDDED_MODELS)}; default "
+                          f"{DEFAULT_MODEL}), a .gguf file, a local directory or a hub id (owner/name)")
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="prompt text (default: a generated pass-key prompt)")
     src.add_argument("--prompt-file", default=None, help="read the prompt from this file")
@@ -63,8 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> MiniKVConfig:
-    names = {f.name for f in dataclasses.fields(MiniKVConfig)}
-    return MiniKVConfig(**{k: v for k, v in vars(args).items() if k in names})
+    """The configuration the flags give (``--preset`` first, then every knob flag given)."""
+    knobs = {k: v for k, v in vars(args).items() if k in KNOB_FLAGS}
+    return build_config(preset=getattr(args, "preset", None), **knobs)
+
+
+def encode(tokenizer, text: str):
+    """Tokenize ``text`` with the tokenizer's own special tokens (Gemma's ``<bos>``; nothing for
+    SmolLM2), unless the text already starts with the BOS token (a rendered chat template)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    add = not (bos and text.startswith(bos))
+    return tokenizer(text, return_tensors="pt", add_special_tokens=add)
 
 
 class _Clock:
@@ -99,7 +155,7 @@ def run_generate(args) -> dict:
         text = args.prompt
     else:
         text, key = passkey_prompt(tokenizer, args.prompt_tokens, seed=args.seed)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(args.device)
+    inputs = encode(tokenizer, text).to(args.device)
     T = inputs.input_ids.shape[1]
     minikv.patch(model, config=cfg)
     cache = minikv.MiniKVCache(cfg, model.config, max_new_tokens=args.max_new_tokens)
@@ -108,11 +164,11 @@ def run_generate(args) -> dict:
         out = model.generate(**inputs, **{cache_key(): cache}, max_new_tokens=args.max_new_tokens,
                              do_sample=False, streamer=clock, pad_token_id=tokenizer.pad_token_id)
     answer = tokenizer.decode(out[0, T:], skip_special_tokens=True)
-    mem = cache.memory()
+    mem, every = cache.memory(), cache.memory("all")  # compressed layers; every layer
     new = out.shape[1] - T
     t = clock.times
     result = {
-        "model": args.model or "SmolLM2-135M-Instruct (embedded GGUF)",
+        "model": args.model or DEFAULT_MODEL,
         "config": dataclasses.asdict(cfg),
         "prompt_tokens": T,
         "new_tokens": new,
@@ -124,6 +180,7 @@ def run_generate(args) -> dict:
         "kv_bytes_allocated": mem.allocated_bytes,
         "kv_ratio": mem.ratio,
         "compression": mem.compression,
+        "kv_ratio_all_layers": every.ratio,
         "prefill_s": t[1] - t[0] if len(t) > 1 else None,
         "decode_tokens_per_s": (len(t) - 2) / (t[-1] - t[1]) if len(t) > 2 else None,
         "device": args.device,
@@ -142,6 +199,9 @@ def print_result(r: dict) -> None:
     print(f"KV bytes minikv   : {r['kv_bytes_minikv']:>12,d}  ({r['kv_bytes_minikv'] / mib:.2f} MiB, "
           f"{100 * r['kv_ratio']:.1f}% of fp16)")
     print(f"compression       : {100 * r['compression']:.1f}% saved")
+    if abs(r["kv_ratio_all_layers"] - r["kv_ratio"]) > 1e-9:  # layers left to transformers (sliding windows)
+        print(f"all layers        : {100 * r['kv_ratio_all_layers']:.1f}% of fp16 (uncompressed sliding-window "
+              f"layers included)")
     if r["prefill_s"] is not None:
         print(f"prefill           : {r['prefill_s']:.2f} s ({r['prompt_tokens'] / r['prefill_s']:.0f} tokens/s)")
     if r["decode_tokens_per_s"] is not None:
@@ -150,7 +210,7 @@ def print_result(r: dict) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if not argv or argv[0].startswith("-"):  # generate is the default command, --help included
         argv = ["generate", *argv]
     args = build_parser().parse_args(argv)
     if args.command != "generate":
@@ -158,7 +218,7 @@ def main(argv=None) -> int:
         return 2
     try:
         result = run_generate(args)
-    except ValueError as e:
+    except (ValueError, MissingModelPackage) as e:
         print(f"minikv: error: {e}", file=sys.stderr)
         return 2
     print_result(result)

@@ -10,11 +10,14 @@ import dataclasses
 from dataclasses import dataclass
 
 SUPPORTED_BITS = (2, 4, 16)
+QUANT_BITS = (2, 4)  # k_bits / v_bits of a quantized store
+ROTATIONS = ("none", "v", "k", "kv")
+AUTO_GROUP_SIZES = (32, 16)  # q_group_size=None: the first that divides head_dim and residual_length
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # clip ratios tried per group (1.0 = min-max)
 SCORERS = ("minikv", "snapkv", "a2sf", "keynorm", "streaming")
 SCHEDULES = ("uniform", "pyramid", "pyramidkv")
 CRUSH_ANCHORS = ("alternate", "zeros", "ones", "mean", "random")
 POOLS = ("max", "avg")
-GQA_REDUCTIONS = ("mean", "max")
 BACKENDS = ("auto", "reference", "triton")
 
 
@@ -27,7 +30,18 @@ def codes_per_word(bits: int) -> int:
 class MiniKVConfig:
     """Configuration of the compressed KV cache.
 
-    bits: 2 or 4 (KIVI-style grouped asymmetric quantization) or 16 (no quantization).
+    bits: 2 or 4 (KIVI-style grouped asymmetric quantization) or 16 (no quantization): the values'
+        bit width, and the keys' too when they are given a width of their own (``k_bits``).
+    k_bits, v_bits: bit width of keys and of values (2 or 4). ``None``: keys take 4 bits and values
+        ``bits`` (keys decide where attention goes: K4 V2 measured best at equal bytes, README).
+    sink_tokens: the first ``sink_tokens`` tokens of every sequence are never evicted and stay in
+        full precision, outside every quantization group (attention sinks).
+    clip: per quantization group, pick the clip ratio of ``CLIP_GRID`` that minimises the squared
+        reconstruction error (1.0 = plain min-max, so never worse); quantize time only. ``None``:
+        on when quantized.
+    rotate: a fixed orthonormal rotation (Hadamard with fixed signs) of ``"v"`` values, ``"k"``
+        keys or ``"kv"`` both, per head, before quantization; undone exactly in attention.
+        ``None``: ``"kv"`` when quantized, else ``"none"``.
     budget: tokens kept per KV head per layer, on average over layers. An ``int`` is a token
         count, a ``float`` in (0, 1] a fraction of each prompt, ``None`` keeps every token.
     recent: the recent window kept on top of the scored tokens: an ``int`` is a token count,
@@ -42,17 +56,23 @@ class MiniKVConfig:
         ``"pyramidkv"`` (PyramidKV's integer series with ``pyramid_beta``).
     crush: fraction of the scored budget given to KVCrush representatives (0 = off, < 1);
         ``crush_anchor`` / ``crush_seed`` pick the Hamming anchor (see :mod:`minikv.selection.kvcrush`).
-    q_group_size: quantization group G (keys: G tokens per channel; values: G channels per token).
+    q_group_size: quantization group G (keys: G tokens per channel; values: G channels per token);
+        ``None`` picks the first of ``AUTO_GROUP_SIZES`` (32, then 16) that divides the model's head_dim
+        and ``residual_length``.
     residual_length: R, full-precision tokens buffered at decode before they are quantized.
     max_new_tokens: how many new tokens the cache must hold; ``None`` lets ``generate`` size it.
-    gqa_reduce: how scores of the query heads of one KV head are combined.
     backend: kernel implementation, ``"auto"`` picks Triton on CUDA when available.
     """
 
     bits: int = 2
+    k_bits: int | None = None
+    v_bits: int | None = None
+    sink_tokens: int = 4
+    clip: bool | None = None
+    rotate: str | None = None
     budget: int | float | None = 0.5
-    recent: int | float = 0.5
-    scorer: str = "minikv"
+    recent: int | float = 0.25
+    scorer: str = "snapkv"
     snap_window: int = 32
     pool_kernel: int = 7
     pool: str = "max"
@@ -64,20 +84,36 @@ class MiniKVConfig:
     crush: float = 0.0
     crush_anchor: str = "alternate"
     crush_seed: int = 0
-    q_group_size: int = 16
+    q_group_size: int | None = None
     residual_length: int = 128
     max_new_tokens: int | None = None
-    gqa_reduce: str = "mean"
     backend: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("bits", self.bits, SUPPORTED_BITS)
+        for name in ("k_bits", "v_bits"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_choice(name, value, QUANT_BITS)
+                if not self.quantized:
+                    raise ValueError(f"{name}={value} needs a quantized store: bits=16 stores keys and values "
+                                     f"unquantized (use bits=2 or 4 with {name})")
+        if self.clip is not None and not isinstance(self.clip, bool):
+            raise ValueError(f"clip must be True, False or None (on when quantized), got {self.clip!r}")
+        if self.rotate is not None:
+            _check_choice("rotate", self.rotate, ROTATIONS)
+        if not self.quantized and (self.clip or self.rotate not in (None, "none")):
+            raise ValueError("clip and rotate shape the quantizer: they need bits=2 or 4 (bits=16 stores "
+                             "keys and values unquantized)")
         _check_budget(self.budget)
         _check_recent(self.recent, self.budget)
+        _check_int("sink_tokens", self.sink_tokens, low=0)
+        if isinstance(self.budget, int) and self.sink_tokens > self.budget:
+            raise ValueError(f"sink_tokens={self.sink_tokens} is larger than budget={self.budget}: "
+                             f"sink_tokens must be in [0, {self.budget}]")
         _check_choice("scorer", self.scorer, SCORERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("pool", self.pool, POOLS)
-        _check_choice("gqa_reduce", self.gqa_reduce, GQA_REDUCTIONS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_int("snap_window", self.snap_window, low=1)
         _check_int("pool_kernel", self.pool_kernel, low=1)
@@ -97,20 +133,24 @@ class MiniKVConfig:
         _check_int("crush_seed", self.crush_seed, low=0)
         if self.scorer == "streaming" and isinstance(self.budget, int) and self.sinks > self.budget:
             raise ValueError(f"sinks={self.sinks} is larger than budget={self.budget}: the sinks must fit in the budget")
-        _check_int("q_group_size", self.q_group_size, low=1)
+        if self.q_group_size is not None:
+            _check_int("q_group_size", self.q_group_size, low=1)
         _check_int("residual_length", self.residual_length, low=1)
         if self.max_new_tokens is not None:
             _check_int("max_new_tokens", self.max_new_tokens, low=0)
-        if self.quantized:
-            per_word = codes_per_word(self.bits)
+        if self.quantized and self.q_group_size is not None:
+            bits = min(self.key_bits, self.value_bits)
+            per_word = codes_per_word(bits)
             if self.q_group_size % per_word:
                 raise ValueError(
-                    f"q_group_size must be a multiple of {per_word} (the {self.bits}-bit codes packed in one "
+                    f"q_group_size must be a multiple of {per_word} (the {bits}-bit codes packed in one "
                     f"int32 word), got {self.q_group_size}"
                 )
-            if self.residual_length % self.q_group_size:
+        if self.quantized:
+            group = self.q_group_size or AUTO_GROUP_SIZES[-1]  # auto: at least the smallest must fit
+            if self.residual_length % group:
                 raise ValueError(
-                    f"residual_length must be a multiple of q_group_size={self.q_group_size}, "
+                    f"residual_length must be a multiple of q_group_size={group}, "
                     f"got {self.residual_length}"
                 )
 
@@ -119,18 +159,55 @@ class MiniKVConfig:
         return self.bits < 16
 
     @property
+    def key_bits(self) -> int:
+        """Bit width of the stored keys: ``k_bits``, else 4 when quantized (16 when not)."""
+        return self.k_bits if self.k_bits is not None else (4 if self.quantized else self.bits)
+
+    @property
+    def value_bits(self) -> int:
+        """Bit width of the stored values: ``v_bits``, else ``bits``."""
+        return self.v_bits if self.v_bits is not None else self.bits
+
+    @property
+    def clips(self) -> bool:
+        """Whether quantization scales are clipped (``clip``, else on when quantized)."""
+        return self.clip if self.clip is not None else self.quantized
+
+    @property
+    def rotation(self) -> str:
+        """What is rotated before quantization (``rotate``, else ``"kv"`` when quantized)."""
+        return self.rotate if self.rotate is not None else ("kv" if self.quantized else "none")
+
+    @property
     def selects(self) -> bool:
         return self.budget is not None
 
     def replace(self, **changes) -> "MiniKVConfig":
         return dataclasses.replace(self, **changes)
 
+    def for_head_dim(self, head_dim: int) -> "MiniKVConfig":
+        """This configuration with a concrete group size for ``head_dim``; raises if nothing fits."""
+        cfg = self
+        if self.q_group_size is None:
+            per_word = codes_per_word(min(self.key_bits, self.value_bits)) if self.quantized else 1
+            fits = [g for g in AUTO_GROUP_SIZES
+                    if head_dim % g == 0 and g % per_word == 0 and self.residual_length % g == 0]
+            if self.quantized and not fits:
+                raise ValueError(f"no automatic q_group_size in {list(AUTO_GROUP_SIZES)} divides the model's "
+                                 f"head_dim={head_dim}: pass q_group_size (a divisor of {head_dim} that is a "
+                                 f"multiple of {per_word})")
+            cfg = self.replace(q_group_size=fits[0] if fits else AUTO_GROUP_SIZES[0])
+        cfg.check_head_dim(head_dim)
+        return cfg
+
     def check_head_dim(self, head_dim: int) -> None:
-        """Raise if the group size cannot tile a head of ``head_dim`` channels."""
-        if self.quantized and head_dim % self.q_group_size:
+        """Raise if the group size cannot tile a head of ``head_dim`` channels. (Any head a group tiles is
+        even, which is all the rotation needs: its Hadamard blocks are the largest power of two dividing it.)"""
+        if self.quantized and self.q_group_size is not None and head_dim % self.q_group_size:
+            per_word = codes_per_word(min(self.key_bits, self.value_bits))
             raise ValueError(
                 f"q_group_size={self.q_group_size} must divide the model's head_dim={head_dim} "
-                f"(valid: divisors of {head_dim} that are multiples of {codes_per_word(self.bits)})"
+                f"(valid: divisors of {head_dim} that are multiples of {per_word})"
             )
 
 
@@ -169,3 +246,40 @@ def _check_recent(recent, budget) -> None:
             raise ValueError(f"recent={recent} is larger than budget={budget}: the window must fit in the budget")
     elif not 0.0 <= recent <= 1.0:
         raise ValueError(f"recent as a fraction of the budget must be in [0, 1], got {recent}")
+
+
+# Named recipes. "paper": MiniKV as published (arXiv 2411.18077): 2 bits, G 16, R 128, cumulative
+# (H2O) scores, 25% heavy + 25% recent, the pyramid schedule; none of the fidelity knobs.
+PRESETS = {
+    "paper": dict(bits=2, k_bits=2, v_bits=2, q_group_size=16, residual_length=128, budget=0.5, recent=0.5,
+                  scorer="minikv", schedule="pyramid", sink_tokens=0, clip=False, rotate="none"),
+}
+
+
+def from_preset(name: str, **overrides) -> MiniKVConfig:
+    """The configuration of preset ``name`` (see ``PRESETS``), with ``overrides`` applied on top."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {list(PRESETS)}, got {name!r}")
+    base = dict(PRESETS[name])
+    if "bits" in overrides:  # the preset's key / value widths follow a new `bits` unless given too
+        for key in ("k_bits", "v_bits"):
+            if base.get(key) is not None:
+                base[key] = None if overrides["bits"] == 16 else overrides["bits"]
+    return MiniKVConfig(**{**base, **overrides})
+
+
+UNSET = object()  # a knob the caller did not give: the preset's or MiniKVConfig's default applies
+
+
+def build_config(bits=None, budget=UNSET, preset: str | None = None, config: MiniKVConfig | None = None,
+                 **knobs) -> MiniKVConfig:
+    """The configuration ``patch`` uses: ``config`` as given, or ``preset`` / the defaults plus the knobs given."""
+    if bits is not None:
+        knobs["bits"] = bits
+    if budget is not UNSET:
+        knobs["budget"] = budget
+    if config is not None:
+        if knobs or preset is not None:
+            raise ValueError(f"pass either config= or knobs / preset=, not both (got config and {sorted(knobs)})")
+        return config
+    return from_preset(preset, **knobs) if preset is not None else MiniKVConfig(**knobs)

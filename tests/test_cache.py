@@ -25,7 +25,8 @@ def _layers(cache):
 
 
 def test_memory_accounting_matches_a_hand_computation():
-    model = minikv.patch(tiny_model("llama", dtype=torch.float32), bits=2, budget=40, recent=8, residual_length=32)
+    model = minikv.patch(tiny_model("llama", dtype=torch.float32), bits=2, k_bits=2, budget=40, recent=8,
+                         residual_length=32, sink_tokens=0)  # (sinks and K4 V2: tests/test_fidelity_knobs.py)
     cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8)
     _prefill_and_decode(model, cache, T=70, steps=5)
     L, H, D = 3, 2, 16
@@ -44,7 +45,7 @@ def test_memory_accounting_matches_a_hand_computation():
 
 def test_residual_flushes_at_exactly_R():
     R = 32
-    model = minikv.patch(tiny_model("llama"), bits=4, budget=40, recent=8, residual_length=R)
+    model = minikv.patch(tiny_model("llama"), bits=4, budget=40, recent=8, residual_length=R, sink_tokens=0)
     cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=64)
     _prefill_and_decode(model, cache, T=70, steps=R - 8 - 1)  # residual: 8 + 23 = 31
     layer = _layers(cache)[0]
@@ -106,5 +107,12 @@ def test_sliding_layers_stay_hf_and_are_counted():
     _prefill_and_decode(model, cache, T=60, steps=2)
     kinds = [type(layer) for layer in cache.layers]
     assert DynamicSlidingWindowLayer in kinds and MiniKVLayer in kinds
-    mem = cache.memory()
-    assert 0 < mem.used_bytes < mem.fp16_bytes * 4  # fp64 model: HF's sliding layers hold fp64
+    ours, every = cache.memory(), cache.memory("all")
+    assert 0 < ours.used_bytes < every.used_bytes < every.fp16_bytes * 4  # fp64 model: HF's sliding layers hold fp64
+    sliding = [layer for layer in cache.layers if isinstance(layer, DynamicSlidingWindowLayer)]
+    held = sum((layer.keys.numel() + layer.values.numel()) * layer.keys.element_size() for layer in sliding)
+    assert every.used_bytes - ours.used_bytes == held  # every byte of the uncompressed layers, and only those
+    assert ours.fp16_bytes == sum(layer.memory().fp16_bytes for layer in _layers(cache))
+    with pytest.raises(ValueError, match="scope must be 'compressed' or 'all'"):
+        cache.memory("some")
+    assert "% of fp16" in str(ours)

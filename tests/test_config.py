@@ -3,9 +3,25 @@ import pytest
 from minikv import MiniKVConfig
 
 
-def test_defaults_are_the_papers():
-    c = MiniKVConfig()
-    assert (c.bits, c.budget, c.recent, c.scorer, c.q_group_size, c.residual_length) == (2, 0.5, 0.5, "minikv", 16, 128)
+def test_defaults_are_the_measured_ones():
+    c = MiniKVConfig()  # chosen by evals/fidelity.py and evals/passkey.py (README, "Fidelity")
+    assert (c.bits, c.key_bits, c.value_bits, c.budget, c.recent, c.scorer) == (2, 4, 2, 0.5, 0.25, "snapkv")
+    assert (c.sink_tokens, c.clips, c.rotation, c.q_group_size, c.residual_length) == (4, True, "kv", None, 128)
+    off = MiniKVConfig(bits=16)  # compression off needs no other knob
+    assert (off.key_bits, off.value_bits, off.clips, off.rotation) == (16, 16, False, "none")
+    assert MiniKVConfig(bits=4).key_bits == 4
+
+
+@pytest.mark.parametrize("head_dim, group", [(64, 32), (128, 32), (256, 32), (80, 16), (16, 16)])
+def test_the_automatic_group_size_is_the_first_that_divides_head_dim(head_dim, group):
+    assert MiniKVConfig(rotate="none").for_head_dim(head_dim).q_group_size == group
+    assert MiniKVConfig(q_group_size=16).for_head_dim(head_dim).q_group_size == 16
+    assert MiniKVConfig(residual_length=48).for_head_dim(head_dim).q_group_size == 16
+
+
+def test_no_automatic_group_size_fits_a_tiny_head():
+    with pytest.raises(ValueError, match=r"no automatic q_group_size in \[32, 16\] divides the model's head_dim=8"):
+        MiniKVConfig().for_head_dim(8)
 
 
 @pytest.mark.parametrize(
@@ -25,6 +41,7 @@ def test_defaults_are_the_papers():
         (dict(q_group_size=12), "multiple of 16"),
         (dict(bits=4, q_group_size=12), "multiple of 8"),
         (dict(residual_length=100), "multiple of q_group_size=16"),
+        (dict(residual_length=40, q_group_size=16), "multiple of q_group_size=16"),
         (dict(scorer="h2o"), "scorer must be one of"),
         (dict(schedule="linear"), "schedule must be one of"),
         (dict(pool_kernel=4), "pool_kernel must be odd"),
@@ -48,3 +65,18 @@ def test_valid_variants():
     MiniKVConfig(bits=4, q_group_size=8, residual_length=32)
     MiniKVConfig(bits=16, budget=None)
     MiniKVConfig(budget=256, recent=64, scorer="snapkv", schedule="pyramid")
+
+
+def test_the_evals_spell_out_the_defaults():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evals"))
+    from fidelity_configs import DEFAULTS
+
+    from minikv.config import build_config
+
+    spelled, actual = build_config(**DEFAULTS).for_head_dim(64), MiniKVConfig().for_head_dim(64)
+    effective = ("key_bits", "value_bits", "clips", "rotation", "sink_tokens", "budget", "recent", "scorer", "schedule",
+                 "q_group_size", "residual_length")
+    assert [getattr(spelled, k) for k in effective] == [getattr(actual, k) for k in effective]

@@ -1,4 +1,5 @@
-"""The offline long-context suite and the accuracy-vs-memory sweep (smoke version, SmolLM2)."""
+"""The offline long-context suite, the sweep's intervals and configuration specs, and the sweep itself
+(smoke version, SmolLM2)."""
 
 import csv
 import subprocess
@@ -9,9 +10,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "evals" / "tasks"))
+sys.path.insert(0, str(ROOT / "evals"))
 
 import minikv_data  # noqa: E402
 import minikv_metrics  # noqa: E402
+import stats  # noqa: E402
+import sweep  # noqa: E402
 
 GENERATORS = [minikv_data.niah_single, minikv_data.niah_multikey, minikv_data.niah_multivalue,
               minikv_data.niah_multiquery, minikv_data.passkey, minikv_data.variable_tracking,
@@ -42,6 +46,50 @@ def test_multiple_choice_and_perplexity_data():
     assert len({d["name"] for d in docs}) == 3 and all(len(d["text"]) == 4000 for d in docs)
 
 
+@pytest.mark.parametrize("p, n, expected", [
+    (0.5, 10, (0.2366, 0.7634)),  # center stays at 1/2: 1/2 -+ z sqrt(1/40 + z^2/400) / (1 + z^2/10)
+    (0.0, 10, (0.0, 0.2775)),     # z^2/10 / (1 + z^2/10)
+    (1.0, 10, (0.7225, 1.0)),
+    (0.0, 1, (0.0, 0.7935)),      # z^2 / (1 + z^2)
+    (0.25, 36, (0.1375, 0.4107)),
+])
+def test_wilson_interval_hand_checked(p, n, expected):
+    assert stats.wilson(p, n) == pytest.approx(expected, abs=1e-4)
+
+
+def test_wilson_interval_refuses_no_samples_and_scores_outside_0_1():
+    for p, n in [(0.5, 0), (1.5, 10), (-0.1, 10)]:
+        with pytest.raises(ValueError):
+            stats.wilson(p, n)
+
+
+def test_intervals_of_a_row_pool_samples_over_tasks():
+    row = dict(mean_score=0.5, minikv_a=1.0, minikv_b=0.0)
+    out = sweep.with_intervals(row, ["minikv_a", "minikv_b"], samples=5)
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx(stats.wilson(0.5, 10), abs=1e-4)
+    assert (out["ci_low_minikv_a"], out["ci_high_minikv_a"]) == pytest.approx(stats.wilson(1.0, 5), abs=1e-4)
+
+
+def test_config_specs_groups_files_and_unknown_names(tmp_path):
+    assert sweep.load_configs("baselines,policies") == sweep.GROUPS["baselines"] + sweep.GROUPS["policies"]
+    fidelity = dict(sweep.load_configs("fidelity"))
+    assert fidelity["minikv defaults"] == dict(cache="minikv")
+    assert fidelity["MiniKV paper recipe"] == dict(cache="minikv", preset="paper")
+    path = tmp_path / "mine.py"
+    path.write_text("GROUPS = {'a': [('x', dict(cache='full'))], 'b': [('y', dict(bits=4))]}\n")
+    assert sweep.load_configs(str(path)) == [("x", dict(cache="full")), ("y", dict(bits=4))]
+    assert sweep.load_configs(f"{path}:b") == [("y", dict(bits=4))]
+    for spec in ("nope", f"{path}:baselines"):
+        with pytest.raises(SystemExit, match="unknown config groups"):
+            sweep.load_configs(spec)
+
+
+def test_knobs_minikv_hf_would_drop_are_refused():
+    sweep.check_knobs(sweep.GROUPS["baselines"] + sweep.GROUPS["minikv"] + sweep.GROUPS["policies"])
+    with pytest.raises(SystemExit, match="budgett"):
+        sweep.check_knobs([("typo", dict(cache="minikv", budgett=0.5))])
+
+
 @pytest.mark.slow
 def test_smoke_sweep_writes_csv_markdown_and_plot(tmp_path):
     out = tmp_path / "sweep"
@@ -55,6 +103,9 @@ def test_smoke_sweep_writes_csv_markdown_and_plot(tmp_path):
     for r in rows:  # generate_until, multiple choice (log-likelihood) and rolling perplexity all ran
         assert 0 <= float(r["minikv_passkey"]) <= 1 and 0 <= float(r["minikv_passkey_choice"]) <= 1
         assert float(r["word_perplexity"]) > 1
+        assert float(r["ci_low"]) <= float(r["mean_score"]) <= float(r["ci_high"])  # n = 1 sample x 2 tasks
+        assert float(r["ci_low_minikv_passkey"]) <= float(r["minikv_passkey"]) <= float(r["ci_high_minikv_passkey"])
     assert float(mkv["word_perplexity"]) != float(full["word_perplexity"])  # compression reached the scores
-    assert "| full cache |" in out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text()
+    assert "| full cache |" in table and f"| {float(full['mean_score']):.3f} [{float(full['ci_low']):.3f}, " in table
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

@@ -99,7 +99,9 @@ def test_generate_until_with_left_padding_and_compression_off_matches_stock(mode
     want = get_model("hf")(pretrained=model, tokenizer=tok, batch_size=3).generate_until(reqs)
     assert MiniKVLM(pretrained=model, tokenizer=tok, batch_size=3, bits=16, budget=None).generate_until(reqs) == want
     minikv.unpatch(model)
-    lm = MiniKVLM(pretrained=model, tokenizer=tok, batch_size=3, bits=2, budget=0.5, residual_length=16)
+    # 2-bit keys and values, no sinks: the saving shows even on these short prompts (fp32 residual)
+    lm = MiniKVLM(pretrained=model, tokenizer=tok, batch_size=3, bits=2, k_bits=2, sink_tokens=0, budget=0.5,
+                  residual_length=16)
     got = lm.generate_until(reqs)
     assert len(got) == 3 and all(isinstance(g, str) for g in got)
     assert lm.kv.caches == 1 and lm.kv.ratio < 0.6

@@ -87,7 +87,7 @@ def test_decode_attention_error_budget(Hq, Hkv, D, lengths, bits, dtype):
     buf, npk, rk, rv, rl = _filled_store(B, Hkv, D, bits, G, R, n_packed, res_len, seed=D + Hq)
     rk, rv = rk.to(dtype), rv.to(dtype)
     q = torch.randn(B, Hq, Lq, D).to(dtype)
-    got = ops.decode_attention(q, *buf, npk, rk, rv, rl, D**-0.5, 0.0, bits, G)
+    got = ops.decode_attention(q, *buf, npk, rk, rv, rl, D**-0.5, 0.0, bits, bits, G)
     K = unpack_dequantize(buf[0], buf[1], buf[2], bits, G, torch.float64).transpose(-1, -2)
     V = unpack_dequantize(buf[3], buf[4], buf[5], bits, G, torch.float64)
     for b in range(B):
@@ -106,8 +106,8 @@ def test_decode_attention_error_budget(Hq, Hkv, D, lengths, bits, dtype):
 def test_decode_attention_matches_the_reference_with_softcap_and_several_queries(softcap, Lq):
     buf, npk, rk, rv, rl = _filled_store(2, 2, 64, 2, 16, 32, [48, 16], [3, 30])
     q = torch.randn(2, 8, Lq, 64)
-    want = reference.decode_attention(q, *buf, npk, rk, rv, rl, 0.125, softcap, 2, 16)
-    got = ops.decode_attention(q, *buf, npk, rk, rv, rl, 0.125, softcap, 2, 16)
+    want = reference.decode_attention(q, *buf, npk, rk, rv, rl, 0.125, softcap, 2, 2, 16)
+    got = ops.decode_attention(q, *buf, npk, rk, rv, rl, 0.125, softcap, 2, 2, 16)
     assert torch.allclose(got, want, atol=1e-5)
 
 
@@ -161,7 +161,7 @@ def test_opcheck_with_triton_registered(case):
         opcheck(ops.quantize_pack, (torch.randn(3, 64), 2, 16))
     elif case == "decode":
         buf, npk, rk, rv, rl = _filled_store(2, 2, 64, 2, 16, 32, [16, 0], [3, 9])
-        opcheck(ops.decode_attention, (torch.randn(2, 4, 1, 64), *buf, npk, rk, rv, rl, 0.125, 0.0, 2, 16))
+        opcheck(ops.decode_attention, (torch.randn(2, 4, 1, 64), *buf, npk, rk, rv, rl, 0.125, 0.0, 2, 2, 16))
     else:
         q, k, v, valid = _inputs(2, 4, 2, 21, 64)
         opcheck(ops.prefill_attention, (q, k, v, valid, valid.float(), 0.125, 0.0))

@@ -51,6 +51,21 @@ def test_prefill_attention_and_scores_match_fp64(shape, softcap):
     assert torch.allclose(scores.double(), ref_scores, atol=1e-4, rtol=1e-5)
 
 
+def test_prefill_with_a_query_window_matches_fp64():
+    """SnapKV's weights (last 32 queries only): blocks without weight take the fused path."""
+    B, Hq, Hkv, T, D = 2, 6, 2, 300, 16
+    q, k, v, valid = _inputs(B, Hq, Hkv, T, D)
+    w = torch.zeros(B, T)
+    w[:, -32:] = 1.0
+    out, scores = ops.prefill_attention(q, k, v, valid, w, D**-0.5, 0.0)
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
+    ref, p = _dense_fp64(q, k, v, allowed, D**-0.5)
+    rows = valid[:, None, :, None]
+    assert torch.allclose(out.double() * rows, ref * rows, atol=1e-5) and out.isfinite().all()
+    ref_scores = (p * w.double()[:, None, :, None]).sum(2).view(B, Hkv, Hq // Hkv, T).sum(2)
+    assert torch.allclose(scores.double(), ref_scores, atol=1e-4, rtol=1e-5)
+
+
 def test_prefill_reference_never_builds_the_full_square(monkeypatch):
     import minikv.kernels.reference as R
 
@@ -100,7 +115,7 @@ def test_decode_attention_is_one_softmax_over_store_and_residual(bits, Hq, Hkv, 
     B, D, G, R = 3, 32, 16, 32
     buf, n_packed, res_k, res_v, res_len = _filled_store(B, Hkv, D, bits, G, R, [0, 16, 48], [5, 31, 3])
     q = torch.randn(B, Hq, Lq, D)
-    out = ops.decode_attention(q, *buf, n_packed, res_k, res_v, res_len, D**-0.5, 0.0, bits, G)
+    out = ops.decode_attention(q, *buf, n_packed, res_k, res_v, res_len, D**-0.5, 0.0, bits, bits, G)
     K = unpack_dequantize(buf[0], buf[1], buf[2], bits, G, torch.float64).transpose(-1, -2)
     V = unpack_dequantize(buf[3], buf[4], buf[5], bits, G, torch.float64)
     for b in range(B):
@@ -122,7 +137,8 @@ def test_append_flushes_at_exactly_R():
     toks = torch.randn(B, H, 5, D)
     history = []
     for i in range(5):
-        ops.append_kv(toks[:, :, i : i + 1], toks[:, :, i : i + 1] * 2, *buf, n_packed, res_k, res_v, res_len, bits, G)
+        ops.append_kv(toks[:, :, i : i + 1], toks[:, :, i : i + 1] * 2, *buf, n_packed, res_k, res_v, res_len,
+                      torch.zeros(B, dtype=torch.int64), bits, bits, G, R, False)
         history.append((n_packed.tolist(), res_len.tolist()))
     # sequence 0: 29 -> 30, 31, 32=R flush -> 0, 1, 2; sequence 1 never reaches R
     assert history == [([0, 16], [30, 1]), ([0, 16], [31, 2]), ([32, 16], [0, 3]), ([32, 16], [1, 4]), ([32, 16], [2, 5])]
@@ -145,14 +161,15 @@ def _ops_cases():
     yield ops.unpack_dequantize, (codes, s, m, 2, 16, torch.float32)
     yield ops.prefill_attention, (q, k, v, valid, valid.float(), 0.25, 0.0)
     yield ops.select_tokens, (scores, valid, n_keep, n_recent, 10)
-    yield ops.append_kv, (torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16), *buf, n_packed, res_k, res_v, res_len, 2, 16)
-    yield ops.decode_attention, (torch.randn(2, 4, 1, 16), *buf, n_packed, res_k, res_v, res_len, 0.25, 0.0, 2, 16)
+    yield ops.append_kv, (torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16), *buf, n_packed, res_k, res_v, res_len,
+                           torch.zeros(2, dtype=torch.int64), 2, 2, 16, 32, False)
+    yield ops.decode_attention, (torch.randn(2, 4, 1, 16), *buf, n_packed, res_k, res_v, res_len, 0.25, 0.0, 2, 2, 16)
     # queries as transformers passes them: [B, T, H, D] transposed to [B, H, T, D] (the fakes must
     # give the kernels' contiguous strides, or inductor's stride asserts fail at run time)
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)
     yield ops.prefill_attention, (qt, k, v, valid, valid.float(), 0.25, 0.0)
     q3 = torch.randn(2, 3, 4, 16).transpose(1, 2)
-    yield ops.decode_attention, (q3, *buf, n_packed, res_k, res_v, res_len, 0.25, 0.0, 2, 16)
+    yield ops.decode_attention, (q3, *buf, n_packed, res_k, res_v, res_len, 0.25, 0.0, 2, 2, 16)
 
 
 @pytest.mark.parametrize("op,args", list(_ops_cases()), ids=lambda x: getattr(x, "_name", None) or "")

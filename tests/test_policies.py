@@ -14,6 +14,14 @@ from minikv.selection.kvcrush import rescore
 from models import tiny_model
 
 
+# the selection tests' baseline: MiniKV's scorer and split, no sinks (the knobs under test override it)
+BASE = dict(scorer="minikv", recent=0.5, sink_tokens=0)
+
+
+def _config(**knobs) -> MiniKVConfig:
+    return MiniKVConfig(**{**BASE, **knobs})
+
+
 def _select(cfg, scores, valid, n_layers=1, rank=0):
     n_keep, n_recent = keep_counts(cfg, rank, n_layers, valid.sum(-1))
     if cfg.crush > 0:
@@ -25,13 +33,13 @@ def _select(cfg, scores, valid, n_layers=1, rank=0):
 # ---- scorers ------------------------------------------------------------------------------------
 def test_a2sf_weights_decay_with_query_age_hand_computed():
     valid = torch.tensor([[False, True, True, True]])
-    w = a2sf.query_weights(valid, MiniKVConfig(scorer="a2sf", a2sf_decay=0.5))
+    w = a2sf.query_weights(valid, _config(scorer="a2sf", a2sf_decay=0.5))
     assert w.tolist() == [[0.0, 0.25, 0.5, 1.0]]
 
 
 def test_snapkv_weights_are_the_last_window_and_pool_keeps_length():
     valid = torch.tensor([[False, False, True, True, True, True]])
-    cfg = MiniKVConfig(scorer="snapkv", snap_window=3, pool_kernel=3)
+    cfg = _config(scorer="snapkv", snap_window=3, pool_kernel=3)
     assert snapkv.query_weights(valid, cfg).tolist() == [[0, 0, 0, 1, 1, 1]]
     pooled = snapkv.finish(torch.tensor([[[0.0, 5.0, 0.0, 0.0, 1.0, 0.0]]]), cfg)
     assert pooled.tolist() == [[[5.0, 5.0, 5.0, 1.0, 1.0, 1.0]]]
@@ -41,7 +49,7 @@ def test_keynorm_keeps_the_smallest_keys():
     k = torch.zeros(1, 1, 6, 2)
     k[0, 0, :, 0] = torch.tensor([3.0, 1.0, 5.0, 0.5, 2.0, 9.0])
     valid = torch.ones(1, 6, dtype=torch.bool)
-    cfg = MiniKVConfig(scorer="keynorm", budget=3, recent=1)  # recent {5}; the 2 smallest older: 3, 1
+    cfg = _config(scorer="keynorm", budget=3, recent=1)  # recent {5}; the 2 smallest older: 3, 1
     assert _select(cfg, keynorm.scores(k, valid, cfg), valid) == [[[1, 3, 5]]]
 
 
@@ -51,7 +59,7 @@ def test_streaming_keeps_the_sinks_and_the_window(T, pad, budget, sinks):
     pad = min(pad, T - 1)
     valid = (torch.arange(T) >= pad)[None]
     budget = min(budget, T - pad)
-    cfg = MiniKVConfig(scorer="streaming", budget=budget, sinks=min(sinks, budget))
+    cfg = _config(scorer="streaming", budget=budget, sinks=min(sinks, budget))
     s = streaming.scores(torch.zeros(1, 2, T, 4), valid, cfg)
     kept = _select(cfg, s, valid)
     n_sinks = min(sinks, budget)
@@ -61,7 +69,7 @@ def test_streaming_keeps_the_sinks_and_the_window(T, pad, budget, sinks):
 
 # ---- schedules ------------------------------------------------------------------------------------
 def test_pyramidkv_schedule_hand_computed():
-    cfg = MiniKVConfig(schedule="pyramidkv", pyramid_beta=20)
+    cfg = _config(schedule="pyramidkv", pyramid_beta=20)
     heavy, room = torch.tensor([100.0]), torch.tensor([1000.0])
     # min = 100 // 20 = 5, max = 195, step = 190 / 3
     assert [int(schedule(cfg, r, 4, heavy, room)) for r in range(4)] == [195, 132, 68, 5]
@@ -72,7 +80,7 @@ def test_pyramidkv_schedule_hand_computed():
 def test_schedules_keep_the_average_budget():
     lengths = torch.tensor([1000])
     for sched in ("uniform", "pyramid", "pyramidkv"):
-        cfg = MiniKVConfig(budget=0.3, schedule=sched)
+        cfg = _config(budget=0.3, schedule=sched)
         total = sum(int(keep_counts(cfg, r, 30, lengths)[0]) for r in range(30))
         assert abs(total / 30 - 300) <= 2, (sched, total / 30)
 
@@ -81,7 +89,7 @@ def test_schedules_keep_the_average_budget():
 def test_kvcrush_hand_computed():
     scores = torch.tensor([[[6.0, 5, 4, 3, 2, 1, 0, 0], [1.0, 2, 3, 4, 5, 6, 0, 0]]])  # B=1, H=2, T=8
     valid = torch.ones(1, 8, dtype=torch.bool)
-    cfg = MiniKVConfig(budget=6, recent=2, crush=0.5, crush_anchor="alternate")
+    cfg = _config(budget=6, recent=2, crush=0.5, crush_anchor="alternate")
     # heads keep {0,1,2,3} / {2,3,4,5} with the whole budget -> bits (1,0) (1,0) (1,1) (1,1) (0,1) (0,1);
     # anchor (0,1): distances 2 2 1 1 0 0. Importance (top 2): {0,1} / {4,5}. Evicted by (distance, time):
     # head 0: 4 5 2 3 -> picks 0, 2 -> {4, 2}; head 1: 2 3 0 1 -> {2, 0}
@@ -96,7 +104,7 @@ def test_kvcrush_invariants(B, H, T, frac, crush, anchor, seed):
     g = torch.Generator().manual_seed(seed)
     pad = torch.randint(0, T // 2, (B,), generator=g)
     valid = torch.arange(T)[None] >= pad[:, None]
-    cfg = MiniKVConfig(budget=frac, crush=crush, crush_anchor=anchor)
+    cfg = _config(budget=frac, crush=crush, crush_anchor=anchor)
     n_keep, n_recent = keep_counts(cfg, 0, 1, valid.sum(-1))
     scores = torch.rand(B, H, T, generator=g)
     s = rescore(scores, valid, n_keep, n_recent, cfg)
@@ -118,9 +126,9 @@ def test_kvcrush_invariants(B, H, T, frac, crush, anchor, seed):
 def test_kvcrush_with_no_share_is_the_base_selection():
     g = torch.Generator().manual_seed(0)
     scores, valid = torch.rand(2, 3, 50, generator=g), torch.ones(2, 50, dtype=torch.bool)
-    base = _select(MiniKVConfig(budget=0.4), scores, valid)
-    assert _select(MiniKVConfig(budget=0.4, crush=0.0), scores, valid) == base
-    assert _select(MiniKVConfig(budget=0.4, crush=0.5), scores, valid) != base
+    base = _select(_config(budget=0.4), scores, valid)
+    assert _select(_config(budget=0.4, crush=0.0), scores, valid) == base
+    assert _select(_config(budget=0.4, crush=0.5), scores, valid) != base
 
 
 # ---- config -------------------------------------------------------------------------------------------
@@ -133,7 +141,7 @@ def test_kvcrush_with_no_share_is_the_base_selection():
 ])
 def test_policy_knobs_are_validated(bad, match):
     with pytest.raises(ValueError, match=match):
-        MiniKVConfig(**bad)
+        _config(**bad)
 
 
 # ---- end to end -----------------------------------------------------------------------------------------

@@ -10,6 +10,14 @@ from minikv.budget import capacity, keep_counts
 from minikv.kernels import ops
 
 
+# the selection tests' baseline: MiniKV's scorer and split, no sinks (the knobs under test override it)
+BASE = dict(scorer="minikv", recent=0.5, sink_tokens=0)
+
+
+def _config(**knobs) -> MiniKVConfig:
+    return MiniKVConfig(**{**BASE, **knobs})
+
+
 @settings(max_examples=60, deadline=None)
 @given(B=st.integers(1, 3), H=st.integers(1, 4), T=st.integers(1, 90), frac=st.floats(0.01, 1.0),
        recent=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
@@ -18,7 +26,7 @@ def test_kept_indices_sorted_unique_with_recent_window_and_exact_count(B, H, T, 
     pad = torch.randint(0, T, (B,), generator=g)
     valid = torch.arange(T)[None] >= pad[:, None]  # left padding
     lengths = valid.sum(-1)
-    cfg = MiniKVConfig(budget=frac, recent=recent)
+    cfg = _config(budget=frac, recent=recent)
     n_keep, n_recent = keep_counts(cfg, 0, 1, lengths)
     n_max = capacity(cfg, 0, 1, T)
     scores = torch.rand(B, H, T, generator=g)
@@ -53,8 +61,8 @@ def test_hand_computed_selection():
 def test_pyramid_keeps_the_budget_on_average_and_decreases(budget, L):
     T = 1000
     lengths = torch.tensor([T])
-    uni = MiniKVConfig(budget=budget)
-    pyr = MiniKVConfig(budget=budget, schedule="pyramid")
+    uni = _config(budget=budget)
+    pyr = _config(budget=budget, schedule="pyramid")
     u = [int(keep_counts(uni, l, L, lengths)[0]) for l in range(L)]
     p = [int(keep_counts(pyr, l, L, lengths)[0]) for l in range(L)]
     assert len(set(u)) == 1
@@ -67,17 +75,17 @@ def test_pyramid_keeps_the_budget_on_average_and_decreases(budget, L):
 
 
 def test_int_budget_and_recent_in_tokens():
-    cfg = MiniKVConfig(budget=100, recent=30)
+    cfg = _config(budget=100, recent=30)
     n, r = keep_counts(cfg, 0, 1, torch.tensor([500, 80]))
     assert n.tolist() == [100, 80] and r.tolist() == [30, 30]
 
 
 def test_budget_none_keeps_everything():
-    n, r = keep_counts(MiniKVConfig(budget=None), 3, 10, torch.tensor([7, 300]))
+    n, r = keep_counts(_config(budget=None), 3, 10, torch.tensor([7, 300]))
     assert n.tolist() == [7, 300]
 
 
 def test_snapkv_prompt_shorter_than_window_is_kept_whole():
-    cfg = MiniKVConfig(budget=0.5, scorer="snapkv", snap_window=32)
+    cfg = _config(budget=0.5, scorer="snapkv", snap_window=32)
     n, _ = keep_counts(cfg, 0, 1, torch.tensor([20, 32, 100]))
     assert n.tolist() == [20, 32, 50]

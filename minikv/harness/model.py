@@ -1,10 +1,11 @@
 """``minikv_hf``: lm-eval's HF model with the KV cache compressed, for every request type.
 
-``--model_args`` take ``pretrained=`` (a hub id, a local directory, a ``.gguf`` file, or ``smollm2``
-/ nothing for the embedded SmolLM2-135M-Instruct), ``dtype=`` (default float32), ``cache=``
-(``minikv`` default, ``quanto``, ``full``) and every field of :class:`minikv.MiniKVConfig`
-(``bits``, ``budget``, ``recent``, ``scorer``, ``schedule``, ``q_group_size``, ``residual_length``, ...),
-plus lm-eval's own HF arguments (``batch_size``, ``max_length``, ...).
+``--model_args`` take ``pretrained=`` (a hub id, a local directory, a ``.gguf`` file, or the short
+name of an embedded model: ``smollm2``, the default, or ``gemma3-270m``; see :mod:`minikv.models`),
+``dtype=`` (default float32), ``cache=`` (``minikv`` default, ``quanto``, ``full``) and every field
+of :class:`minikv.MiniKVConfig` (``bits``, ``budget``, ``recent``, ``scorer``, ``schedule``,
+``q_group_size``, ``residual_length``, ...), plus lm-eval's own HF arguments (``batch_size``,
+``max_length``, ...).
 
 - ``generate_until``: a fresh cache per batch, built here (so its memory is recorded), left padding
   handled by the cache's per-sequence lengths.
@@ -22,24 +23,24 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from ..compat import cache_key
-from ..config import MiniKVConfig
+from ..config import MiniKVConfig, build_config
 from .caches import KINDS, QUANTO_BITS, KVBytes, fp16_bytes, quantized_cache_bytes
 from .scoring import score_group
 
 KNOBS = tuple(f.name for f in dataclasses.fields(MiniKVConfig) if f.name != "max_new_tokens")
-EMBEDDED = (None, "smollm2", "SmolLM2-135M-Instruct")
+ALIASES = {"SmolLM2-135M-Instruct": "smollm2"}  # other names of the embedded models (minikv.models)
 
 
 class MiniKVLM(HFLM):
     def __init__(self, pretrained=None, cache: str = "minikv", dtype: str = "float32", device: str | None = None,
-                 **kwargs):
+                 preset: str | None = None, **kwargs):
         if cache not in KINDS:
             raise ValueError(f"cache must be one of {list(KINDS)}, got {cache!r}")
         knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in KNOBS}
         if cache == "minikv":
-            self.minikv_config = MiniKVConfig(**knobs)  # validated before anything loads
+            self.minikv_config = build_config(preset=preset, **knobs)  # validated before anything loads
         else:
-            extra = sorted(set(knobs) - ({"bits"} if cache == "quanto" else set()))
+            extra = sorted(set(knobs) - ({"bits"} if cache == "quanto" else set())) + (["preset"] if preset else [])
             if extra:
                 raise ValueError(f"{extra} only apply to cache=minikv (got cache={cache!r})")
             self.minikv_config = None
@@ -69,7 +70,7 @@ class MiniKVLM(HFLM):
 
     def record(self, cache, batch: int, tokens: int) -> None:
         if self.cache_kind == "minikv":
-            mem = cache.memory()
+            mem = cache.memory("all")  # the whole model, as quanto's bytes are
             self.kv.add(mem.used_bytes, mem.fp16_bytes)
         elif self.cache_kind == "quanto":
             self.kv.add(quantized_cache_bytes(cache), fp16_bytes(self.model.config, batch, tokens))
@@ -127,4 +128,4 @@ def _load(pretrained, dtype: str, device: str):
 
     if not isinstance(pretrained, str | type(None)):  # already a model: lm-eval's own path
         return pretrained, None
-    return load_model(None if pretrained in EMBEDDED else pretrained, dtype=dtype, device=device)
+    return load_model(ALIASES.get(pretrained, pretrained), dtype=dtype, device=device)

@@ -15,13 +15,13 @@ from .quant import META_DTYPE, quantize_pack as _quantize_pack_ref, unpack_dequa
 
 
 @torch.library.custom_op("minikv::quantize_pack", mutates_args=())
-def quantize_pack(x: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_pack(x: Tensor, bits: int, group_size: int, clip: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize ``x [..., N]`` along the last axis in groups -> ``(codes int32, scale fp16, mn fp16)``."""
-    return _quantize_pack_ref(x, bits, group_size)
+    return _quantize_pack_ref(x, bits, group_size, clip)
 
 
 @quantize_pack.register_fake
-def _(x, bits, group_size):
+def _(x, bits, group_size, clip=False):
     *lead, n = x.shape
     codes = x.new_empty((*lead, n * bits // 32), dtype=torch.int32)
     meta = x.new_empty((*lead, n // group_size), dtype=META_DTYPE)
@@ -74,17 +74,19 @@ def _(scores, valid, n_keep, n_recent, n_max):
 def append_kv(
     k_new: Tensor, v_new: Tensor,
     k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor,
-    n_packed: Tensor, res_k: Tensor, res_v: Tensor, res_len: Tensor, bits: int, group_size: int,
+    n_packed: Tensor, res_k: Tensor, res_v: Tensor, res_len: Tensor, n_sink: Tensor,
+    k_bits: int, v_bits: int, group_size: int, residual_length: int, clip: bool,
 ) -> None:
     """Append new tokens to the residual and flush full residuals into the packed store, in place."""
     reference.append_kv(
-        k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
-        bits, group_size,
+        k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, n_sink,
+        k_bits, v_bits, group_size, residual_length, clip,
     )
 
 
 @append_kv.register_fake
-def _(k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, bits, group_size):
+def _(k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, n_sink,
+      k_bits, v_bits, group_size, residual_length, clip):
     return None
 
 
@@ -93,15 +95,16 @@ def decode_attention(
     q: Tensor,
     k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor,
     n_packed: Tensor, res_k: Tensor, res_v: Tensor, res_len: Tensor,
-    scale: float, softcap: float, bits: int, group_size: int,
+    scale: float, softcap: float, k_bits: int, v_bits: int, group_size: int,
 ) -> Tensor:
     """One-softmax attention of new queries over ``[packed store ; residual]`` -> ``[B, Hq, Lq, D]``."""
     return reference.decode_attention(
         q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
-        scale, softcap, bits, group_size,
+        scale, softcap, k_bits, v_bits, group_size,
     )
 
 
 @decode_attention.register_fake
-def _(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, scale, softcap, bits, group_size):
+def _(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, scale, softcap,
+      k_bits, v_bits, group_size):
     return q.new_empty(q.shape)  # contiguous, as the kernels

@@ -26,6 +26,8 @@ import logging
 
 import torch
 
+from ..config import CLIP_GRID
+
 META_DTYPE = torch.float16
 _TINY = torch.finfo(torch.float16).smallest_normal * 2.0**-10  # smallest fp16 subnormal, 2**-24
 
@@ -54,24 +56,57 @@ def _round_to_fp16(x: torch.Tensor, up: bool) -> torch.Tensor:
     return torch.where(bad, torch.nextafter(y, step), y)
 
 
-def quantize_pack(x: torch.Tensor, bits: int, group_size: int):
+def quantize_pack(x: torch.Tensor, bits: int, group_size: int, clip: bool = False):
     """Quantize ``x[..., N]`` along its last axis in groups of ``group_size`` and pack the codes.
 
     Returns ``codes [..., N * bits // 32]`` int32, ``scale`` and ``mn [..., N // group_size]`` fp16.
+    ``clip``: per group, the range is shrunk around its centre by the ratio of :data:`CLIP_GRID`
+    whose reconstruction has the smallest squared error (ratio 1.0, plain min-max, wins ties, so a
+    clipped group never reconstructs worse). Errors are summed in fp64 from exact squares of fp32
+    differences, so the choice does not depend on the order of the sum for all practical purposes;
+    a group whose error is NaN (non-finite elements) keeps min-max.
     """
     *lead, n = x.shape
     qmax = 2**bits - 1
     xg = x.float().reshape(*lead, n // group_size, group_size)  # [..., N/G, G]
     finite = torch.isfinite(xg).all(-1)
     mn = _round_to_fp16(xg.amin(-1), up=False)  # [..., N/G]
-    mx = xg.amax(-1)
-    scale = _round_to_fp16(((mx - mn.float()) / qmax).clamp_min(_TINY), up=True)
-    shifted = xg - mn.float().unsqueeze(-1)
-    block = (1,) * (shifted.dim() - 1) + (group_size,)
-    zero = torch.zeros_like(scale, dtype=torch.int32)
-    q = _torchao().quantize_affine(shifted, block, scale.float(), zero, torch.uint8, 0, qmax)
+    span = xg.amax(-1) - mn.float()
+    if clip:  # every ratio at once, along a leading candidate axis; ratio 1.0 first
+        half = torch.tensor([_f32(0.5 * (1.0 - r)) for r in CLIP_GRID], device=x.device)
+        ratio = torch.tensor([_f32(r) for r in CLIP_GRID], device=x.device)
+        shape = (-1,) + (1,) * span.dim()
+        lo = _round_to_fp16(mn.float() + span * half.view(shape), up=False)  # [K, ..., N/G]
+        lo[0] = mn  # (mn + span * 0.0 == mn: the min-max candidate, exactly)
+        q, scale = _codes(xg.expand(len(CLIP_GRID), *xg.shape), lo, span * ratio.view(shape), qmax)
+        err = _squared_error(xg, q, scale, lo).nan_to_num(nan=float("inf"))
+        best = err.argmin(0, keepdim=True)  # the first of equal minima: min-max wins ties
+        q = q.gather(0, best.unsqueeze(-1).expand(1, *q.shape[1:]))[0]
+        scale, mn = scale.gather(0, best)[0], lo.gather(0, best)[0]
+    else:
+        q, scale = _codes(xg, mn, span, qmax)
     q = torch.where(finite.unsqueeze(-1), q.to(torch.int32), 0) & qmax
     return pack(q.reshape(*lead, n), bits), scale, mn
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to fp32, as the kernels see a Python float constant."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def _codes(xg, mn, span, qmax: int):
+    """Codes ``[..., N/G, G]`` (uint8) and the fp16 scale for groups starting at ``mn`` spanning ``span``."""
+    scale = _round_to_fp16((span / qmax).clamp_min(_TINY), up=True)
+    shifted = xg - mn.float().unsqueeze(-1)
+    block = (1,) * (shifted.dim() - 1) + (xg.shape[-1],)
+    zero = torch.zeros_like(scale, dtype=torch.int32)
+    return _torchao().quantize_affine(shifted, block, scale.float(), zero, torch.uint8, 0, qmax), scale
+
+
+def _squared_error(xg, q, scale, mn) -> torch.Tensor:
+    """``sum (x - (q * scale + mn))**2`` per group, in fp64 (the fp32 differences square exactly)."""
+    recon = q.float() * scale.float().unsqueeze(-1) + mn.float().unsqueeze(-1)
+    return (xg - recon).double().square().sum(-1)
 
 
 def unpack_dequantize(codes, scale, mn, bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:

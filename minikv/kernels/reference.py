@@ -11,6 +11,7 @@ channels).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .quant import quantize_pack, unpack_dequantize
 
@@ -38,7 +39,9 @@ def prefill_attention(q, k, v, valid, query_weight, scale: float, softcap: float
     q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]``, valid ``[B, T]`` bool (False = padding),
     query_weight ``[B, T]`` fp32. Returns ``out [B, Hq, T, D]`` (dtype of q) and
     ``scores [B, Hkv, T]`` fp32: ``scores[b, h, j] = sum_{i, heads of group h} w[b, i] * A[b, head, i, j]``.
-    Query blocks of ``QUERY_BLOCK`` rows, each against keys ``[0, block_end)`` only.
+    Query blocks of ``QUERY_BLOCK`` rows, each against keys ``[0, block_end)`` only; a block whose
+    queries all have weight 0 (SnapKV's early queries) is only attended, with fused SDPA (a host
+    read of the weights decides: prefill only, never the decode step).
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -49,14 +52,22 @@ def prefill_attention(q, k, v, valid, query_weight, scale: float, softcap: float
     out = torch.empty(B, Hkv, Hq // Hkv, T, D, dtype=torch.float32, device=q.device)
     scores = torch.zeros(B, Hkv, T, dtype=torch.float32, device=q.device)
     pos = torch.arange(T, device=q.device)
+    g = Hq // Hkv
     for start in range(0, T, QUERY_BLOCK):
         end = min(start + QUERY_BLOCK, T)
-        s = _logits(qf[:, :, :, start:end], kf[:, :, :end], scale, softcap)  # [B, Hkv, g, M, end]
         causal = pos[start:end, None] >= pos[None, :end]  # [M, end]
         allowed = causal & valid[:, None, None, None, :end]  # [B, 1, 1, M, end]
+        w = query_weight[:, start:end].float() * valid[:, start:end]  # [B, M]
+        if softcap == 0 and not bool(w.any()):  # no score from this block (SnapKV's early queries): fused
+            qb = qf[:, :, :, start:end].reshape(B, Hq, end - start, D)
+            o = F.scaled_dot_product_attention(qb, kf[:, :, :end].repeat_interleave(g, 1),
+                                               vf[:, :, :end].repeat_interleave(g, 1),
+                                               attn_mask=allowed[:, :, 0], scale=scale)
+            out[:, :, :, start:end] = torch.nan_to_num(o, nan=0.0).view(B, Hkv, g, end - start, D)  # padded rows: 0
+            continue
+        s = _logits(qf[:, :, :, start:end], kf[:, :, :end], scale, softcap)  # [B, Hkv, g, M, end]
         p = _softmax(s, allowed)
         out[:, :, :, start:end] = torch.einsum("bhgmn,bhnd->bhgmd", p, vf[:, :, :end])
-        w = query_weight[:, start:end].float() * valid[:, start:end]  # [B, M]
         scores[:, :, :end] += torch.einsum("bhgmn,bm->bhn", p, w)
     return out.view(B, Hq, T, D).to(q.dtype), scores
 
@@ -75,7 +86,9 @@ def select_tokens(scores, valid, n_keep, n_recent, n_max: int):
     candidate = (valid & ~recent)[:, None, :]  # [B, 1, T]
     s = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~candidate, float("-inf"))
     k = min(n_max, T)
-    top = s.topk(k, dim=-1).indices  # [B, H, k], best first
+    # best first; equal scores (plateaus of SnapKV's max pool) in time order, so that a left-padded
+    # sequence keeps what it keeps alone (topk breaks ties by raw position, which padding shifts)
+    top = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]  # [B, H, k]
     take = torch.arange(k, device=scores.device) < (n_keep - n_recent)[:, None, None]
     keep = recent[:, None, :].expand(B, H, T).clone()
     keep.scatter_(-1, top, take | keep.gather(-1, top))
@@ -92,18 +105,21 @@ def _store_keys(k_codes, k_scale, k_mn, bits, group, dtype):
 
 def decode_attention(
     q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
-    scale: float, softcap: float, bits: int, group_size: int,
+    scale: float, softcap: float, k_bits: int, v_bits: int, group_size: int,
 ):
     """Attention of ``Lq`` new queries over ``[packed store ; residual]`` with one softmax.
 
     q ``[B, Hq, Lq, D]`` (the new tokens are already appended); n_packed / res_len ``[B]`` int64.
     The cached tokens are in temporal order, store first: query ``i`` sees the first
-    ``n_packed + res_len - (Lq - 1 - i)`` of them. Returns ``[B, Hq, Lq, D]`` in q's dtype.
+    ``n_packed + res_len - (Lq - 1 - i)`` of them. (The residual may begin with full-precision sink
+    tokens: attention is order-free but for that mask, which only ever hides new tokens, so the
+    sinks may sit there.) Keys hold ``k_bits``-bit codes, values ``v_bits``-bit ones. Returns
+    ``[B, Hq, Lq, D]`` in q's dtype.
     """
     B, Hq, Lq, D = q.shape
     Hkv = res_k.shape[1]
-    keys = torch.cat([_store_keys(k_codes, k_scale, k_mn, bits, group_size, torch.float32), res_k.float()], 2)
-    vals = torch.cat([unpack_dequantize(v_codes, v_scale, v_mn, bits, group_size, torch.float32), res_v.float()], 2)
+    keys = torch.cat([_store_keys(k_codes, k_scale, k_mn, k_bits, group_size, torch.float32), res_k.float()], 2)
+    vals = torch.cat([unpack_dequantize(v_codes, v_scale, v_mn, v_bits, group_size, torch.float32), res_v.float()], 2)
     C, R = keys.shape[2] - res_k.shape[2], res_k.shape[2]
     slot = torch.arange(C + R, device=q.device)
     # logical index of each slot (in temporal order) and whether it holds a token
@@ -136,30 +152,35 @@ def _masked_write(buf, dim: int, start, block, mask):
 
 
 def append_kv(
-    k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
-    bits: int, group_size: int,
+    k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, n_sink,
+    k_bits: int, v_bits: int, group_size: int, residual_length: int, clip: bool = False,
 ) -> None:
     """Append ``Lq`` tokens ``k_new/v_new [B, Hkv, Lq, D]`` to the residual, flushing at ``R``.
 
-    A sequence whose residual holds ``R`` tokens after a write has them quantized and appended to
-    its packed store at token ``n_packed[b]`` (a multiple of G), and its residual emptied. Mutates
-    every buffer argument and ``n_packed``/``res_len`` in place; no host synchronisation.
+    The residual buffer ``[B, Hkv, S + R, D]`` holds, per sequence, ``n_sink[b]`` full-precision sink
+    tokens (never flushed) followed by up to ``R = residual_length`` new tokens. A sequence whose
+    residual holds ``n_sink + R`` tokens after a write has its last ``R`` quantized (keys with
+    ``k_bits``, values with ``v_bits``, clipped scales if ``clip``) and appended to its packed store at
+    token ``n_packed[b]`` (a multiple of G), and keeps only its sinks. Mutates every buffer argument
+    and ``n_packed``/``res_len`` in place; no host synchronisation.
     """
-    R = res_k.shape[2]
-    per_word = 32 // bits
+    R = residual_length
     every = torch.ones_like(res_len, dtype=torch.bool)
+    slots = (n_sink[:, None] + torch.arange(R, device=res_k.device)[None]).clamp_max(res_k.shape[2] - 1)  # [B, R]
+    index = slots[:, None, :, None].expand(-1, res_k.shape[1], -1, res_k.shape[3])  # [B, H, R, D]
     for i in range(k_new.shape[2]):
         _masked_write(res_k, 2, res_len, k_new[:, :, i : i + 1], every)
         _masked_write(res_v, 2, res_len, v_new[:, :, i : i + 1], every)
         res_len.add_(1)
-        full = res_len == R  # [B]
-        kc, ks, km = quantize_pack(res_k.transpose(-1, -2), bits, group_size)  # [B, H, D, R*bits/32], [B, H, D, R/G]
-        vc, vs, vm = quantize_pack(res_v, bits, group_size)  # [B, H, R, D*bits/32], [B, H, R, D/G]
-        _masked_write(k_codes, 3, n_packed // per_word, kc, full)
+        full = res_len == n_sink + R  # [B]
+        rk, rv = res_k.gather(2, index), res_v.gather(2, index)  # the R tokens after the sinks
+        kc, ks, km = quantize_pack(rk.transpose(-1, -2), k_bits, group_size, clip)  # [B, H, D, R*bits/32], [B, H, D, R/G]
+        vc, vs, vm = quantize_pack(rv, v_bits, group_size, clip)  # [B, H, R, D*bits/32], [B, H, R, D/G]
+        _masked_write(k_codes, 3, n_packed // (32 // k_bits), kc, full)
         _masked_write(k_scale, 3, n_packed // group_size, ks, full)
         _masked_write(k_mn, 3, n_packed // group_size, km, full)
         _masked_write(v_codes, 2, n_packed, vc, full)
         _masked_write(v_scale, 2, n_packed, vs, full)
         _masked_write(v_mn, 2, n_packed, vm, full)
         n_packed.add_(full.to(n_packed.dtype) * R)
-        res_len.masked_fill_(full, 0)
+        res_len.copy_(torch.where(full, n_sink, res_len))

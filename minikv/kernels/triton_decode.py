@@ -43,12 +43,14 @@ def _decode_attention_kernel(
     q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, npk_ptr, rk_ptr, rv_ptr, rl_ptr,
     acc_ptr, m_ptr, l_ptr,
     scale, softcap, Hkv, C, R, Lq, split_tokens,
-    BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GQ: tl.constexpr, BQ: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GQ: tl.constexpr, BQ: tl.constexpr,
     BT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     # constexpr: tile sizes (BQ query rows, BT tokens, D channels) and the bit layout fix the code
-    PW: tl.constexpr = 32 // BITS
-    QMAX: tl.constexpr = (1 << BITS) - 1
+    KPW: tl.constexpr = 32 // K_BITS  # codes per int32 word
+    VPW: tl.constexpr = 32 // V_BITS
+    KMAX: tl.constexpr = (1 << K_BITS) - 1
+    VMAX: tl.constexpr = (1 << V_BITS) - 1
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -69,10 +71,10 @@ def _decode_attention_kernel(
     l = tl.zeros([BQ], tl.float32)
     acc = tl.zeros([BQ, D], tl.float32)
 
-    kc_base = kc_ptr + pid * D * (C // PW)
+    kc_base = kc_ptr + pid * D * (C // KPW)
     ks_base = ks_ptr + pid * D * (C // G)
     km_base = km_ptr + pid * D * (C // G)
-    vc_base = vc_ptr + pid * C * (D // PW)
+    vc_base = vc_ptr + pid * C * (D // VPW)
     vs_base = vs_ptr + pid * C * (D // G)
     vm_base = vm_ptr + pid * C * (D // G)
     start = split * split_tokens
@@ -81,8 +83,8 @@ def _decode_attention_kernel(
         t = t0 + tok
         t_ok = t < end
         # keys [D, BT]: per channel, 16 (8) tokens per word, a scale and min per G tokens
-        kw = tl.load(kc_base + d[:, None] * (C // PW) + t[None, :] // PW, mask=t_ok[None, :], other=0)
-        kq = (kw >> ((t[None, :] % PW) * BITS)) & QMAX
+        kw = tl.load(kc_base + d[:, None] * (C // KPW) + t[None, :] // KPW, mask=t_ok[None, :], other=0)
+        kq = (kw >> ((t[None, :] % KPW) * K_BITS)) & KMAX
         ksc = tl.load(ks_base + d[:, None] * (C // G) + t[None, :] // G, mask=t_ok[None, :], other=0.0)
         kmn = tl.load(km_base + d[:, None] * (C // G) + t[None, :] // G, mask=t_ok[None, :], other=0.0)
         k = kq.to(tl.float32) * ksc.to(tl.float32) + kmn.to(tl.float32)
@@ -91,8 +93,8 @@ def _decode_attention_kernel(
         allowed = row_ok[:, None] & t_ok[None, :] & (t[None, :] < limit[:, None])
         p, alpha, m, l = _online_update(s, allowed, m, l)
         # values [BT, D]: per token, 16 (8) channels per word, a scale and min per G channels
-        vw = tl.load(vc_base + t[:, None] * (D // PW) + d[None, :] // PW, mask=t_ok[:, None], other=0)
-        vq = (vw >> ((d[None, :] % PW) * BITS)) & QMAX
+        vw = tl.load(vc_base + t[:, None] * (D // VPW) + d[None, :] // VPW, mask=t_ok[:, None], other=0)
+        vq = (vw >> ((d[None, :] % VPW) * V_BITS)) & VMAX
         vsc = tl.load(vs_base + t[:, None] * (D // G) + d[None, :] // G, mask=t_ok[:, None], other=0.0)
         vmn = tl.load(vm_base + t[:, None] * (D // G) + d[None, :] // G, mask=t_ok[:, None], other=0.0)
         v = tl.where(t_ok[:, None], vq.to(tl.float32) * vsc.to(tl.float32) + vmn.to(tl.float32), 0.0)
@@ -134,7 +136,7 @@ def _num_splits(bh: int, capacity: int, device: torch.device) -> int:
 
 
 def decode_attention(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
-                     scale: float, softcap: float, bits: int, group_size: int):
+                     scale: float, softcap: float, k_bits: int, v_bits: int, group_size: int):
     """Triton launcher of ``minikv::decode_attention`` (same contract as the reference)."""
     B, Hq, Lq, D = q.shape
     Hkv, R = res_k.shape[1], res_k.shape[2]
@@ -152,7 +154,7 @@ def decode_attention(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed
         _decode_attention_kernel[(B * Hkv, S)](
             qg, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
             acc, m, l, scale, softcap, Hkv, C, R, Lq, split_tokens,
-            BITS=bits, G=group_size, D=D, GQ=GQ, BQ=BQ, BT=BLOCK_T, SOFTCAP=softcap > 0, DOT_FP32=dot_fp32,
+            K_BITS=k_bits, V_BITS=v_bits, G=group_size, D=D, GQ=GQ, BQ=BQ, BT=BLOCK_T, SOFTCAP=softcap > 0, DOT_FP32=dot_fp32,
         )
     # merge the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s
     M = m.amax(1, keepdim=True)

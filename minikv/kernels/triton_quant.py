@@ -3,15 +3,19 @@
 One program quantizes ``GROUPS`` consecutive groups of one row of ``x [M, N]`` (any strides: keys
 are passed transposed). The arithmetic repeats the reference's fp32 operations in the same order:
 min/max, min rounded down and scale rounded up to fp16, ``(x - mn) * (1 / scale)`` with
-correctly rounded divisions (``div_rn``; plain ``/`` is approximate on GPUs), round half to even.
+correctly rounded divisions (``div_rn``; plain ``/`` is approximate on GPUs), round half to even,
+no FMA contraction (``enable_fp_fusion=False``), and the same clip-ratio search.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from ..config import CLIP_GRID
 from .quant import META_DTYPE
 
 
@@ -43,12 +47,32 @@ def _round_half_even(v):
 
 
 @triton.jit
+def _codes(x, lo, span, QMAX: tl.constexpr):
+    """Float codes ``[GROUPS, G]`` and the fp16 scale for groups starting at ``lo`` (fp16) spanning ``span``."""
+    scale = tl.math.div_rn(span, QMAX * 1.0)
+    scale = _fp16_neighbour(tl.maximum(scale, 5.960464477539063e-08), True)  # >= 2**-24
+    inv = tl.math.div_rn(tl.full(span.shape, 1.0, tl.float32), scale.to(tl.float32))
+    v = (x - lo.to(tl.float32)[:, None]) * inv[:, None]
+    return tl.minimum(tl.maximum(_round_half_even(v), 0.0), QMAX * 1.0), scale
+
+
+@triton.jit
+def _squared_error(x, q, scale, lo):
+    """``sum (x - (q * scale + lo))**2`` per group in fp64 (exact squares of fp32 differences)."""
+    recon = q * scale.to(tl.float32)[:, None] + lo.to(tl.float32)[:, None]
+    e = (x - recon).to(tl.float64)
+    return tl.sum(e * e, axis=1)
+
+
+@triton.jit
 def _quantize_pack_kernel(
-    x_ptr, codes_ptr, scale_ptr, mn_ptr,
+    x_ptr, codes_ptr, scale_ptr, mn_ptr, clip_ptr,
     N, stride_xm, stride_xn,
-    BITS: tl.constexpr, G: tl.constexpr, GROUPS: tl.constexpr,
+    BITS: tl.constexpr, G: tl.constexpr, GROUPS: tl.constexpr, N_CLIP: tl.constexpr,
 ):
-    # BITS, G, GROUPS are constexpr: they fix the tile shapes [GROUPS, G] and the unrolled packing
+    # BITS, G, GROUPS are constexpr: they fix the tile shapes [GROUPS, G] and the unrolled packing;
+    # N_CLIP (1 = no clipping) unrolls the clip-ratio search, whose (ratio, (1 - ratio) / 2) pairs
+    # are read from clip_ptr as the reference's fp32 constants
     PER_WORD: tl.constexpr = 32 // BITS
     QMAX: tl.constexpr = (1 << BITS) - 1
     row = tl.program_id(0)
@@ -58,14 +82,24 @@ def _quantize_pack_kernel(
     ok = grp < N // G
     x = tl.load(x_ptr + row * stride_xm + col * stride_xn, mask=ok[:, None], other=0.0).to(tl.float32)
     finite = tl.sum(((x == x) & (tl.abs(x) != float("inf"))).to(tl.int32), axis=1) == G
-    mn = _fp16_neighbour(tl.min(x, axis=1), False)  # [GROUPS] fp16
-    mx = tl.max(x, axis=1)
-    scale = tl.math.div_rn(mx - mn.to(tl.float32), QMAX * 1.0)
-    scale = _fp16_neighbour(tl.maximum(scale, 5.960464477539063e-08), True)  # >= 2**-24
-    inv = tl.math.div_rn(tl.full([GROUPS], 1.0, tl.float32), scale.to(tl.float32))
-    v = (x - mn.to(tl.float32)[:, None]) * inv[:, None]
-    q = tl.minimum(tl.maximum(_round_half_even(v), 0.0), QMAX * 1.0).to(tl.int32)
-    q = tl.where(finite[:, None], q, 0)
+    low = _fp16_neighbour(tl.min(x, axis=1), False)  # [GROUPS] fp16
+    span = tl.max(x, axis=1) - low.to(tl.float32)
+    q, scale = _codes(x, low, span, QMAX)
+    mn = low
+    if N_CLIP > 1:
+        best = _squared_error(x, q, scale, mn)
+        for i in tl.static_range(1, N_CLIP):
+            ratio = tl.load(clip_ptr + 2 * i)
+            half = tl.load(clip_ptr + 2 * i + 1)
+            lo = _fp16_neighbour(low.to(tl.float32) + span * half, False)
+            q_c, scale_c = _codes(x, lo, span * ratio, QMAX)
+            err = _squared_error(x, q_c, scale_c, lo)
+            better = err < best  # NaN (a non-finite group) never wins: min-max stays
+            q = tl.where(better[:, None], q_c, q)
+            scale = tl.where(better, scale_c, scale)
+            mn = tl.where(better, lo, mn)
+            best = tl.where(better, err, best)
+    q = tl.where(finite[:, None], q.to(tl.int32), 0)
     # pack: element j of each run of PER_WORD sits at bits [BITS*j, BITS*(j+1)) of its word
     q = tl.reshape(q, [GROUPS * G // PER_WORD, PER_WORD])
     shifts = tl.arange(0, PER_WORD) * BITS
@@ -76,7 +110,14 @@ def _quantize_pack_kernel(
     tl.store(mn_ptr + row * (N // G) + grp, mn, mask=ok)
 
 
-def quantize_pack(x: torch.Tensor, bits: int, group_size: int):
+@functools.cache
+def _clip_table(device: torch.device) -> torch.Tensor:
+    """``[(ratio, (1 - ratio) / 2) for ratio in CLIP_GRID]`` as the fp32 constants of the reference."""
+    pairs = [(r, 0.5 * (1.0 - r)) for r in CLIP_GRID]
+    return torch.tensor(pairs, dtype=torch.float32, device=device).reshape(-1)
+
+
+def quantize_pack(x: torch.Tensor, bits: int, group_size: int, clip: bool = False):
     """Triton launcher of ``minikv::quantize_pack`` (same contract as the reference)."""
     *lead, n = x.shape
     x2 = x.reshape(-1, n) if x.dim() != 2 else x  # a view whenever the strides allow
@@ -88,6 +129,8 @@ def quantize_pack(x: torch.Tensor, bits: int, group_size: int):
     grid = (M, triton.cdiv(n // group_size, groups))
     if M and n:
         with torch.device(x.device):
-            _quantize_pack_kernel[grid](x2, codes, scale, mn, n, x2.stride(0), x2.stride(1),
-                                        BITS=bits, G=group_size, GROUPS=groups)
+            # no FMA contraction: the codes must follow the reference's fp32 roundings exactly
+            _quantize_pack_kernel[grid](x2, codes, scale, mn, _clip_table(x.device), n, x2.stride(0), x2.stride(1),
+                                        BITS=bits, G=group_size, GROUPS=groups, N_CLIP=len(CLIP_GRID) if clip else 1,
+                                        enable_fp_fusion=False)
     return codes.view(*lead, -1), scale.view(*lead, -1), mn.view(*lead, -1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..cache import check_layer_types
-from ..config import MiniKVConfig
+from ..config import UNSET, MiniKVConfig, build_config
 from . import SUPPORTED_MODEL_TYPES
 from . import attention
 from .generation import make_prepare_cache
@@ -36,15 +36,15 @@ def check_model(model, cfg: MiniKVConfig) -> None:
         )
     check_layer_types(get_layer_types_and_kwargs(text)[0])
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    cfg.check_head_dim(head_dim)
+    cfg.for_head_dim(head_dim)
     from ..kernels import implementation
 
     implementation(cfg.backend, model.device)  # backend="triton" where Triton cannot run: refused now
 
 
-def patch(model, bits: int = 2, budget=0.5, **knobs):
+def patch(model, bits=None, budget=UNSET, **knobs):
     """See :func:`minikv.patch`."""
-    cfg = knobs.pop("config", None) or MiniKVConfig(bits=bits, budget=budget, **knobs)
+    cfg = build_config(bits, budget, **knobs)
     check_model(model, cfg)
     original = model.config._attn_implementation
     attention.register()

