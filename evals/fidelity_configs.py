@@ -78,3 +78,11 @@ GRIDS["defaults"] = [
     ("MiniKV paper recipe", dict(preset="paper")),
     ("2-bit G16 (KIVI), every token kept", GRIDS["quant"][1][1]),
 ]
+
+# the defaults with one fidelity knob off at a time, at the operating point (50% kept)
+GRIDS["ablate"] = [
+    ("minikv defaults, no clipping", dict(DEFAULTS, clip=False)),
+    ("minikv defaults, no rotation", dict(DEFAULTS, rotate="none")),
+    ("minikv defaults, no sinks", dict(DEFAULTS, sink_tokens=0)),
+    ("minikv defaults, 2-bit keys", dict(DEFAULTS, k_bits=2)),
+]

@@ -31,6 +31,8 @@ def keep_counts(cfg: MiniKVConfig, rank: int, num_layers: int, lengths: torch.Te
         r = torch.clamp(n, max=float(cfg.recent))
     else:
         r = torch.floor(cfg.recent * n)
+    if cfg.scorer == "snapkv":  # SnapKV always keeps its observation window (short prompts: the question)
+        r = torch.maximum(r, torch.clamp(n, max=float(cfg.snap_window)))
     heavy = schedule(cfg, rank, num_layers, n - r, L - r)
     if cfg.sink_tokens:  # the sinks are never evicted: the scored part holds at least them
         heavy = torch.maximum(heavy, torch.clamp(L - r, max=float(cfg.sink_tokens)))

@@ -168,3 +168,10 @@ def test_every_policy_generates_with_every_bit_width(policy, bits):
     for layer in cache.layers:  # each layer holds its kept prompt tokens + the 19 appended ones
         n_keep, _ = keep_counts(cfg, layer.rank, layer.num_compressed, lengths)
         assert layer.store.lengths().tolist() == (n_keep + 19).tolist()
+
+
+def test_snapkv_always_keeps_its_observation_window():
+    """A short prompt (a chat question) keeps its last snap_window tokens even when the recent share is smaller."""
+    cfg = _config(scorer="snapkv", budget=0.5, recent=0.25, snap_window=32)
+    n_keep, n_recent = keep_counts(cfg, 0, 1, torch.tensor([40, 2000]))
+    assert n_keep.tolist() == [20, 1000] and n_recent.tolist() == [20, 250]

