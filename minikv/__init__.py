@@ -9,7 +9,7 @@ from __future__ import annotations
 from .config import MiniKVConfig
 from .patch import is_patched, patch, unpatch
 
-__all__ = ["KVMemory", "MiniKVCache", "MiniKVConfig", "generate", "is_patched", "patch", "unpatch"]
+__all__ = ["Conversation", "KVMemory", "MiniKVCache", "MiniKVConfig", "generate", "is_patched", "patch", "unpatch"]
 __version__ = "0.1.0"
 
 
@@ -25,4 +25,8 @@ def __getattr__(name):
         from . import cache
 
         return getattr(cache, name)
+    if name == "Conversation":
+        from .chat import Conversation
+
+        return Conversation
     raise AttributeError(f"module 'minikv' has no attribute {name!r}")

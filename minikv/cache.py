@@ -54,10 +54,11 @@ class KVMemory:
 
 
 class MiniKVView:
-    """What ``update`` returns in place of dense K/V: the layer plus, at prefill, the prompt K/V."""
+    """What ``update`` returns in place of dense K/V: the layer plus, at prefill, the prompt K/V
+    (``turn``: they extend a cache that already holds tokens: a new turn or a prefill chunk)."""
 
-    def __init__(self, layer: "MiniKVLayer", key=None, value=None):
-        self.layer, self.key, self.value = layer, key, value
+    def __init__(self, layer: "MiniKVLayer", key=None, value=None, turn: bool = False):
+        self.layer, self.key, self.value, self.turn = layer, key, value, turn
 
 
 class MiniKVLayer(CacheLayerMixin):
@@ -87,6 +88,9 @@ class MiniKVLayer(CacheLayerMixin):
             return self._begin_prefill(key_states, value_states)
         Lq = key_states.shape[2]
         if not torch.compiler.is_compiling():
+            if Lq > 1 or self.requested_len is not None and self.requested_len > self._capacity_tokens:
+                view = MiniKVView(self, key_states, value_states, turn=True)  # compressed in ``attend``
+                return view, view
             if self._seen + Lq > self._capacity_tokens:
                 raise ValueError(
                     f"generation is longer than the cache was built for: it holds {self._capacity_tokens} tokens "
@@ -125,9 +129,31 @@ class MiniKVLayer(CacheLayerMixin):
     def new_token_capacity(self, prompt_len: int) -> int:
         if self.cfg.max_new_tokens is not None:
             return self.cfg.max_new_tokens
-        if self.max_cache_len is None:
-            raise ValueError("MiniKVCache needs max_new_tokens (or max_cache_len) to size its buffers")
-        return max(self.max_cache_len - prompt_len, 0)
+        if self.max_cache_len is not None:
+            return max(self.max_cache_len - prompt_len, 0)
+        if self.requested_len is not None:
+            return max(self.requested_len - prompt_len, 0)
+        raise ValueError("MiniKVCache needs max_new_tokens (or max_cache_len) to size its buffers")
+
+    def room_after(self, total: int) -> int:
+        """Tokens to leave room for after a turn that brings the logical length to ``total``: what
+        the running ``generate`` asked for, else the cache's ``max_new_tokens`` / ``max_cache_len``."""
+        if self.requested_len is not None and self.requested_len > total:
+            room = self.requested_len - total
+        elif self.cfg.max_new_tokens is not None:
+            room = self.cfg.max_new_tokens
+        elif self.max_cache_len is not None:
+            room = self.max_cache_len - total
+        else:
+            room = 0
+        room = max(room, 0)
+        if self.max_cache_len is not None and total + room > self.max_cache_len:
+            raise ValueError(
+                f"this turn needs {total + room} tokens (the conversation so far, the new tokens and the "
+                f"ones to generate) but the cache was built with max_cache_len={self.max_cache_len}: build it "
+                f"with a larger max_cache_len, or without one to let it grow from turn to turn"
+            )
+        return room
 
     def _begin_prefill(self, key_states, value_states):
         T = key_states.shape[2]
@@ -144,12 +170,8 @@ class MiniKVLayer(CacheLayerMixin):
         store_cls = QuantizedStore if self.cfg.quantized else DenseStore
         shape = (store_cls, self.batch_size, self.num_heads, self.head_dim, kept + new, self.dtype, self.device)
         if self.store is None or getattr(self, "_store_shape", None) != shape:
-            self.store = store_cls(self.cfg, *shape[1:])
-            self._store_shape = shape
             self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
-            if not torch.compiler.is_compiling():  # fixed addresses: no recompiles, CUDA graphs can replay
-                for t in (*self.store.buffers(), self.cumulative_length):
-                    torch._dynamo.mark_static_address(t)
+            self._set_store(store_cls(self.cfg, *shape[1:]), shape)
         self.n_max = kept
         self._capacity_tokens = T + new
         self._prompt_T = self._seen = T
@@ -159,6 +181,8 @@ class MiniKVLayer(CacheLayerMixin):
 
     def attend(self, module, query, view: MiniKVView, mask, scaling: float, softcap, fallback: str, **kwargs):
         """Attention output ``[B, Lq, Hq, D]`` for this layer (prompt or new tokens)."""
+        if view.turn:
+            return self._extend(module, query, view.key, view.value, scaling, softcap, fallback, **kwargs)
         if view.key is not None:
             return self._prefill(module, query, view.key, view.value, mask, scaling, softcap, fallback, **kwargs)
         Lq = query.shape[2]
@@ -199,6 +223,56 @@ class MiniKVLayer(CacheLayerMixin):
         self.store.write_prompt(torch.where(kept, k.gather(2, index), zero),
                                 torch.where(kept, v.gather(2, index), zero), n_keep)
         return out, weights
+
+    # -- later turns and prefill chunks -----------------------------------------------------
+    def _extend(self, module, q, k, v, scaling, softcap, fallback, **kwargs):
+        """Attend ``N`` new tokens over the tokens held and themselves, then keep what the policy
+        keeps of the new tokens (scored among themselves, as a prompt would be; the tokens held stay
+        as they are) in a store re-allocated to hold them and the generation that follows."""
+        B, _, N, _ = k.shape
+        room = self.room_after(self._seen + N)  # validated before anything changes
+        old_k, old_v, old_valid = self.store.dense()
+        S = old_k.shape[2]
+        keys, values = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
+        new_valid = torch.ones(B, N, dtype=torch.bool, device=k.device)
+        valid = torch.cat([old_valid, new_valid], 1)
+        scorer = selection.scorer(self.cfg.scorer)
+        impl = implementation(self.cfg.backend, k.device)
+        if self.cfg.selects and scorer.NEEDS_ATTENTION:  # held tokens as zero-weight queries: one op call
+            weight = torch.cat([torch.zeros(B, S, device=k.device), scorer.query_weights(new_valid, self.cfg)], 1)
+            q_all = torch.cat([q.new_zeros(*q.shape[:2], S, q.shape[3]), q], 2)
+            out, scores = impl.prefill_attention(q_all, keys, values, valid, weight, scaling, softcap or 0.0)
+            out, weights = out[:, :, S:].transpose(1, 2), None
+            scores = scorer.finish(scores[..., S:], self.cfg)
+        else:
+            causal = torch.ones(N, N, dtype=torch.bool, device=k.device).tril()
+            allowed = torch.cat([old_valid[:, None, None, :].expand(B, 1, N, S), causal.expand(B, 1, N, N)], -1)
+            out, weights = dense_attention(module, q, keys, values, mask_for(allowed, fallback, q.dtype),
+                                           scaling, softcap, fallback, **kwargs)
+            scores = scorer.scores(k, new_valid, self.cfg) if self.cfg.selects else None
+        if scores is not None:
+            lengths = torch.full((B,), N, dtype=torch.int64, device=k.device)
+            cfg = self.cfg.replace(sink_tokens=0)  # the sinks are the conversation's first tokens, held already
+            n_keep, n_recent = budget.keep_counts(cfg, self.rank, self.num_compressed, lengths)
+            if cfg.crush > 0:
+                scores = selection.crush(scores, new_valid, n_keep, n_recent, cfg)
+            n = budget.capacity(cfg, self.rank, self.num_compressed, N)  # every sequence keeps n
+            idx = impl.select_tokens(scores, new_valid, n_keep, n_recent, n)[..., None].expand(-1, -1, -1, k.shape[-1])
+            k, v = k.gather(2, idx), v.gather(2, idx)
+        held = int(self.store.lengths().max())
+        self._set_store(self.store.resized(held + k.shape[2] + room), None)
+        self.store.extend(k, v)
+        self._seen += N
+        self._capacity_tokens = self._seen + room
+        self.cumulative_length.add_(N)
+        return out, weights
+
+    def _set_store(self, store, shape: tuple | None) -> None:
+        """Use ``store`` (``shape``: the arguments it was built with, for reuse by a later prompt)."""
+        self.store, self._store_shape = store, shape
+        if not torch.compiler.is_compiling():  # fixed addresses: no recompiles, CUDA graphs can replay
+            for t in (*self.store.buffers(), self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
 
     # -- accounting ----------------------------------------------------------------------------
     def tokens_held(self) -> int:

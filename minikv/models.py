@@ -97,9 +97,9 @@ def load_model(model: str | None = None, dtype: str = "float32", device: str = "
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .kernels.quant import _torchao
+    from .kernels.quant import import_torchao_quietly
 
-    _torchao()  # import torchao (pulled in by transformers) once, quietly
+    import_torchao_quietly()
     torch_dtype = getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)

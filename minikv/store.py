@@ -31,6 +31,7 @@ class QuantizedStore:
     """
 
     def __init__(self, cfg: MiniKVConfig, B: int, H: int, D: int, tokens: int, dtype, device):
+        self.cfg, self.dtype = cfg, dtype
         self.k_bits, self.v_bits, self.group = cfg.key_bits, cfg.value_bits, cfg.q_group_size
         self.clip, self.residual = cfg.clips, cfg.residual_length
         self.impl = implementation(cfg.backend, torch.device(device))
@@ -111,6 +112,57 @@ class QuantizedStore:
         k, v = rotate(k, self.rot_k), rotate(v, self.rot_v)
         self.impl.append_kv(k, v, *self.state(), self.k_bits, self.v_bits, self.group, self.residual, self.clip)
 
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append ``N`` tokens ``k/v [B, H, N, D]`` to every sequence at once (a new turn's kept tokens).
+
+        Per sequence, the residual's tokens after the sinks and the new ones are packed in whole
+        groups of G (as :meth:`write_prompt` packs a prompt) and the last ``< G`` stay in the
+        residual. Groups are independent, so the codes are those of :meth:`append`'s flushes of
+        the same tokens. Prefill-time code: reads the fill levels on the host; the capacity must
+        hold the tokens (:meth:`resized`).
+        """
+        k, v = rotate(k, self.rot_k), rotate(v, self.rot_v)
+        G, kw, vw = self.group, 32 // self.k_bits, 32 // self.v_bits
+        levels = zip(self.n_sink.tolist(), self.res_len.tolist(), self.n_packed.tolist())
+        for b, (s, r, p) in enumerate(levels):
+            body_k = torch.cat([self.res_k[b, :, s:r], k[b].to(self.res_k.dtype)], 1)  # [H, M, D]
+            body_v = torch.cat([self.res_v[b, :, s:r], v[b].to(self.res_v.dtype)], 1)
+            M = body_k.shape[1]
+            F = (M // G) * G
+            if p + F > self.capacity:
+                raise ValueError(f"store holds {self.capacity} packed tokens, {p + F} needed: resize it first")
+            if F:
+                kc, ks, km = self.impl.quantize_pack(body_k[None, :, :F].transpose(-1, -2), self.k_bits, G, self.clip)
+                vc, vs, vm = self.impl.quantize_pack(body_v[None, :, :F], self.v_bits, G, self.clip)
+                self.k_codes[b, :, :, p // kw : (p + F) // kw] = kc[0]
+                self.k_scale[b, :, :, p // G : (p + F) // G] = ks[0]
+                self.k_mn[b, :, :, p // G : (p + F) // G] = km[0]
+                self.v_codes[b, :, p : p + F] = vc[0]
+                self.v_scale[b, :, p : p + F] = vs[0]
+                self.v_mn[b, :, p : p + F] = vm[0]
+            self.res_k[b, :, s : s + M - F] = body_k[:, F:]
+            self.res_v[b, :, s : s + M - F] = body_v[:, F:]
+            self.n_packed[b] = p + F
+            self.res_len[b] = s + M - F
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(k, v [B, H, C + S + R, D], valid [B, C + S + R])``: every token held, dequantized and
+        rotated back, in the store's dtype; ``valid`` marks the slots that hold one."""
+        keys = self.impl.unpack_dequantize(self.k_codes, self.k_scale, self.k_mn, self.k_bits, self.group,
+                                           self.dtype).transpose(-1, -2)
+        vals = self.impl.unpack_dequantize(self.v_codes, self.v_scale, self.v_mn, self.v_bits, self.group, self.dtype)
+        k = unrotate(torch.cat([keys, self.res_k], 2), self.rot_k)
+        v = unrotate(torch.cat([vals, self.res_v], 2), self.rot_v)
+        C, SR = self.capacity, self.res_k.shape[2]
+        slot = torch.arange(C + SR, device=k.device)[None]
+        valid = torch.where(slot < C, slot < self.n_packed[:, None], slot - C < self.res_len[:, None])
+        return k, v, valid
+
+    def resized(self, tokens: int) -> "QuantizedStore":
+        """A store with room for ``tokens`` packed tokens holding this one's tokens."""
+        B, H, D = self.k_codes.shape[:3]
+        return _copy_into(type(self)(self.cfg, B, H, D, tokens, self.dtype, self.k_codes.device), self)
+
     def attend(self, q: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
         out = self.impl.decode_attention(rotate(q, self.rot_k), *self.buffers(), scale, softcap,
                                          self.k_bits, self.v_bits, self.group)
@@ -136,6 +188,7 @@ class DenseStore:
     """Uncompressed store (``bits=16``): kept tokens in the model dtype, static capacity."""
 
     def __init__(self, cfg: MiniKVConfig, B: int, H: int, D: int, tokens: int, dtype, device):
+        self.cfg = cfg
         self.capacity = max(tokens, 1)
         self.k = torch.zeros(B, H, self.capacity, D, dtype=dtype, device=device)
         self.v = torch.zeros(B, H, self.capacity, D, dtype=dtype, device=device)
@@ -144,6 +197,8 @@ class DenseStore:
 
     def buffers(self) -> list[torch.Tensor]:
         return [self.k, self.v, self.length]
+
+    state = buffers
 
     def write_prompt(self, k, v, n_keep) -> None:
         N = k.shape[2]
@@ -158,6 +213,16 @@ class DenseStore:
         self.k.scatter_(2, index, k)
         self.v.scatter_(2, index, v)
         self.length.add_(Lq)
+
+    extend = append  # scatter at each sequence's length: any number of tokens
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(k, v [B, H, C, D], valid [B, C])``: the tokens held and which slots hold one."""
+        return self.k, self.v, self._slots[None] < self.length[:, None]
+
+    def resized(self, tokens: int) -> "DenseStore":
+        B, H, _, D = self.k.shape
+        return _copy_into(type(self)(self.cfg, B, H, D, tokens, self.k.dtype, self.k.device), self)
 
     def visible(self, Lq: int) -> torch.Tensor:
         """``[B, 1, Lq, C]`` bool: slot ``s`` is seen by new query ``i`` if ``s < length - (Lq - 1 - i)``."""
@@ -174,3 +239,12 @@ class DenseStore:
 
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
+
+
+def _copy_into(new, old):
+    """``new`` (a store of another capacity) with ``old``'s contents: every state tensor copied over
+    the leading part both shapes share (capacity axes hold the tokens first)."""
+    for dst, src in zip(new.state(), old.state()):
+        common = tuple(slice(0, min(a, b)) for a, b in zip(dst.shape, src.shape))
+        dst[common] = src[common]
+    return new

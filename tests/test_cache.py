@@ -6,17 +6,20 @@ import torch
 import minikv
 from minikv import MiniKVCache, MiniKVConfig
 from minikv.cache import MiniKVLayer
+from minikv.compat import cache_key
 from models import tiny_model
+
+KEY = cache_key()  # past_key_values, or cache from transformers 5.24
 
 
 def _prefill_and_decode(model, cache, T=70, steps=0, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 320, (1, T), generator=g)
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **{KEY: cache}, use_cache=True)
         for _ in range(steps):
             nxt = out.logits[:, -1:].argmax(-1)
-            out = model(nxt, past_key_values=cache, use_cache=True)
+            out = model(nxt, **{KEY: cache}, use_cache=True)
     return out
 
 
@@ -51,7 +54,7 @@ def test_residual_flushes_at_exactly_R():
     layer = _layers(cache)[0]
     assert (layer.store.n_packed.tolist(), layer.store.res_len.tolist()) == ([32], [R - 1])
     with torch.no_grad():
-        model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[5]]), **{KEY: cache}, use_cache=True)
     assert (layer.store.n_packed.tolist(), layer.store.res_len.tolist()) == ([32 + R], [0])
     assert int(cache.get_seq_length()) == 70 + R - 8
 
@@ -64,7 +67,7 @@ def test_generating_past_capacity_is_refused_before_any_state_changes():
     before = [t.clone() for t in layer.store.buffers()]
     with pytest.raises(ValueError, match="longer than the cache was built for"):
         with torch.no_grad():
-            model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+            model(torch.tensor([[5]]), **{KEY: cache}, use_cache=True)
     assert all(torch.equal(a, b) for a, b in zip(before, layer.store.buffers()))
 
 
@@ -72,7 +75,7 @@ def test_generate_longer_than_a_user_cache_is_refused():
     model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5)
     cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)
     with pytest.raises(ValueError, match="longer than the cache was built for"):
-        model.generate(torch.randint(1, 320, (1, 30)), past_key_values=cache, max_new_tokens=10, do_sample=False)
+        model.generate(torch.randint(1, 320, (1, 30)), **{KEY: cache}, max_new_tokens=10, do_sample=False)
 
 
 def test_int_budget_larger_than_the_prompt_is_refused():

@@ -5,7 +5,10 @@ import torch
 import torch._dynamo as dynamo
 
 import minikv
+from minikv.compat import cache_key
 from models import tiny_model
+
+KEY = cache_key()  # past_key_values, or cache from transformers 5.24
 
 
 def _decode(model, cache, tok, start, steps, step_fn):
@@ -20,14 +23,14 @@ def _decode(model, cache, tok, start, steps, step_fn):
 
 
 def _step(model, cache, tok, pos):
-    return model(tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
+    return model(tok, position_ids=pos, **{KEY: cache}, use_cache=True).logits
 
 
 def _prefilled(model, T, new):
     cache = minikv.MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=new)
     ids = torch.randint(1, 320, (1, T), generator=torch.Generator().manual_seed(T))
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **{KEY: cache}, use_cache=True)
     return cache, out.logits[:, -1:].argmax(-1)
 
 

@@ -141,3 +141,38 @@ def test_stock_lm_eval_command_line_resolves_minikv_hf(model, tok, tmp_path):
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     assert results["results"]["minikv_passkey_choice"]["acc,none"] >= 0.0
     assert results["config"]["model_args"]["bits"] == 2
+
+
+def test_hf_arguments_map_short_names_and_gguf_paths_and_keep_the_rest():
+    from minikv.harness.model import hf_arguments
+    from minikv.models import embedded_gguf
+
+    path = embedded_gguf()
+    for name in ("smollm2", None, "SmolLM2-135M-Instruct", str(path)):
+        args = hf_arguments(name, None, "cpu", {"revision": "main"})
+        assert args == dict(pretrained=str(path.parent), gguf_file=path.name, dtype="float32", device="cpu",
+                            revision="main")
+    given = hf_arguments("org/model", "bfloat16", None, {"trust_remote_code": True})
+    assert given["pretrained"] == "org/model" and given["dtype"] == "bfloat16" and given["trust_remote_code"]
+    assert hf_arguments("org/model", None, "cpu", {})["dtype"] == "auto"  # as lm-eval's hf model
+    with pytest.raises(ValueError, match="model must be a short name"):
+        hf_arguments("smollm3", None, "cpu", {})
+
+
+@pytest.mark.slow
+def test_stock_lm_eval_loads_a_gguf_file_the_way_hf_does(tmp_path):
+    """``--model_args pretrained=DIR,gguf_file=FILE``: HFLM's own loading of the model and its tokenizer."""
+    from minikv.models import embedded_gguf
+
+    path = embedded_gguf()
+    cli = Path(sys.executable).parent / "lm_eval"
+    cmd = [str(cli), "--model", "minikv_hf", "--model_args",
+           f"pretrained={path.parent},gguf_file={path.name},bits=2",
+           "--tasks", "minikv_passkey_choice", "--include_path", str(ROOT / "evals" / "tasks"),
+           "--metadata", json.dumps({"tokens": 300, "samples": 2}), "--device", "cpu", "--batch_size", "1",
+           "--output_path", str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert results["config"]["model_args"]["gguf_file"] == path.name
+    assert results["results"]["minikv_passkey_choice"]["acc,none"] == 1.0  # SmolLM2 picks the key at 300 tokens

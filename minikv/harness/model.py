@@ -1,11 +1,13 @@
 """``minikv_hf``: lm-eval's HF model with the KV cache compressed, for every request type.
 
-``--model_args`` take ``pretrained=`` (a hub id, a local directory, a ``.gguf`` file, or the short
-name of an embedded model: ``smollm2``, the default, or ``gemma3-270m``; see :mod:`minikv.models`),
-``dtype=`` (default float32), ``cache=`` (``minikv`` default, ``quanto``, ``full``) and every field
-of :class:`minikv.MiniKVConfig` (``bits``, ``budget``, ``recent``, ``scorer``, ``schedule``,
-``q_group_size``, ``residual_length``, ...), plus lm-eval's own HF arguments (``batch_size``,
-``max_length``, ...).
+``--model_args`` take every argument of lm-eval's own ``hf`` model (``pretrained`` as a hub id or a
+local directory, ``gguf_file``, ``revision``, ``dtype``, ``device_map``, ``parallelize``,
+``trust_remote_code``, ``peft``, ``batch_size``, ``max_length``, ...: ``HFLM`` loads the model and
+the tokenizer), plus ``pretrained=`` a ``.gguf`` file or the short name of an embedded model
+(``smollm2``, the default, or ``gemma3-270m``; see :mod:`minikv.models`), ``cache=`` (``minikv``
+default, ``quanto``, ``full``), ``preset=`` and every field of :class:`minikv.MiniKVConfig`
+(``bits``, ``budget``, ``recent``, ``scorer``, ``q_group_size``, ...). ``dtype`` defaults to float32
+for GGUF files and to ``auto`` otherwise; ``device`` to cuda when there is one.
 
 - ``generate_until``: a fresh cache per batch, built here (so its memory is recorded), left padding
   handled by the cache's per-sequence lengths.
@@ -32,7 +34,7 @@ ALIASES = {"SmolLM2-135M-Instruct": "smollm2"}  # other names of the embedded mo
 
 
 class MiniKVLM(HFLM):
-    def __init__(self, pretrained=None, cache: str = "minikv", dtype: str = "float32", device: str | None = None,
+    def __init__(self, pretrained=None, cache: str = "minikv", dtype: str | None = None, device: str | None = None,
                  preset: str | None = None, **kwargs):
         if cache not in KINDS:
             raise ValueError(f"cache must be one of {list(KINDS)}, got {cache!r}")
@@ -48,8 +50,9 @@ class MiniKVLM(HFLM):
         if cache == "quanto" and self.quanto_bits not in QUANTO_BITS:
             raise ValueError(f"bits must be one of {list(QUANTO_BITS)} with cache=quanto, got {self.quanto_bits}")
         self.cache_kind, self.kv = cache, KVBytes()
-        model, tokenizer = _load(pretrained, dtype, device or "cpu")
-        super().__init__(pretrained=model, tokenizer=kwargs.pop("tokenizer", tokenizer), **kwargs)
+        super().__init__(**hf_arguments(pretrained, dtype, device, kwargs))
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.minikv_config is not None:
             import minikv
 
@@ -123,9 +126,24 @@ class _Recorder:
             self.lm.record(cache, 1, int(cache.get_seq_length()))
 
 
-def _load(pretrained, dtype: str, device: str):
-    from ..models import load_model
+def hf_arguments(pretrained, dtype: str | None, device: str | None, kwargs: dict) -> dict:
+    """What lm-eval's ``HFLM`` gets: the user's arguments, an embedded model's short name (or a
+    ``.gguf`` path) turned into its folder and ``gguf_file``, and the defaults of ``minikv_hf``:
+    the embedded model when none is named; ``dtype`` float32 for GGUF files (they are dequantized;
+    CPU-friendly) and ``"auto"`` otherwise, as ``hf``; ``device`` cuda when there is one, else cpu."""
+    import torch
 
-    if not isinstance(pretrained, str | type(None)):  # already a model: lm-eval's own path
-        return pretrained, None
-    return load_model(ALIASES.get(pretrained, pretrained), dtype=dtype, device=device)
+    from ..kernels.quant import import_torchao_quietly
+    from ..models import resolve
+
+    import_torchao_quietly()
+    args = dict(kwargs)
+    if not isinstance(pretrained, str | type(None)):  # a loaded model: lm-eval's own path, nothing to add
+        return dict(pretrained=pretrained, **args)
+    if not args.get("gguf_file"):
+        pretrained, gguf = resolve(ALIASES.get(pretrained, pretrained))
+        args.update(gguf)
+    if dtype is None:
+        dtype = "float32" if args.get("gguf_file") else "auto"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return dict(pretrained=pretrained, dtype=dtype, device=device, **args)

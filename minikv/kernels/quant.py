@@ -21,6 +21,7 @@ codes are zeroed and masked before packing so they cannot spill into neighbourin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -32,19 +33,38 @@ META_DTYPE = torch.float16
 _TINY = torch.finfo(torch.float16).smallest_normal * 2.0**-10  # smallest fp16 subnormal, 2**-24
 
 
-@functools.cache
-def _torchao():
-    """torchao's affine primitives, imported on first use (torchao imports triton) and quietly."""
+@contextlib.contextmanager
+def _quiet_torchao():
+    """Silence torchao's import-time messages (optional CUDA libraries it cannot load here, torch's
+    pytree notices about its enums): they say nothing about minikv's work."""
     loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        from torchao.quantization import quant_primitives
+        yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+@functools.cache
+def _torchao():
+    """torchao's affine primitives, imported on first use (torchao imports triton) and quietly."""
+    with _quiet_torchao():
+        from torchao.quantization import quant_primitives
     return quant_primitives
+
+
+def import_torchao_quietly() -> None:
+    """Import torchao and the transformers module that loads its extras when a model is built, so
+    that loading a model later prints none of their import-time messages."""
+    with _quiet_torchao():
+        _torchao()
+        try:
+            import transformers.integrations.torchao  # noqa: F401
+        except ImportError:  # an older transformers without it: nothing to pre-import
+            pass
 
 
 def _round_to_fp16(x: torch.Tensor, up: bool) -> torch.Tensor:

@@ -30,7 +30,8 @@ def make_prepare_cache(model, original):
         cache = model_kwargs.get(key)
         if cache is None and generation_config.use_cache is not False and generation_config.cache_implementation is None:
             cfg = model._minikv_patch.config
-            model_kwargs[key] = MiniKVCache(cfg, model.config, max_cache_len=max_cache_length)
+            model_kwargs[key] = cache = MiniKVCache(cfg, model.config)  # no max_cache_len: grows by turn
+            cache.request(max_cache_length)
             return None
         if isinstance(cache, MiniKVCache):
             cache.request(max_cache_length)
