@@ -4,7 +4,7 @@ Prefill (first ``update`` of a layer): the prompt's K/V are returned inside a :c
 the attention function then computes the prompt attention together with the importance scores,
 selects the kept tokens per KV head, and writes them into static buffers (2/4-bit packed or
 dense). Decode: ``update`` appends the new tokens in place and the attention reads the store.
-Sliding-window layers keep HF's own ``DynamicSlidingWindowLayer`` (bounded, uncompressed).
+Sliding-window layers keep their window uncompressed in a static ring (:mod:`minikv.sliding`).
 """
 
 from __future__ import annotations
@@ -12,16 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from . import budget, selection
 from .config import MiniKVConfig
 from .dense import dense_attention, mask_for, valid_tokens
 from .kernels import implementation
+from .sliding import SlidingLayer
 from .store import DenseStore, QuantizedStore
+from .view import MiniKVView
 
 COMPRESSED_TYPES = ("full_attention",)
-HF_TYPES = {"sliding_attention": DynamicSlidingWindowLayer}
+UNCOMPRESSED_TYPES = {"sliding_attention": SlidingLayer}  # kept whole, in static buffers
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,6 @@ class KVMemory:
         return KVMemory(*(a + b for a, b in zip(
             (self.used_bytes, self.fp16_bytes, self.allocated_bytes),
             (other.used_bytes, other.fp16_bytes, other.allocated_bytes))))
-
-
-class MiniKVView:
-    """What ``update`` returns in place of dense K/V: the layer plus, at prefill, the prompt K/V
-    (``turn``: they extend a cache that already holds tokens: a new turn or a prefill chunk)."""
-
-    def __init__(self, layer: "MiniKVLayer", key=None, value=None, turn: bool = False):
-        self.layer, self.key, self.value, self.turn = layer, key, value, turn
 
 
 class MiniKVLayer(CacheLayerMixin):
@@ -312,7 +306,7 @@ class MiniKVCache(Cache):
                 layers.append(MiniKVLayer(cfg, rank, num_compressed, max_cache_len))
                 rank += 1
             else:
-                layers.append(HF_TYPES[kind](**kw))
+                layers.append(UNCOMPRESSED_TYPES[kind](**kw))
         super().__init__(layers=layers)
 
     def request(self, max_cache_len: int) -> None:
@@ -324,9 +318,9 @@ class MiniKVCache(Cache):
     def memory(self, scope: str = "compressed") -> KVMemory:
         """Bytes held now, bytes an fp16 cache of the same tokens would take, and bytes allocated.
 
-        ``scope="compressed"``: the layers minikv stores (what the method saves); ``"all"``: every
-        layer, those left to transformers (sliding windows, held uncompressed in the model's dtype)
-        included. Every byte held counts: codes, fp16 scales and minimums, sinks and residual.
+        ``scope="compressed"``: the layers minikv compresses (what the method saves); ``"all"``: every
+        layer, the sliding windows (held uncompressed in the model's dtype) included. Every byte held
+        counts: codes, fp16 scales and minimums, sinks and residual.
         """
         if scope not in ("compressed", "all"):
             raise ValueError(f"scope must be 'compressed' or 'all', got {scope!r}")
@@ -338,19 +332,18 @@ class MiniKVCache(Cache):
             return total
         tokens = ours[0].tokens_held()
         for layer in self.layers:
-            if not isinstance(layer, MiniKVLayer) and layer.is_initialized and layer.keys.numel():
-                B, H, _, D = layer.keys.shape
-                held = (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
-                total = total + KVMemory(held, tokens * H * D * 2 * 2, held)
+            if isinstance(layer, SlidingLayer) and layer.is_initialized:
+                _, H, _, D = layer.keys.shape
+                total = total + KVMemory(layer.held_bytes(), tokens * H * D * 2 * 2, layer.allocated_bytes())
         return total
 
 
 def check_layer_types(layer_types) -> None:
-    unsupported = sorted({t for t in layer_types if t not in COMPRESSED_TYPES and t not in HF_TYPES})
+    unsupported = sorted({t for t in layer_types if t not in COMPRESSED_TYPES and t not in UNCOMPRESSED_TYPES})
     if unsupported:
         raise ValueError(
             f"unsupported attention layer types {unsupported}: minikv supports {list(COMPRESSED_TYPES)} "
-            f"(compressed) and {list(HF_TYPES)} (left to HF's sliding cache)"
+            f"(compressed) and {list(UNCOMPRESSED_TYPES)} (kept uncompressed)"
         )
     if not any(t in COMPRESSED_TYPES for t in layer_types):
         raise ValueError(

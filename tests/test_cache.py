@@ -102,19 +102,22 @@ def test_prompt_shorter_than_the_snap_window_keeps_everything():
     assert _layers(cache)[0].store.length.tolist() == [21]
 
 
-def test_sliding_layers_stay_hf_and_are_counted():
-    from transformers.cache_utils import DynamicSlidingWindowLayer
+def test_sliding_layers_are_static_rings_and_are_counted():
+    from minikv.sliding import SlidingLayer
 
     model = minikv.patch(tiny_model("gemma2"), bits=2, budget=0.5, residual_length=16)
     cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)
     _prefill_and_decode(model, cache, T=60, steps=2)
     kinds = [type(layer) for layer in cache.layers]
-    assert DynamicSlidingWindowLayer in kinds and MiniKVLayer in kinds
+    assert SlidingLayer in kinds and MiniKVLayer in kinds
     ours, every = cache.memory(), cache.memory("all")
-    assert 0 < ours.used_bytes < every.used_bytes < every.fp16_bytes * 4  # fp64 model: HF's sliding layers hold fp64
-    sliding = [layer for layer in cache.layers if isinstance(layer, DynamicSlidingWindowLayer)]
-    held = sum((layer.keys.numel() + layer.values.numel()) * layer.keys.element_size() for layer in sliding)
+    assert 0 < ours.used_bytes < every.used_bytes < every.fp16_bytes * 4  # fp32 model: the windows hold fp32
+    sliding = [layer for layer in cache.layers if isinstance(layer, SlidingLayer)]
+    window = model.config.sliding_window
+    held = len(sliding) * window * 2 * 16 * 2 * 4  # the window's tokens, K and V, H=2, D=16, fp32
     assert every.used_bytes - ours.used_bytes == held  # every byte of the uncompressed layers, and only those
+    assert all(int((layer.positions >= 0).sum()) == window for layer in sliding)
+    assert all(sorted(layer.positions[0].tolist()) == list(range(62 - window, 62)) for layer in sliding)
     assert ours.fp16_bytes == sum(layer.memory().fp16_bytes for layer in _layers(cache))
     with pytest.raises(ValueError, match="scope must be 'compressed' or 'all'"):
         cache.memory("some")

@@ -1,6 +1,7 @@
 """torch.compile of the decode step (a first step of the compile work): fullgraph, one graph, and
 the same tokens as eager across residual flushes."""
 
+import pytest
 import torch
 import torch._dynamo as dynamo
 
@@ -48,6 +49,23 @@ def test_compiled_decode_step_matches_eager_in_one_graph_across_flushes():
     assert torch.equal(toks, eager_toks)
     print("max |compiled - eager| logit:", float((logits - eager_logits).abs().max()))
     assert torch.allclose(logits, eager_logits, atol=1e-5)
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not dynamo.utils.counters["graph_break"]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_decode_step_with_sliding_rings_compiles_into_one_graph(family):
+    model = minikv.patch(tiny_model(family), bits=2, budget=32, recent=8, residual_length=16)
+    steps = 30  # past the 24-token window: the ring wraps
+    cache, tok = _prefilled(model, 50, steps)
+    eager_toks, eager_logits = _decode(model, cache, tok, 50, steps, _step)
+    compiled = torch.compile(_step, fullgraph=True, dynamic=False)
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    cache, tok = _prefilled(model, 50, steps)
+    toks, logits = _decode(model, cache, tok, 50, steps, compiled)
+    assert torch.equal(toks, eager_toks)
+    assert torch.allclose(logits, eager_logits, atol=1e-4)
     assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert not dynamo.utils.counters["graph_break"]
 

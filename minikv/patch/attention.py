@@ -12,7 +12,7 @@ import functools
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from ..cache import MiniKVView
+from ..view import MiniKVView
 from ..dense import dense_attention
 
 IMPLEMENTATIONS = {"sdpa": "minikv", "eager": "minikv_eager"}
