@@ -224,6 +224,7 @@ class MiniKVLayer(CacheLayerMixin):
         keeps of the new tokens (scored among themselves, as a prompt would be; the tokens held stay
         as they are) in a store re-allocated to hold them and the generation that follows."""
         B, _, N, _ = k.shape
+        self._seen = int(self.cumulative_length)  # compiled decode steps do not count in Python: resync (prefill time)
         room = self.room_after(self._seen + N)  # validated before anything changes
         old_k, old_v, old_valid = self.store.dense()
         S = old_k.shape[2]
@@ -273,7 +274,8 @@ class MiniKVLayer(CacheLayerMixin):
         """Real (unpadded) tokens this layer has seen, summed over the batch (host sync)."""
         if self.store is None:
             return 0
-        return int(self._prompt_lengths.sum()) + (self._seen - self._prompt_T) * self.batch_size
+        seen = int(self.cumulative_length)  # the tensor: compiled decode steps count there, not in ``_seen``
+        return int(self._prompt_lengths.sum()) + (seen - self._prompt_T) * self.batch_size
 
     def memory(self) -> KVMemory:
         if self.store is None:

@@ -167,12 +167,13 @@ def test_compiled_decode_recompiles_once_for_a_new_turn():
                 if turn == 0:  # a new turn, always eager
                     new = torch.randint(1, 320, (1, 30), generator=torch.Generator().manual_seed(1))
                     logits = model(new, use_cache=True, **{cache_key(): cache}).logits[:, -1]
-        return torch.cat(toks, 1), torch.stack(out)
+        return torch.cat(toks, 1), torch.stack(out), cache.memory()
 
-    eager_toks, eager_logits = run(step)
+    eager_toks, eager_logits, eager_mem = run(step)
     dynamo.reset()
     dynamo.utils.counters.clear()
-    toks, logits = run(torch.compile(step, fullgraph=True, dynamic=False))
+    toks, logits, mem = run(torch.compile(step, fullgraph=True, dynamic=False))
+    assert mem == eager_mem  # compiled steps are counted (from the cache's length tensor)
     assert torch.equal(toks, eager_toks)
     assert torch.allclose(logits, eager_logits, atol=1e-6)
     assert dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # one per store capacity
