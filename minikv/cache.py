@@ -23,6 +23,19 @@ from .store import DenseStore, QuantizedStore
 from .view import MiniKVView
 
 COMPRESSED_TYPES = ("full_attention",)
+EAGER_ONLY = ("a MiniKV prefill (the prompt, a new turn or a prefill chunk) runs eagerly: it selects tokens "
+              "and sizes buffers on the host. Compile the decode step only: minikv.generate(model, ..., "
+              "compile=True), or torch.compile(model.forward) without fullgraph=True (the prefill then runs "
+              "eagerly and the decode step compiles)")
+
+
+def eager_only(fn):
+    """``fn`` is never traced: under ``torch.compile`` it runs eagerly (a graph break whose reason
+    says what to compile instead; with ``fullgraph=True`` that reason is the error)."""
+    try:
+        return torch.compiler.disable(fn, reason=EAGER_ONLY)
+    except TypeError:  # a torch without ``reason``
+        return torch.compiler.disable(fn)
 UNCOMPRESSED_TYPES = {"sliding_attention": SlidingLayer}  # kept whole, in static buffers
 
 
@@ -149,6 +162,7 @@ class MiniKVLayer(CacheLayerMixin):
             )
         return room
 
+    @eager_only
     def _begin_prefill(self, key_states, value_states):
         T = key_states.shape[2]
         budget.check_prompt(self.cfg, T)
@@ -186,6 +200,7 @@ class MiniKVLayer(CacheLayerMixin):
         out = self.store.attend(query, scaling, softcap or 0.0)  # [B, Hq, Lq, D]
         return out.transpose(1, 2), None
 
+    @eager_only
     def _prefill(self, module, q, k, v, mask, scaling, softcap, fallback, **kwargs):
         B, _, T, _ = k.shape
         valid = valid_tokens(mask, B, T, k.device)
@@ -219,6 +234,7 @@ class MiniKVLayer(CacheLayerMixin):
         return out, weights
 
     # -- later turns and prefill chunks -----------------------------------------------------
+    @eager_only
     def _extend(self, module, q, k, v, scaling, softcap, fallback, **kwargs):
         """Attend ``N`` new tokens over the tokens held and themselves, then keep what the policy
         keeps of the new tokens (scored among themselves, as a prompt would be; the tokens held stay
