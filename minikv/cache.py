@@ -238,7 +238,8 @@ class MiniKVLayer(CacheLayerMixin):
     def _extend(self, module, q, k, v, scaling, softcap, fallback, **kwargs):
         """Attend ``N`` new tokens over the tokens held and themselves, then keep what the policy
         keeps of the new tokens (scored among themselves, as a prompt would be; the tokens held stay
-        as they are) in a store re-allocated to hold them and the generation that follows."""
+        as they are) in a store re-allocated to hold them and the generation that follows (a cache
+        built with ``max_cache_len`` was sized for all of it at the prompt: same buffers, no recompile)."""
         B, _, N, _ = k.shape
         self._seen = int(self.cumulative_length)  # compiled decode steps do not count in Python: resync (prefill time)
         room = self.room_after(self._seen + N)  # validated before anything changes
@@ -270,8 +271,9 @@ class MiniKVLayer(CacheLayerMixin):
             n = budget.capacity(cfg, self.rank, self.num_compressed, N)  # every sequence keeps n
             idx = impl.select_tokens(scores, new_valid, n_keep, n_recent, n)[..., None].expand(-1, -1, -1, k.shape[-1])
             k, v = k.gather(2, idx), v.gather(2, idx)
-        held = int(self.store.lengths().max())
-        self._set_store(self.store.resized(held + k.shape[2] + room), None)
+        needed = int(self.store.lengths().max()) + k.shape[2] + room
+        if self.max_cache_len is None or needed > self.store.capacity:  # max_cache_len reserved it all up front
+            self._set_store(self.store.resized(needed), None)
         self.store.extend(k, v)
         self._seen += N
         self._capacity_tokens = self._seen + room

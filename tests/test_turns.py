@@ -113,6 +113,21 @@ def test_a_turn_past_max_cache_len_is_refused_before_any_state_changes():
     assert int(cache.get_seq_length()) == 50
 
 
+def test_max_cache_len_reserves_the_buffers_for_every_turn():
+    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5, residual_length=16)
+    cache = MiniKVCache(model._minikv_patch.config, model.config, max_cache_len=200)
+    with torch.no_grad():
+        model(torch.randint(1, 320, (1, 50)), **{cache_key(): cache}, use_cache=True)
+        layer = _layers(cache)[0]
+        buffers = [t.data_ptr() for t in layer.store.buffers()]
+        for n in (30, 1, 40):  # two turns and a decode step between them
+            model(torch.randint(1, 320, (1, n)), **{cache_key(): cache}, use_cache=True)
+    assert [t.data_ptr() for t in layer.store.buffers()] == buffers  # a compiled step would not recompile
+    # kept: 25 of the prompt + its 4 sinks, the 30-token turn whole (within SnapKV's 32-token window),
+    # the decoded token, 20 of the 40-token turn
+    assert int(cache.get_seq_length()) == 121 and int(layer.store.lengths()[0]) == 29 + 30 + 1 + 20
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_chunked_prefill_at_16_bits_equals_one_pass(family):
     model = minikv.patch(tiny_model(family), bits=16, budget=None)
