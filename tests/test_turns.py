@@ -193,3 +193,21 @@ def test_compiled_decode_recompiles_once_for_a_new_turn():
     assert torch.allclose(logits, eager_logits, atol=1e-6)
     assert dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # one per store capacity
     assert not dynamo.utils.counters["graph_break"]
+
+
+def test_a_long_turn_is_causal_with_sinks_and_flushes():
+    """The tokens of a turn longer than the residual see only their past: changing the later ones
+    leaves the earlier logits unchanged (minikv's scoring path feeds whole continuations at once)."""
+    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5, residual_length=16, sink_tokens=4)
+    prompt = torch.randint(1, 320, (1, 60), generator=torch.Generator().manual_seed(0))
+    tail = torch.randint(1, 320, (1, 50), generator=torch.Generator().manual_seed(1))
+    changed = tail.clone()
+    changed[:, 25:] = torch.randint(1, 320, (1, 25), generator=torch.Generator().manual_seed(2))
+    logits = []
+    for t in (tail, changed):
+        cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=60)
+        with torch.no_grad():
+            model(prompt, **{cache_key(): cache}, use_cache=True)
+            logits.append(model(t, **{cache_key(): cache}, use_cache=True).logits)
+    assert torch.equal(logits[0][:, :25], logits[1][:, :25])
+    assert not torch.equal(logits[0][:, 25:], logits[1][:, 25:])
