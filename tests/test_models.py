@@ -49,10 +49,11 @@ def test_the_cli_help_lists_the_short_names():
 
 def test_the_harness_passes_short_names_through(monkeypatch):
     pytest.importorskip("lm_eval")
-    from minikv.harness.model import _load
+    from minikv.harness.model import hf_arguments
 
     calls = []
-    monkeypatch.setattr(models, "load_model", lambda name, **kw: calls.append(name) or (None, None))
+    monkeypatch.setattr(models, "resolve", lambda name: calls.append(name) or ("DIR", {"gguf_file": "F.gguf"}))
     for name in ("gemma3-270m", "smollm2", None, "SmolLM2-135M-Instruct"):
-        _load(name, "float32", "cpu")
+        args = hf_arguments(name, None, "cpu", {})
+        assert args == dict(pretrained="DIR", gguf_file="F.gguf", dtype="float32", device="cpu")
     assert calls == ["gemma3-270m", "smollm2", None, "smollm2"]
