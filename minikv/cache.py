@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from . import budget, selection
 from .config import MiniKVConfig
@@ -20,7 +20,7 @@ from .dense import dense_attention, mask_for, valid_tokens
 from .kernels import implementation
 from .sliding import SlidingLayer
 from .store import DenseStore, QuantizedStore
-from .view import MiniKVView
+from .view import MiniKVView, StaticLayer
 
 COMPRESSED_TYPES = ("full_attention",)
 EAGER_ONLY = ("a MiniKV prefill (the prompt, a new turn or a prefill chunk) runs eagerly: it selects tokens "
@@ -68,10 +68,9 @@ class KVMemory:
             (other.used_bytes, other.fp16_bytes, other.allocated_bytes))))
 
 
-class MiniKVLayer(CacheLayerMixin):
+class MiniKVLayer(StaticLayer):
     """One compressed attention layer (``rank`` among ``num_compressed`` compressed layers)."""
 
-    is_compileable = True
     is_sliding = False
 
     def __init__(self, cfg: MiniKVConfig, rank: int, num_compressed: int, max_cache_len: int | None = None):
@@ -110,13 +109,6 @@ class MiniKVLayer(CacheLayerMixin):
         view = MiniKVView(self)
         return view, view
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # the prompt needs its causal + padding mask; after it, lengths live in the store
-        return (query_length, 0) if not self.is_initialized else (0, 0)
-
-    def get_seq_length(self):
-        return self.cumulative_length if self.is_initialized else 0
-
     def get_max_length(self) -> int:
         return self._capacity_tokens if self.is_initialized else -1
 
@@ -126,11 +118,6 @@ class MiniKVLayer(CacheLayerMixin):
         self._seen = 0
         self.requested_len = None
 
-    def reorder_cache(self, beam_idx) -> None:
-        raise ValueError("beam search is not supported on a MiniKV cache (num_beams must be 1)")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError("a MiniKV cache cannot be cropped (assisted decoding is not supported)")
 
     # -- prefill -----------------------------------------------------------------------------
     def new_token_capacity(self, prompt_len: int) -> int:

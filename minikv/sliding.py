@@ -12,16 +12,14 @@ itself, then keeps its last W tokens.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from .dense import dense_attention, mask_for, valid_tokens
-from .view import MiniKVView
+from .view import MiniKVView, StaticLayer
 
 
-class SlidingLayer(CacheLayerMixin):
+class SlidingLayer(StaticLayer):
     """The last ``sliding_window`` tokens of every sequence in a static ring."""
 
-    is_compileable = True
     is_sliding = True
 
     def __init__(self, sliding_window: int, **kwargs):
@@ -58,24 +56,12 @@ class SlidingLayer(CacheLayerMixin):
             view = MiniKVView(self)
         return view, view
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # the prompt gets transformers' sliding mask; after it, the ring's positions are the mask
-        return (query_length, 0) if not self.is_initialized else (0, 0)
-
-    def get_seq_length(self):
-        return self.cumulative_length if self.is_initialized else 0
-
     def get_max_length(self) -> int:
         return -1  # unbounded: a sliding window
 
     def reset(self) -> None:
         self.is_initialized = False
 
-    def reorder_cache(self, beam_idx) -> None:
-        raise ValueError("beam search is not supported on a MiniKV cache (num_beams must be 1)")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError("a MiniKV cache cannot be cropped (assisted decoding is not supported)")
 
     # -- the ring ------------------------------------------------------------------------------
     def _write(self, k, v, valid) -> None:
