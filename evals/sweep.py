@@ -5,6 +5,7 @@
     python evals/sweep.py --smoke                    # 2 configurations, 1 sample, 3 short tasks (CI)
     python evals/sweep.py --configs fidelity         # groups of evals/sweep_configs.py, comma-separated
     python evals/sweep.py --configs my_configs.py    # every group of a file's GROUPS (or FILE.py:GROUP,...)
+    python evals/sweep.py ... --resume               # keep the rows <out>.csv holds, run the others
 
 Runs lm-eval (``minikv_hf``, tasks of ``evals/tasks``, tag ``minikv_long``) once per configuration
 on one loaded model and writes ``<out>.csv`` (one row per configuration: KV bytes, every task score,
@@ -95,6 +96,28 @@ def evaluate(model, tok, method: str, args: dict, tasks: list[str], metadata: di
     return dict(method=method, args=json.dumps(args), kv_percent_of_fp16=round(kv, 2),
                 mean_score=round(sum(scores.values()) / len(scores), 4), word_perplexity=ppl and round(ppl, 3),
                 seconds=round(seconds, 1), **{t: round(v, 4) for t, v in sorted(scores.items())})
+
+
+def done_rows(path: Path, meta: dict) -> list[dict]:
+    """The rows of an earlier run's ``path`` (CSV) measured with the same ``meta`` (model, sizes,
+    versions), as ``evaluate`` returned them: numbers back to numbers, intervals and meta dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if any(str(r.get(k)) != str(v) for k, v in meta.items()):
+                continue
+            row = {}
+            for k, v in r.items():
+                if k in meta or k.startswith(("ci_low", "ci_high")):
+                    continue
+                try:
+                    row[k] = float(v) if v else None
+                except ValueError:
+                    row[k] = v
+            rows.append({k: v for k, v in row.items() if v is not None or k == "word_perplexity"})
+    return rows
 
 
 def check_sample_counts(n_samples: dict, samples: int) -> None:
@@ -197,6 +220,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--tasks", default="minikv_long")
     p.add_argument("--out", help="output path without suffix (default evals/results/sweep_<model>)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of <out>.csv measured with the same model, sizes and versions")
     p.add_argument("--smoke", action="store_true", help="2 configurations, 1 sample of 300 tokens, 3 tasks (CI)")
     args = p.parse_args()
     args.out = Path(args.out or HERE / "results" / f"sweep_{args.model}")
@@ -223,8 +248,12 @@ def main() -> int:
                 machine=f"{platform.machine()} {os.cpu_count()} CPUs", torch=torch.__version__,
                 transformers=transformers.__version__, lm_eval=lm_eval.__version__)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows = done_rows(args.out.with_suffix(".csv"), meta) if args.resume else []
+    done = {(r["method"], r["args"]) for r in rows}
     for method, cfg in args.configs:
+        if (method, json.dumps(cfg)) in done:
+            print(f"kept from {args.out.with_suffix('.csv')}: {method} {cfg}", flush=True)
+            continue
         row = evaluate(model, tok, method, cfg, args.tasks, dict(tokens=args.tokens, samples=args.samples))
         rows.append(row)
         print(json.dumps(row), flush=True)

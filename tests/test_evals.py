@@ -84,6 +84,16 @@ def test_config_specs_groups_files_and_unknown_names(tmp_path):
             sweep.load_configs(spec)
 
 
+def test_resume_reads_back_the_rows_it_wrote_with_the_same_meta_only(tmp_path):
+    meta = dict(model="m", prompt_tokens=300, samples=2, machine="x", torch="t", transformers="tf", lm_eval="l")
+    rows = [dict(method="full cache", args='{"cache": "full"}', kv_percent_of_fp16=100.0, mean_score=0.5,
+                 word_perplexity=None, minikv_a=1.0, minikv_b=0.0, seconds=3.5)]
+    sweep.write_outputs(rows, tmp_path / "s", meta)
+    assert sweep.done_rows(tmp_path / "s.csv", meta) == rows
+    assert sweep.done_rows(tmp_path / "s.csv", dict(meta, samples=10)) == []
+    assert sweep.done_rows(tmp_path / "missing.csv", meta) == []
+
+
 def test_knobs_minikv_hf_would_drop_are_refused():
     sweep.check_knobs(sweep.GROUPS["baselines"] + sweep.GROUPS["minikv"] + sweep.GROUPS["policies"])
     with pytest.raises(SystemExit, match="budgett"):
