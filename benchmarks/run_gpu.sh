@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU measurement on the first CUDA device; CSVs in benchmarks/results/ (one `device` call).
+# Everything only a GPU can show, on the first CUDA device (one `device` call): the CUDA tests first
+# (kernels compiled, not interpreted: codes equal to the reference, decode within the error budget,
+# patched generation equal to the reference path, compiled decode with CUDA graphs replaying), then
+# every benchmark table as CSVs in benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MINIKV_TEST_CUDA=1 python -m pytest -q tests/test_cuda.py
 python benchmarks/bench_quantize.py --device cuda
 python benchmarks/bench_decode.py --device cuda --bits 2 --group 32
+python benchmarks/bench_decode.py --device cuda --bits 2 --k-bits 4 --group 32 --out benchmarks/results/decode_k4v2.csv
 python benchmarks/bench_prefill.py --device cuda
 # issue 4: Llama-3.1-8B-shaped decode (eager / compiled / CUDA graphs vs HF static compiled, dynamic,
 # quantized), batch 1/8/32 at 4k and 32k, peak memory; and whether compiling the prefill pays off

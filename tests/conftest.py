@@ -1,8 +1,10 @@
 import os
 import sys
 
-# the Triton kernels are tested on CPU through the interpreter; this must precede any triton import
-os.environ["TRITON_INTERPRET"] = "1"
+# the Triton kernels are tested on CPU through the interpreter; this must precede any triton import.
+# MINIKV_TEST_CUDA=1 (benchmarks/run_gpu.sh) compiles them for the GPU instead (tests/test_cuda.py)
+if os.environ.get("MINIKV_TEST_CUDA") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -15,7 +15,7 @@ import minikv
 from minikv.kernels import ops, quant, reference, use_triton_on_cpu
 from minikv.kernels.quant import unpack_dequantize
 from models import tiny_model
-from test_ops import _filled_store, _inputs
+from test_ops import _filled_store, _inputs, _store
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 EPS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -111,6 +111,67 @@ def test_decode_attention_matches_the_reference_with_softcap_and_several_queries
     assert torch.allclose(got, want, atol=1e-5)
 
 
+# every tile shape of triton_decode.TILES: head_dim 64/128/256 (Gemma 3's MQA at 256), G 16/32/64
+# (G 64 takes 64-token tiles), keys and values at different widths, several tiles and two splits
+TILE_CASES = [(4, 1, 256, 32, 4, 2), (8, 2, 64, 64, 2, 2), (4, 2, 128, 64, 4, 4), (6, 2, 64, 16, 4, 2)]
+
+
+@pytest.mark.parametrize("Hq,Hkv,D,G,k_bits,v_bits", TILE_CASES)
+def test_decode_tiles_of_every_head_dim_and_group_size(Hq, Hkv, D, G, k_bits, v_bits):
+    from minikv.kernels import triton_decode
+
+    bt, _ = triton_decode.tile(D, G)
+    assert bt % G == 0
+    n_packed, res_len, R = [3 * bt + G, G], [5, 0], 32
+    g = torch.Generator().manual_seed(D + G)
+    C = max(n_packed)
+    k = torch.randn(2, Hkv, C, D, generator=g)
+    v = torch.randn(2, Hkv, C, D, generator=g)
+    buf = (*quant.quantize_pack(k.transpose(-1, -2), k_bits, G), *quant.quantize_pack(v, v_bits, G))
+    rk, rv = torch.randn(2, Hkv, R, D, generator=g), torch.randn(2, Hkv, R, D, generator=g)
+    q = torch.randn(2, Hq, 2, D, generator=g)
+    npk, rl = torch.tensor(n_packed), torch.tensor(res_len) + 1  # 2 new queries: >= 1 residual token each
+    want = reference.decode_attention(q, *buf, npk, rk, rv, rl, D**-0.5, 0.0, k_bits, v_bits, G)
+    got = ops.decode_attention(q, *buf, npk, rk, rv, rl, D**-0.5, 0.0, k_bits, v_bits, G)
+    assert torch.allclose(got, want, atol=2e-5), (got - want).abs().max()
+
+
+# ---- append + flush ---------------------------------------------------------------------------
+APPEND_CASES = [  # (k_bits, v_bits, G, D, R, clip, residual dtype)
+    (4, 2, 16, 64, 32, True, torch.float16), (2, 2, 32, 128, 64, False, torch.bfloat16),
+    (4, 4, 16, 32, 16, True, torch.float32), (2, 2, 16, 256, 32, True, torch.float16),
+]
+
+
+@pytest.mark.parametrize("k_bits,v_bits,G,D,R,clip,dtype", APPEND_CASES)
+def test_append_kernel_is_bit_exact_across_flushes(k_bits, v_bits, G, D, R, clip, dtype):
+    """Sequences at different fill levels (one flushes on the first token, one never, one after
+    a while), with and without sinks, several steps of one and of three tokens: every buffer and
+    length equal to the reference's, bit for bit."""
+    from minikv.kernels import triton_append
+
+    B, H, S = 3, 2, 4
+    C = 4 * R
+    g = torch.Generator().manual_seed(D + R + k_bits)
+    state = {}
+    for name in ("ref", "kernel"):
+        store = list(_store(B, H, D, C, k_bits, G)[:3] + _store(B, H, D, C, v_bits, G)[3:])
+        n_packed = torch.tensor([0, R, 2 * R])
+        res_k, res_v = torch.zeros(B, H, S + R, D, dtype=dtype), torch.zeros(B, H, S + R, D, dtype=dtype)
+        state[name] = [store, n_packed, res_k, res_v, torch.tensor([S + R - 1, 0, 2]), torch.tensor([S, 0, 2])]
+    for steps, width in ((R + 2, 1), (R // 3 + 1, 3)):
+        for _ in range(steps):
+            k = torch.randn(B, H, width, D, generator=g) * 3
+            v = torch.randn(B, H, width, D, generator=g)
+            for name, fn in (("ref", reference.append_kv), ("kernel", triton_append.append_kv)):
+                store, n_packed, res_k, res_v, res_len, n_sink = state[name]
+                fn(k, v, *store, n_packed, res_k, res_v, res_len, n_sink, k_bits, v_bits, G, R, clip)
+    (ref_store, *ref_rest), (got_store, *got_rest) = state["ref"], state["kernel"]
+    assert int(ref_rest[0].min()) >= 2 * R  # every sequence flushed at least twice
+    for a, b in zip(ref_store + ref_rest, got_store + got_rest):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 # ---- prefill attention with scores -------------------------------------------------------------
 PREFILL_SHAPES = [(1, 4, 4, 5, 64), (2, 6, 2, 37, 64), (1, 8, 1, 17, 128), (2, 9, 3, 100, 64), (3, 8, 2, 130, 64)]
 
@@ -155,10 +216,16 @@ def test_prefill_kernel_reads_no_square_buffer():
 
 
 # ---- the ops with the kernels registered, and a patched generation -----------------------------
-@pytest.mark.parametrize("case", ["quantize", "decode", "prefill"])
+@pytest.mark.parametrize("case", ["quantize", "decode", "prefill", "append"])
 def test_opcheck_with_triton_registered(case):
     if case == "quantize":
         opcheck(ops.quantize_pack, (torch.randn(3, 64), 2, 16))
+    elif case == "append":
+        B, H, D, G, S, R = 2, 2, 16, 16, 3, 32
+        buf = _store(B, H, D, 96, 4, G)[:3] + _store(B, H, D, 96, 2, G)[3:]
+        state = (torch.tensor([0, 16]), torch.randn(B, H, S + R, D), torch.randn(B, H, S + R, D),
+                 torch.tensor([33, 5]), torch.tensor([3, 2]))
+        opcheck(ops.append_kv, (torch.randn(B, H, 2, D), torch.randn(B, H, 2, D), *buf, *state, 4, 2, G, R, True))
     elif case == "decode":
         buf, npk, rk, rv, rl = _filled_store(2, 2, 64, 2, 16, 32, [16, 0], [3, 9])
         opcheck(ops.decode_attention, (torch.randn(2, 4, 1, 64), *buf, npk, rk, rv, rl, 0.125, 0.0, 2, 2, 16))

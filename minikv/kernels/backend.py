@@ -25,6 +25,7 @@ TRITON_LAUNCHERS = {
     "quantize_pack": ("triton_quant", "quantize_pack"),
     "decode_attention": ("triton_decode", "decode_attention"),
     "prefill_attention": ("triton_prefill", "prefill_attention"),
+    "append_kv": ("triton_append", "append_kv"),
 }
 REFERENCE = types.SimpleNamespace(
     quantize_pack=quant.quantize_pack,

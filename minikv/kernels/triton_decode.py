@@ -77,27 +77,43 @@ def _decode_attention_kernel(
     vc_base = vc_ptr + pid * C * (D // VPW)
     vs_base = vs_ptr + pid * C * (D // G)
     vm_base = vm_ptr + pid * C * (D // G)
+    # a tile is BT tokens = TG whole groups; every packed word and every scale/min is loaded once
+    TG: tl.constexpr = BT // G  # key groups per tile (per channel)
+    DG: tl.constexpr = D // G  # value groups per token
+    KW: tl.constexpr = BT // KPW  # key words per channel per tile
+    VW: tl.constexpr = D // VPW  # value words per token
+    kword = tl.arange(0, KW)
+    vword = tl.arange(0, VW)
+    tgrp = tl.arange(0, TG)
+    dgrp = tl.arange(0, DG)
+    kshift = tl.arange(0, KPW) * K_BITS
+    vshift = tl.arange(0, VPW) * V_BITS
     start = split * split_tokens
-    end = tl.minimum(start + split_tokens, n_packed)
+    end = tl.minimum(start + split_tokens, n_packed)  # n_packed and the split bounds are multiples of G
     for t0 in range(start, end, BT):
         t = t0 + tok
         t_ok = t < end
-        # keys [D, BT]: per channel, 16 (8) tokens per word, a scale and min per G tokens
-        kw = tl.load(kc_base + d[:, None] * (C // KPW) + t[None, :] // KPW, mask=t_ok[None, :], other=0)
-        kq = (kw >> ((t[None, :] % KPW) * K_BITS)) & KMAX
-        ksc = tl.load(ks_base + d[:, None] * (C // G) + t[None, :] // G, mask=t_ok[None, :], other=0.0)
-        kmn = tl.load(km_base + d[:, None] * (C // G) + t[None, :] // G, mask=t_ok[None, :], other=0.0)
-        k = kq.to(tl.float32) * ksc.to(tl.float32) + kmn.to(tl.float32)
+        # keys [D, BT]: per channel, KPW tokens per word, a scale and min per G tokens
+        kw_ok = (t0 + kword * KPW) < end
+        kw = tl.load(kc_base + d[:, None] * (C // KPW) + (t0 // KPW + kword)[None, :], mask=kw_ok[None, :], other=0)
+        kq = tl.reshape((kw[:, :, None] >> kshift[None, None, :]) & KMAX, [D, TG, G])
+        kg_ok = (t0 + tgrp * G) < end
+        kg = d[:, None] * (C // G) + (t0 // G + tgrp)[None, :]
+        ksc = tl.load(ks_base + kg, mask=kg_ok[None, :], other=0.0).to(tl.float32)
+        kmn = tl.load(km_base + kg, mask=kg_ok[None, :], other=0.0).to(tl.float32)
+        k = tl.reshape(kq.to(tl.float32) * ksc[:, :, None] + kmn[:, :, None], [D, BT])
         s = tl.dot(q, k.to(dot_dtype), input_precision="ieee") * scale
         s = _softcapped(s, softcap, SOFTCAP)
         allowed = row_ok[:, None] & t_ok[None, :] & (t[None, :] < limit[:, None])
         p, alpha, m, l = _online_update(s, allowed, m, l)
-        # values [BT, D]: per token, 16 (8) channels per word, a scale and min per G channels
-        vw = tl.load(vc_base + t[:, None] * (D // VPW) + d[None, :] // VPW, mask=t_ok[:, None], other=0)
-        vq = (vw >> ((d[None, :] % VPW) * V_BITS)) & VMAX
-        vsc = tl.load(vs_base + t[:, None] * (D // G) + d[None, :] // G, mask=t_ok[:, None], other=0.0)
-        vmn = tl.load(vm_base + t[:, None] * (D // G) + d[None, :] // G, mask=t_ok[:, None], other=0.0)
-        v = tl.where(t_ok[:, None], vq.to(tl.float32) * vsc.to(tl.float32) + vmn.to(tl.float32), 0.0)
+        # values [BT, D]: per token, VPW channels per word, a scale and min per G channels
+        vw = tl.load(vc_base + t[:, None] * VW + vword[None, :], mask=t_ok[:, None], other=0)
+        vq = tl.reshape((vw[:, :, None] >> vshift[None, None, :]) & VMAX, [BT, DG, G])
+        vg = t[:, None] * DG + dgrp[None, :]
+        vsc = tl.load(vs_base + vg, mask=t_ok[:, None], other=0.0).to(tl.float32)
+        vmn = tl.load(vm_base + vg, mask=t_ok[:, None], other=0.0).to(tl.float32)
+        v = tl.reshape(vq.to(tl.float32) * vsc[:, :, None] + vmn[:, :, None], [BT, D])
+        v = tl.where(t_ok[:, None], v, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype), input_precision="ieee")
     if split == n_splits - 1:  # the residual, full precision, after the packed tokens
         rk_base = rk_ptr + pid * R * D
@@ -121,14 +137,30 @@ def _decode_attention_kernel(
 BLOCK_T = 32
 
 
+# head_dim -> (tokens per tile, warps), from `python benchmarks/aot_check.py` (sm_90): the largest
+# tile with no spills in fp16/bf16 at G 16/32 and every packed byte requested once (a tile too small
+# for its warps makes threads load the same words); G 64 takes 64-token tiles (and 2 warps at D 64)
+TILES = {64: (64, 4), 128: (32, 4), 256: (32, 8)}
+
+
+def tile(head_dim: int, group_size: int) -> tuple[int, int]:
+    """(tokens per tile, warps) of the decode kernel; a tile holds whole groups (BT >= G)."""
+    bt, warps = TILES[min(max(head_dim, 64), 256)]
+    if group_size > bt:
+        bt, warps = group_size, (2 if head_dim <= 64 else warps)
+    elif group_size == bt and head_dim <= 64 and group_size >= 64:
+        warps = 2
+    return bt, warps
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _num_splits(bh: int, capacity: int, device: torch.device) -> int:
+def _num_splits(bh: int, capacity: int, block: int, device: torch.device) -> int:
     """Enough programs to fill the GPU (2 per SM); at most two splits on the interpreter."""
-    blocks = max(1, triton.cdiv(capacity, BLOCK_T))
+    blocks = max(1, triton.cdiv(capacity, block))
     if device.type != "cuda":
         return min(blocks, 2)
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -143,8 +175,9 @@ def decode_attention(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed
     C = v_codes.shape[2]
     GQ = (Hq // Hkv) * Lq
     BQ = max(16, triton.next_power_of_2(GQ))
-    S = _num_splits(B * Hkv, C, q.device)
-    split_tokens = triton.cdiv(triton.cdiv(max(C, 1), S), BLOCK_T) * BLOCK_T
+    BT, warps = tile(D, group_size)
+    S = _num_splits(B * Hkv, C, BT, q.device)
+    split_tokens = triton.cdiv(triton.cdiv(max(C, 1), S), BT) * BT
     qg = q.reshape(B, Hkv, Hq // Hkv, Lq, D).contiguous()  # rows of a KV head: (head, query)
     acc = torch.empty(B * Hkv, S, BQ, D, dtype=torch.float32, device=q.device)
     m = torch.empty(B * Hkv, S, BQ, dtype=torch.float32, device=q.device)
@@ -154,7 +187,8 @@ def decode_attention(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed
         _decode_attention_kernel[(B * Hkv, S)](
             qg, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
             acc, m, l, scale, softcap, Hkv, C, R, Lq, split_tokens,
-            K_BITS=k_bits, V_BITS=v_bits, G=group_size, D=D, GQ=GQ, BQ=BQ, BT=BLOCK_T, SOFTCAP=softcap > 0, DOT_FP32=dot_fp32,
+            K_BITS=k_bits, V_BITS=v_bits, G=group_size, D=D, GQ=GQ, BQ=BQ, BT=BT, SOFTCAP=softcap > 0, DOT_FP32=dot_fp32,
+            num_warps=warps,
         )
     # merge the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s
     M = m.amax(1, keepdim=True)

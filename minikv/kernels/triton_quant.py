@@ -63,22 +63,11 @@ def _squared_error(x, q, scale, lo):
 
 
 @triton.jit
-def _quantize_pack_kernel(
-    x_ptr, codes_ptr, scale_ptr, mn_ptr, clip_ptr,
-    N, stride_xm, stride_xn,
-    BITS: tl.constexpr, G: tl.constexpr, GROUPS: tl.constexpr, N_CLIP: tl.constexpr,
-):
-    # BITS, G, GROUPS are constexpr: they fix the tile shapes [GROUPS, G] and the unrolled packing;
-    # N_CLIP (1 = no clipping) unrolls the clip-ratio search, whose (ratio, (1 - ratio) / 2) pairs
-    # are read from clip_ptr as the reference's fp32 constants
-    PER_WORD: tl.constexpr = 32 // BITS
+def quantize_groups(x, clip_ptr, BITS: tl.constexpr, G: tl.constexpr, N_CLIP: tl.constexpr):
+    """fp32 groups ``x [GROUPS, G]`` -> int32 codes ``[GROUPS, G]``, fp16 scale and minimum ``[GROUPS]``,
+    as the reference computes them (N_CLIP = 1: min-max; else the clip-ratio search of ``clip_ptr``'s
+    (ratio, (1 - ratio) / 2) fp32 pairs). A group holding a non-finite value gets codes 0."""
     QMAX: tl.constexpr = (1 << BITS) - 1
-    row = tl.program_id(0)
-    g0 = tl.program_id(1) * GROUPS
-    grp = g0 + tl.arange(0, GROUPS)  # [GROUPS]
-    col = grp[:, None] * G + tl.arange(0, G)[None, :]  # [GROUPS, G]
-    ok = grp < N // G
-    x = tl.load(x_ptr + row * stride_xm + col * stride_xn, mask=ok[:, None], other=0.0).to(tl.float32)
     finite = tl.sum(((x == x) & (tl.abs(x) != float("inf"))).to(tl.int32), axis=1) == G
     low = _fp16_neighbour(tl.min(x, axis=1), False)  # [GROUPS] fp16
     span = tl.max(x, axis=1) - low.to(tl.float32)
@@ -97,11 +86,36 @@ def _quantize_pack_kernel(
             scale = tl.where(better, scale_c, scale)
             mn = tl.where(better, lo, mn)
             best = tl.where(better, err, best)
-    q = tl.where(finite[:, None], q.to(tl.int32), 0)
-    # pack: element j of each run of PER_WORD sits at bits [BITS*j, BITS*(j+1)) of its word
-    q = tl.reshape(q, [GROUPS * G // PER_WORD, PER_WORD])
+    return tl.where(finite[:, None], q.to(tl.int32), 0), scale, mn
+
+
+@triton.jit
+def pack_words(q, N: tl.constexpr, BITS: tl.constexpr):
+    """int32 codes (N of them, any shape) -> ``[N * BITS // 32]`` words: element j of each run of
+    ``32 // BITS`` sits at bits ``[BITS*j, BITS*(j+1))`` of its word."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    q = tl.reshape(q, [N // PER_WORD, PER_WORD])
     shifts = tl.arange(0, PER_WORD) * BITS
-    words = tl.sum(q << shifts[None, :], axis=1)  # disjoint bits: the sum is the OR
+    return tl.sum(q << shifts[None, :], axis=1)  # disjoint bits: the sum is the OR
+
+
+@triton.jit
+def _quantize_pack_kernel(
+    x_ptr, codes_ptr, scale_ptr, mn_ptr, clip_ptr,
+    N, stride_xm, stride_xn,
+    BITS: tl.constexpr, G: tl.constexpr, GROUPS: tl.constexpr, N_CLIP: tl.constexpr,
+):
+    # BITS, G, GROUPS are constexpr: they fix the tile shapes [GROUPS, G] and the unrolled packing;
+    # N_CLIP (1 = no clipping) unrolls the clip-ratio search
+    PER_WORD: tl.constexpr = 32 // BITS
+    row = tl.program_id(0)
+    g0 = tl.program_id(1) * GROUPS
+    grp = g0 + tl.arange(0, GROUPS)  # [GROUPS]
+    col = grp[:, None] * G + tl.arange(0, G)[None, :]  # [GROUPS, G]
+    ok = grp < N // G
+    x = tl.load(x_ptr + row * stride_xm + col * stride_xn, mask=ok[:, None], other=0.0).to(tl.float32)
+    q, scale, mn = quantize_groups(x, clip_ptr, BITS, G, N_CLIP)
+    words = pack_words(q, GROUPS * G, BITS)
     widx = g0 * (G // PER_WORD) + tl.arange(0, GROUPS * G // PER_WORD)
     tl.store(codes_ptr + row * (N // PER_WORD) + widx, words, mask=widx < N // PER_WORD)
     tl.store(scale_ptr + row * (N // G) + grp, scale, mask=ok)
