@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache
 
 from . import budget, selection
+from .compat import layer_types_and_kwargs
 from .config import MiniKVConfig
 from .dense import dense_attention, mask_for, valid_tokens
 from .kernels import implementation
@@ -304,7 +305,7 @@ class MiniKVCache(Cache):
         text = model_config.get_text_config(decoder=True)
         cfg = cfg.for_head_dim(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
         self.cfg = cfg
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
+        layer_types, layer_kwargs = layer_types_and_kwargs(text)
         check_layer_types(layer_types)
         num_compressed = sum(t in COMPRESSED_TYPES for t in layer_types)
         layers, rank = [], 0

@@ -15,3 +15,17 @@ def cache_key() -> str:
     from transformers.generation import utils
 
     return getattr(utils, "ALL_CACHE_NAMES", ["past_key_values"])[0]
+
+
+def layer_types_and_kwargs(text_config) -> tuple[list[str], list[dict]]:
+    """Each layer's type and the keyword arguments its cache layer takes.
+
+    transformers' ``get_layer_types_and_kwargs`` returns one dict for every layer up to 5.2x
+    (``{"sliding_window": W}`` when a layer slides) and a list of per-layer dicts later.
+    """
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    types, kwargs = get_layer_types_and_kwargs(text_config)
+    if isinstance(kwargs, dict):
+        kwargs = [dict(kwargs) for _ in types]
+    return list(types), list(kwargs)

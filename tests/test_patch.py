@@ -73,13 +73,17 @@ def test_unpatch_restores_the_model_exactly():
     assert torch.equal(_greedy(model, ids, mask), ref)
 
 
-def test_softcapped_models_fall_back_to_eager():
+def test_patch_keeps_the_models_attention_family():
+    """Soft-capped Gemma 2 runs eager attention from transformers 5.2x (SDPA has no soft-cap), SDPA
+    in 5.17: the patched uncompressed paths fall back to the same one, and unpatch restores it."""
+    from minikv.patch.attention import IMPLEMENTATIONS
+
     model = tiny_model("gemma2")
-    assert model.config._attn_implementation == "eager"
+    before = model.config._attn_implementation
     minikv.patch(model)
-    assert model.config._attn_implementation == "minikv_eager"
+    assert model.config._attn_implementation == IMPLEMENTATIONS[before]
     minikv.unpatch(model)
-    assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == before
 
 
 def test_patching_twice_and_unpatching_twice_are_errors():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..cache import check_layer_types
+from ..compat import layer_types_and_kwargs
 from ..config import UNSET, MiniKVConfig, build_config
 from . import SUPPORTED_MODEL_TYPES
 from . import attention
@@ -22,8 +23,6 @@ class PatchState:
 
 def check_model(model, cfg: MiniKVConfig) -> None:
     """Raise, naming what is wrong, if ``model`` cannot be patched with ``cfg``."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
     if getattr(model, "_minikv_patch", None) is not None:
         raise ValueError("this model is already patched by minikv: call minikv.unpatch(model) first")
     config = getattr(model, "config", None)
@@ -34,7 +33,7 @@ def check_model(model, cfg: MiniKVConfig) -> None:
         raise ValueError(
             f"unsupported model family {text.model_type!r}: supported are {list(SUPPORTED_MODEL_TYPES)}"
         )
-    check_layer_types(get_layer_types_and_kwargs(text)[0])
+    check_layer_types(layer_types_and_kwargs(text)[0])
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     cfg.for_head_dim(head_dim)
     from ..kernels import implementation
