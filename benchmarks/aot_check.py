@@ -283,6 +283,19 @@ def run(quick: bool, archs: list[int]) -> list[dict]:
     return rows
 
 
+def byte_model(G: int = 32) -> list[dict]:
+    """Bytes one cached token costs per KV head in the packed store (codes + fp16 scales and minimums:
+    keys per channel per G tokens, values per token per G channels) vs an fp16 cache, and the decode
+    speedup over SDPA fp16 that implies when both read their bytes at the same bandwidth."""
+    out = []
+    for D, (kb, vb) in itertools.product((64, 128, 256), BIT_PAIRS):
+        packed = D * (kb + vb) / 8 + 2 * 2 * D / G + 2 * 2 * (D // G)
+        fp16 = 2 * D * 2
+        out.append(dict(D=D, k_bits=kb, v_bits=vb, G=G, packed_bytes_per_token=packed, fp16_bytes_per_token=fp16,
+                        fraction_of_fp16=round(packed / fp16, 4), speedup_bound=round(fp16 / packed, 2)))
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
     cols = ["arch", "kernel", "dtype", "D", "k_bits", "v_bits", "bits", "keys", "G", "g", "Lq", "BT", "num_warps", "regs",
             "spill_stores", "spill_loads", "shared", "ctas_per_sm", "loads_per_packed_byte"]
@@ -291,22 +304,48 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + f"\n\ntriton {triton.__version__}, torch {torch.__version__}; `python benchmarks/aot_check.py`\n"
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="the named shapes in fp16/bf16 (what the tests run)")
-    p.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SM))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "aot"))
-    args = p.parse_args()
-    rows = run(args.quick, args.arch)
-    out = Path(args.out)
+def summary(rows: list[dict]) -> str:
+    """One line per (arch, kernel, dtype, head_dim) over every bit width, group size and row count:
+    register range, worst spill, most shared memory, fewest CTAs per SM, worst load bytes per packed byte."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["kernel"], r["dtype"], r["D"]), []).append(r)
+    lines = ["| arch | kernel | dtype | D | configs | regs | max spill st/ld (B/thread) | max shared (B) | min CTAs/SM "
+             "| max load B per packed B |", "|" + "---|" * 10]
+    for (arch, kernel, dtype, D), rs in groups.items():
+        regs = sorted(int(r["regs"]) for r in rs)
+        spill = max((int(r["spill_stores"]), int(r["spill_loads"])) for r in rs)
+        loads = [float(r["loads_per_packed_byte"]) for r in rs if str(r.get("loads_per_packed_byte", "")) != ""]
+        lines.append(f"| {arch} | {kernel} | {dtype} | {D} | {len(rs)} | {regs[0]}-{regs[-1]} | {spill[0]}/{spill[1]} | "
+                     f"{max(int(r['shared']) for r in rs)} | {min(int(r['ctas_per_sm']) for r in rs)} | "
+                     f"{max(loads) if loads else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(rows: list[dict], out: Path) -> None:
+    """``out.csv`` (every row) and ``out.md`` (the table and the byte model); prints the markdown."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    out.with_suffix(".md").write_text(markdown(rows))
-    print(markdown(rows))
+    model = byte_model()
+    cols = list(model[0])
+    text = "## Summary\n\n" + summary(rows) + "\n## Every configuration\n\n" + markdown(rows) + "\n## Byte model (per token and KV head, packed store vs fp16)\n\n" + "\n".join(
+        ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in model]) + "\n"
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="the named shapes in fp16/bf16 (what the tests run)")
+    p.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SM))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "aot"))
+    args = p.parse_args()
+    write(run(args.quick, args.arch), Path(args.out))
     return 0
 
 
