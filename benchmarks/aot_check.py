@@ -257,7 +257,8 @@ def rows_of(arch: int, family: str, params: dict, compiled: list[Compiled]) -> l
         row = dict(arch=f"sm_{arch}", kernel=c.kernel.strip("_").removesuffix("_kernel"),
                    **{k: params.get(k, "") for k in ("dtype", "D", "k_bits", "v_bits", "bits", "G", "g", "Lq", "keys")},
                    BT=c.constexprs.get("BT", ""), num_warps=c.num_warps, num_stages=c.num_stages, **res,
-                   shared=c.shared, ctas_per_sm=occupancy(arch, res["regs"], c.num_warps, c.shared))
+                   shared=c.shared, ctas_per_sm=occupancy(arch, res["regs"], c.num_warps, c.shared),
+                   fma_f32=len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", c.ptx)))
         if family == "decode":
             issued = loop_load_bytes(c.ptx, 32 * c.num_warps)
             row["loop_load_bytes"] = issued

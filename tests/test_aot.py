@@ -40,6 +40,14 @@ def test_no_spills_in_half_precision_attention(table):
     assert not spilled
 
 
+def test_quantizers_are_compiled_without_fma_contraction(table):
+    """Codes equal the reference only if each fp32 product is rounded before its sum, as in the reference
+    (and the interpreter): no fused multiply-add in the PTX of the quantize and append kernels."""
+    rows = [r for r in table if r["kernel"] in ("quantize_pack", "append")]
+    assert rows and all(int(r["fma_f32"]) == 0 for r in rows)
+    assert any(int(r["fma_f32"]) > 0 for r in table if r["kernel"] == "decode_attention")  # the count sees FMAs
+
+
 def test_decode_main_loop_loads_each_packed_byte_about_once(table):
     ratios = {(r["arch"], r["dtype"], r["D"], r["k_bits"], r["v_bits"]): float(r["loads_per_packed_byte"])
               for r in table if r["kernel"] == "decode_attention"}
