@@ -4,6 +4,7 @@ tokens equal one process's, with compression off and on (``tests/tp_worker.py`` 
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,12 @@ from tp_worker import generate
 
 HERE = Path(__file__).resolve().parent
 pytest.importorskip("accelerate")  # tp_plan needs it
+
+
+def free_port() -> int:
+    with socket.socket() as sock:  # torchrun's --master-port 0 waits forever for its rendezvous
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +40,7 @@ def test_torchrun_two_ranks_generate_what_one_process_does(saved, tmp_path, knob
     one, heads = generate(AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float64).eval(), knobs)
     out = tmp_path / "tp.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                            str(HERE / "tp_worker.py"), str(saved), str(out), json.dumps(knobs)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
