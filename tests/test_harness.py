@@ -117,6 +117,13 @@ def test_bad_model_args_are_refused_before_loading(args, match):
         MiniKVLM(pretrained="/nonexistent/never-loaded", **args)
 
 
+def test_quanto_on_a_model_with_sliding_layers_is_refused_before_any_request(tok):
+    gemma = tiny_model("gemma3_text", vocab_size=len(tok), dtype=torch.float32)
+    with pytest.raises(ValueError, match="cache=quanto: .* \\['sliding_attention'\\] layers"):
+        MiniKVLM(pretrained=gemma, tokenizer=tok, batch_size=1, cache="quanto", bits=4)
+    assert not minikv.is_patched(gemma)
+
+
 def test_registration_keeps_the_builtin_models_and_imports_nothing_at_startup():
     code = ("import sys; assert 'torch' not in sys.modules and 'minikv' not in sys.modules; "
             "from lm_eval.api.registry import get_model, model_registry; "

@@ -33,6 +33,17 @@ KNOBS = tuple(f.name for f in dataclasses.fields(MiniKVConfig) if f.name != "max
 ALIASES = {"SmolLM2-135M-Instruct": "smollm2"}  # other names of the embedded models (minikv.models)
 
 
+def check_quantized_cache_layers(model_config) -> None:
+    """transformers' ``QuantizedCache`` takes only models whose every layer is full attention: refuse
+    others when the model is loaded, not at the first request."""
+    from ..compat import layer_types_and_kwargs
+
+    other = sorted(set(layer_types_and_kwargs(model_config.get_text_config(decoder=True))[0]) - {"full_attention"})
+    if other:
+        raise ValueError(f"cache=quanto: transformers' QuantizedCache supports only models whose every layer is "
+                         f"full attention; this one has {other} layers (use cache=minikv or cache=full)")
+
+
 class MiniKVLM(HFLM):
     def __init__(self, pretrained=None, cache: str = "minikv", dtype: str | None = None, device: str | None = None,
                  preset: str | None = None, **kwargs):
@@ -51,6 +62,8 @@ class MiniKVLM(HFLM):
             raise ValueError(f"bits must be one of {list(QUANTO_BITS)} with cache=quanto, got {self.quanto_bits}")
         self.cache_kind, self.kv = cache, KVBytes()
         super().__init__(**hf_arguments(pretrained, dtype, device, kwargs))
+        if cache == "quanto":
+            check_quantized_cache_layers(self.model.config)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.minikv_config is not None:

@@ -134,9 +134,6 @@ def _decode_attention_kernel(
     tl.store(l_ptr + out + rows, l)
 
 
-BLOCK_T = 32
-
-
 # head_dim -> (tokens per tile, warps), from `python benchmarks/aot_check.py` (sm_90): the largest
 # tile with no spills in fp16/bf16 at G 16/32 and every packed byte requested once (a tile too small
 # for its warps makes threads load the same words); G 64 takes 64-token tiles (and 2 warps at D 64)
@@ -145,7 +142,7 @@ TILES = {64: (64, 4), 128: (32, 4), 256: (32, 8)}
 
 def tile(head_dim: int, group_size: int) -> tuple[int, int]:
     """(tokens per tile, warps) of the decode kernel; a tile holds whole groups (BT >= G)."""
-    bt, warps = TILES[min(max(head_dim, 64), 256)]
+    bt, warps = next((TILES[d] for d in sorted(TILES) if head_dim <= d), TILES[max(TILES)])
     if group_size > bt:
         bt, warps = group_size, (2 if head_dim <= 64 else warps)
     elif group_size == bt and head_dim <= 64 and group_size >= 64:
