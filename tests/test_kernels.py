@@ -57,7 +57,7 @@ def test_quantize_pack_keys_layout_and_constant_groups(bits):
 
 # ---- decode attention ---------------------------------------------------------------------------
 # (Hq, Hkv, D): GQA 1/3/4/8, head_dim 64 and 128
-HEADS = [(4, 4, 64), (9, 3, 64), (8, 2, 128), (8, 1, 64)]
+HEADS = [(4, 4, 64), (9, 3, 64), (8, 2, 128), (8, 1, 64), (4, 1, 256)]  # the last: Gemma 3 (MQA, D 256)
 # per-sequence (packed, residual) lengths: T < G, T = R +- 1, odd, batch 1 and > 1 with different lengths
 # (R = 32 in these tests: 31 = R - 1 tokens, 33 = R + 1 tokens)
 LENGTHS = [([0], [5]), ([0], [31]), ([32], [1]), ([32], [0]), ([64, 0, 16], [1, 31, 7]), ([96, 32], [31, 2])]
