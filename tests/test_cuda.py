@@ -11,6 +11,7 @@ import torch
 import minikv
 from minikv.kernels import ops, quant, reference
 from models import tiny_model
+from test_kernels import _dense  # attention in a given dtype: the yardstick of the error budget
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
@@ -42,18 +43,6 @@ def test_quantize_codes_equal_the_reference(device, bits, G, dtype, clip):
 SHAPES = [(32, 8, 128, 4, 2), (4, 1, 256, 4, 2), (9, 3, 64, 2, 2), (32, 8, 128, 2, 2)]
 
 
-def _dense(q, keys, vals, dtype):
-    """Attention of q ``[Hq, Lq, D]`` over keys/values ``[Hkv, N, D]`` computed in ``dtype`` (causal among
-    the Lq new queries): what plain PyTorch in that dtype gets, the yardstick of the error budget."""
-    Lq, N = q.shape[1], keys.shape[1]
-    g = q.shape[0] // keys.shape[0]
-    s = q.to(dtype) @ keys.to(dtype).repeat_interleave(g, 0).transpose(-1, -2) * q.shape[-1] ** -0.5
-    pos = torch.arange(N, device=q.device)
-    allowed = pos[None, :] < (N - (Lq - 1 - torch.arange(Lq, device=q.device)))[:, None]
-    p = torch.softmax(s.masked_fill(~allowed, float("-inf")).float(), -1).to(dtype)
-    return p @ vals.to(dtype).repeat_interleave(g, 0)
-
-
 @pytest.mark.parametrize("Hq,Hkv,D,k_bits,v_bits", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("Lq", [1, 4])
@@ -74,11 +63,11 @@ def test_decode_attention_error_budget(device, Hq, Hkv, D, k_bits, v_bits, dtype
     V = quant.unpack_dequantize(*buf[3:], v_bits, G, torch.float64)
     for b in range(B):
         n, r = n_packed[b], res_len[b]
-        keys = torch.cat([K[b, :, :n], rk[b, :, :r].double()], 1)
-        vals = torch.cat([V[b, :, :n], rv[b, :, :r].double()], 1)
-        exact = _dense(q[b].double(), keys, vals, torch.float64)
-        same = _dense(q[b], keys, vals, dtype).double()
-        assert (got[b] - exact).abs().max() <= 2 * (same - exact).abs().max() + EPS[dtype], b
+        keys = torch.cat([K[b : b + 1, :, :n], rk[b : b + 1, :, :r].double()], 2)
+        vals = torch.cat([V[b : b + 1, :, :n], rv[b : b + 1, :, :r].double()], 2)
+        exact = _dense(q[b : b + 1].double(), keys, vals, n, r, Lq, torch.float64)
+        same = _dense(q[b : b + 1], keys, vals, n, r, Lq, dtype).double()
+        assert (got[b : b + 1] - exact).abs().max() <= 2 * (same - exact).abs().max() + EPS[dtype], b
 
 
 def test_prefill_attention_and_scores(device):

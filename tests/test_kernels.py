@@ -68,7 +68,8 @@ def _dense(q, K, V, n, r, Lq, dtype):
     N = n + r
     g = q.shape[1] // K.shape[1]
     s = q.to(dtype) @ K[:, :, :N].to(dtype).repeat_interleave(g, 1).transpose(-1, -2) * q.shape[-1] ** -0.5
-    allowed = torch.arange(N)[None, :] < (N - (Lq - 1 - torch.arange(Lq)))[:, None]
+    pos = torch.arange(N, device=q.device)
+    allowed = pos[None, :] < (N - (Lq - 1 - torch.arange(Lq, device=q.device)))[:, None]
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")).float(), -1).to(dtype)
     return p @ V[:, :, :N].to(dtype).repeat_interleave(g, 1)
 
