@@ -59,3 +59,10 @@ GROUPS["fidelity"] = [
 # what the quantizer alone costs at the defaults (no token evicted); the Gemma 3 judge adds it because
 # transformers' QuantizedCache refuses models with sliding layers (no quanto rows there)
 GROUPS["fidelity_extra"] = [("minikv defaults, every token kept", dict(cache="minikv", budget=None))]
+
+# MiKV (issue 10): the evicted tokens kept at 1 bit (groups of 64) instead of dropped, at the defaults'
+# bytes (20% kept at K4 V2) and on top of the defaults (more bytes)
+GROUPS["mikv"] = [
+    ("MiKV: 20% K4V2 + evicted at 1 bit", dict(cache="minikv", budget=0.2, evicted_bits=1, evicted_group_size=64)),
+    ("MiKV: defaults + evicted at 1 bit", dict(cache="minikv", evicted_bits=1, evicted_group_size=64)),
+]

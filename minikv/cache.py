@@ -18,6 +18,7 @@ from . import budget, selection
 from .compat import layer_types_and_kwargs
 from .config import MiniKVConfig
 from .dense import dense_attention, mask_for, valid_tokens
+from .evicted import EvictedStore
 from .kernels import implementation
 from .sliding import SlidingLayer
 from .store import DenseStore, QuantizedStore
@@ -79,6 +80,7 @@ class MiniKVLayer(StaticLayer):
         self.cfg, self.rank, self.num_compressed = cfg, rank, num_compressed
         self.max_cache_len = max_cache_len
         self.store: QuantizedStore | DenseStore | None = None
+        self.evicted: EvictedStore | None = None  # MiKV's low-precision tier (``evicted_bits``)
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)  # logical tokens, as a tensor
         self._seen = 0  # the same as a Python int, for capacity checks outside compiled code
         self._capacity_tokens = 0
@@ -169,6 +171,8 @@ class MiniKVLayer(StaticLayer):
             self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
             self._set_store(store_cls(self.cfg, *shape[1:]), shape)
         self.n_max = kept
+        self.evicted = None if self.cfg.evicted_bits is None else EvictedStore(
+            self.cfg.evicted_bits, self.cfg.evicted_group, self.cfg.clips, self.store.rot_k, self.store.rot_v, self.dtype)
         self._capacity_tokens = T + new
         self._prompt_T = self._seen = T
         self.cumulative_length.fill_(T)
@@ -182,6 +186,11 @@ class MiniKVLayer(StaticLayer):
         if view.key is not None:
             return self._prefill(module, query, view.key, view.value, mask, scaling, softcap, fallback, **kwargs)
         Lq = query.shape[2]
+        if self.evicted is not None and self.evicted.parts:  # both tiers, dequantized (one new token)
+            k, v, valid = self.held()
+            allowed = mask_for(valid[:, None, None, :].expand(-1, 1, Lq, -1), fallback, query.dtype)
+            return dense_attention(module, query, k.to(query.dtype), v.to(query.dtype), allowed, scaling, softcap,
+                                   fallback)
         if isinstance(self.store, DenseStore):
             allowed = mask_for(self.store.visible(Lq), fallback, query.dtype)
             return dense_attention(module, query, self.store.k, self.store.v, allowed, scaling, softcap, fallback)
@@ -219,7 +228,30 @@ class MiniKVLayer(StaticLayer):
         zero = torch.zeros((), dtype=k.dtype, device=k.device)  # slots past n_keep[b] hold nothing
         self.store.write_prompt(torch.where(kept, k.gather(2, index), zero),
                                 torch.where(kept, v.gather(2, index), zero), n_keep)
+        if self.evicted is not None:
+            self._keep_evicted(k, v, idx, n_keep, valid)
         return out, weights
+
+    def _keep_evicted(self, k, v, idx, n_keep, valid) -> None:
+        """Write the tokens of ``k/v [B, H, T, D]`` that selection left out (valid, not among the first
+        ``n_keep[b]`` of ``idx``) into the evicted tier, in temporal order."""
+        B, H, T, D = k.shape
+        taken = (torch.arange(idx.shape[-1], device=k.device)[None] < n_keep[:, None])[:, None].expand(B, H, -1)
+        hits = torch.zeros(B, H, T, dtype=torch.int32, device=k.device).scatter_add_(2, idx, taken.to(torch.int32))
+        evicted = valid[:, None, :] & (hits == 0)  # [B, H, T]
+        counts = evicted[:, 0].sum(-1)  # the same for every head (one budget per sequence)
+        order = torch.sort((~evicted).to(torch.uint8), dim=-1, stable=True).indices  # evicted first, in order
+        n = int(counts.max())
+        index = order[..., :n, None].expand(-1, -1, -1, D)
+        self.evicted.write(k.gather(2, index), v.gather(2, index), counts)
+
+    def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(k, v [B, H, S, D], valid [B, S])``: every token held, both tiers, dequantized."""
+        k, v, valid = self.store.dense()
+        low = self.evicted.dense() if self.evicted is not None else None
+        if low is None:
+            return k, v, valid
+        return torch.cat([k, low[0].to(k.dtype)], 2), torch.cat([v, low[1].to(v.dtype)], 2), torch.cat([valid, low[2]], 1)
 
     # -- later turns and prefill chunks -----------------------------------------------------
     @eager_only
@@ -231,7 +263,7 @@ class MiniKVLayer(StaticLayer):
         B, _, N, _ = k.shape
         self._seen = int(self.cumulative_length)  # compiled decode steps do not count in Python: resync (prefill time)
         room = self.room_after(self._seen + N)  # validated before anything changes
-        old_k, old_v, old_valid = self.store.dense()
+        old_k, old_v, old_valid = self.held()
         S = old_k.shape[2]
         keys, values = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
         new_valid = torch.ones(B, N, dtype=torch.bool, device=k.device)
@@ -257,7 +289,10 @@ class MiniKVLayer(StaticLayer):
             if cfg.crush > 0:
                 scores = selection.crush(scores, new_valid, n_keep, n_recent, cfg)
             n = budget.capacity(cfg, self.rank, self.num_compressed, N)  # every sequence keeps n
-            idx = impl.select_tokens(scores, new_valid, n_keep, n_recent, n)[..., None].expand(-1, -1, -1, k.shape[-1])
+            idx = impl.select_tokens(scores, new_valid, n_keep, n_recent, n)
+            if self.evicted is not None:
+                self._keep_evicted(k, v, idx, n_keep, new_valid)
+            idx = idx[..., None].expand(-1, -1, -1, k.shape[-1])
             k, v = k.gather(2, idx), v.gather(2, idx)
         needed = int(self.store.lengths().max()) + k.shape[2] + room
         if self.max_cache_len is None or needed > self.store.capacity:  # max_cache_len reserved it all up front
@@ -287,7 +322,10 @@ class MiniKVLayer(StaticLayer):
         if self.store is None:
             return KVMemory(0, 0, 0)
         fp16 = self.tokens_held() * self.num_heads * self.head_dim * 2 * 2  # K and V, 2 bytes each
-        return KVMemory(self.store.used_bytes(), fp16, self.store.allocated_bytes())
+        used, allocated = self.store.used_bytes(), self.store.allocated_bytes()
+        if self.evicted is not None:
+            used, allocated = used + self.evicted.used_bytes(), allocated + self.evicted.allocated_bytes()
+        return KVMemory(used, fp16, allocated)
 
 
 class MiniKVCache(Cache):

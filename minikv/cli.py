@@ -65,6 +65,8 @@ KNOB_FLAGS = {
     "crush": (float, None, "KVCrush share of the scored budget (0 = off)"),
     "crush_anchor": (str, CRUSH_ANCHORS, "KVCrush Hamming anchor"),
     "crush_seed": (int, None, "KVCrush seed (crush_anchor=random)"),
+    "evicted_bits": (_optional_bits, None, "MiKV: evicted tokens kept at 1 or 2 bits instead of dropped"),
+    "evicted_group_size": (int, None, "MiKV: group size of the evicted tier (default q_group_size)"),
     "q_group_size": (int, None, "quantization group G"),
     "residual_length": (int, None, "full-precision decode tokens before a flush (R)"),
     "backend": (str, BACKENDS, "kernels: auto (Triton on CUDA), reference or triton"),

@@ -12,6 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    # under pytest-xdist each worker gets its share of the cores (torch would take them all in every worker)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_torchao():
     # transformers imports torchao, which logs about CUDA-only extensions; import it once quietly
