@@ -31,11 +31,17 @@ EAGER_ONLY = ("a MiniKV prefill (the prompt, a new turn or a prefill chunk) runs
               "eagerly and the decode step compiles)")
 
 
-def eager_only(fn):
+EVICTED_EAGER = ("MiKV's evicted tier (evicted_bits) is read eagerly (dequantized, no fused kernel): "
+                 "a decode step that reads it does not compile; use evicted_bits=None to compile the decode step")
+
+
+def eager_only(fn=None, *, reason: str = EAGER_ONLY):
     """``fn`` is never traced: under ``torch.compile`` it runs eagerly (a graph break whose reason
     says what to compile instead; with ``fullgraph=True`` that reason is the error)."""
+    if fn is None:
+        return lambda f: eager_only(f, reason=reason)
     try:
-        return torch.compiler.disable(fn, reason=EAGER_ONLY)
+        return torch.compiler.disable(fn, reason=reason)
     except TypeError:  # a torch without ``reason``
         return torch.compiler.disable(fn)
 UNCOMPRESSED_TYPES = {"sliding_attention": SlidingLayer}  # kept whole, in static buffers
@@ -186,16 +192,20 @@ class MiniKVLayer(StaticLayer):
         if view.key is not None:
             return self._prefill(module, query, view.key, view.value, mask, scaling, softcap, fallback, **kwargs)
         Lq = query.shape[2]
-        if self.evicted is not None and self.evicted.parts:  # both tiers, dequantized (one new token)
-            k, v, valid = self.held()
-            allowed = mask_for(valid[:, None, None, :].expand(-1, 1, Lq, -1), fallback, query.dtype)
-            return dense_attention(module, query, k.to(query.dtype), v.to(query.dtype), allowed, scaling, softcap,
-                                   fallback)
+        if self.evicted is not None and self.evicted.parts:
+            return self._attend_both_tiers(module, query, scaling, softcap, fallback)
         if isinstance(self.store, DenseStore):
             allowed = mask_for(self.store.visible(Lq), fallback, query.dtype)
             return dense_attention(module, query, self.store.k, self.store.v, allowed, scaling, softcap, fallback)
         out = self.store.attend(query, scaling, softcap or 0.0)  # [B, Hq, Lq, D]
         return out.transpose(1, 2), None
+
+    @eager_only(reason=EVICTED_EAGER)
+    def _attend_both_tiers(self, module, query, scaling, softcap, fallback):
+        """Decode attention over the kept tokens and MiKV's evicted tier, both dequantized."""
+        k, v, valid = self.held()
+        allowed = mask_for(valid[:, None, None, :].expand(-1, 1, query.shape[2], -1), fallback, query.dtype)
+        return dense_attention(module, query, k.to(query.dtype), v.to(query.dtype), allowed, scaling, softcap, fallback)
 
     @eager_only
     def _prefill(self, module, q, k, v, mask, scaling, softcap, fallback, **kwargs):

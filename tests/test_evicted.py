@@ -147,3 +147,13 @@ def test_the_tier_group_must_fit_the_head_and_the_bits():
     model = tiny_model("llama")  # head_dim 16
     with pytest.raises(ValueError, match="head_dim=16"):
         minikv.patch(model, evicted_bits=1, evicted_group_size=32)
+
+
+def test_compiling_a_decode_step_that_reads_the_tier_is_refused_before_any_work():
+    model = tiny_model("llama", head_dim=64)
+    minikv.patch(model, bits=2, budget=0.5, evicted_bits=2)
+    try:
+        with pytest.raises(ValueError, match="compile=True cannot compile a decode step that reads MiKV's evicted tier"):
+            minikv.generate(model, torch.randint(0, 320, (1, 40)), max_new_tokens=4, compile=True)
+    finally:
+        minikv.unpatch(model)
