@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from .kernels import quant
-from .kernels.quant import META_DTYPE
 from .rotation import rotate, unrotate
+from .store import packed_token_bytes, round_up
 
 
 class EvictedStore:
@@ -33,7 +33,7 @@ class EvictedStore:
         if N == 0:
             return
         G = self.group
-        n = -(-N // G) * G
+        n = round_up(N, G)
         last = (counts - 1).clamp_min(0)[:, None]  # [B, 1]: the last real token of each sequence
         slot = torch.arange(n, device=k.device)[None]
         take = torch.where(slot < counts[:, None], slot.clamp_max(N - 1), last)[:, None, :, None].expand(B, H, n, D)
@@ -60,9 +60,7 @@ class EvictedStore:
         if not self.parts:
             return 0
         B, H, D = self.parts[0][0][0].shape[:3]
-        meta = 2 * (D // self.group) * META_DTYPE.itemsize
-        per_token = 2 * (D * self.bits // 8 + meta)
-        return B * H * self._padded * per_token
+        return B * H * self._padded * packed_token_bytes(D, self.bits, self.bits, self.group)
 
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for kq, vq, _ in self.parts for t in (*kq, *vq))

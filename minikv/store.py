@@ -21,6 +21,12 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def packed_token_bytes(D: int, k_bits: int, v_bits: int, group: int) -> int:
+    """Bytes of one packed token of one head: K and V codes, and an fp16 scale and minimum per G elements each."""
+    meta = 2 * (D // group) * META_DTYPE.itemsize
+    return D * k_bits // 8 + meta + D * v_bits // 8 + meta
+
+
 class QuantizedStore:
     """KIVI layout: a packed store of ``C`` tokens plus a full-precision residual of ``S + R`` tokens.
 
@@ -175,8 +181,7 @@ class QuantizedStore:
         """Bytes that represent the tokens held: codes + fp16 scales + fp16 minimums of the packed
         tokens, and the residual (sinks included) in its own dtype."""
         B, H, D = self.k_codes.shape[:3]
-        meta = 2 * (D // self.group) * META_DTYPE.itemsize  # a scale and a minimum per G elements
-        per_token = D * self.k_bits // 8 + meta + D * self.v_bits // 8 + meta  # K and V
+        per_token = packed_token_bytes(D, self.k_bits, self.v_bits, self.group)
         res_per_token = 2 * D * self.res_k.element_size()
         return int(H * (self.n_packed.sum() * per_token + self.res_len.sum() * res_per_token))
 
