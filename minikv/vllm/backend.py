@@ -1,0 +1,193 @@
+"""The vLLM attention backend: minikv's KIVI layout in vLLM's paged blocks (vLLM 0.32).
+
+Write (``do_kv_cache_update``, before each layer's attention): values quantized per token at once,
+keys kept in the block's residual until their group of G is complete, then quantized per channel
+(:mod:`.paged`). Attention (``forward``): a request decoding one token reads its whole stored
+sequence through ``minikv::decode_attention`` (decode requests batched); a request with several new
+tokens (prefill, a chunk, a later turn) attends over its stored context plus its new tokens in full
+precision, as minikv's patched prefill does. Declares ``state_content_bytes`` (the packed bytes per
+token slot) through ``customize_spec``, so vLLM's scheduler fits more tokens in the same memory.
+
+Not done here, by design: token selection at prefill (vLLM's scheduler allocates a block for every
+prompt token; evicting needs changes to vLLM's KV cache manager), sliding-window, ALiBi,
+attention-sink and encoder layers, FP8 caches. Each is refused at engine start.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from ..rotation import hadamard
+from . import paged
+from .layout import PageLayout
+from .settings import ENV, Settings, current
+
+
+@functools.cache
+def settings() -> Settings:
+    found = current()
+    if found is None:  # the plugin registers the backend only when the variable is set
+        raise RuntimeError(f"the minikv vLLM backend was selected but {ENV} is not set")
+    return found
+
+
+def layout_for(head_size: int, block_size: int, dtype: torch.dtype) -> PageLayout:
+    s = settings()
+    return PageLayout(head_size, block_size, dtype, s.k_bits, s.v_bits, s.group_size)
+
+
+class MiniKVAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
+        return [MultipleOf(settings().group_size if settings().quantized else 16)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple:
+        return (KVCacheLayout.LBHNC,)  # each (block, KV head) page contiguous: the layout lives inside it
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Declare the packed bytes per (KV head, token slot): the scheduler sizes the cache with them."""
+        if not settings().quantized or spec.state_content_bytes is not None:
+            return spec
+        return replace(spec, state_content_bytes=layout_for(spec.head_size, spec.block_size, spec.dtype).slot_bytes)
+
+    @staticmethod
+    def get_impl_cls() -> type[MiniKVAttentionImpl]:
+        return MiniKVAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[MiniKVMetadataBuilder]:
+        return MiniKVMetadataBuilder
+
+
+@dataclass
+class MiniKVMetadata:
+    num_actual_tokens: int
+    query_start: list[int]  # host copies, read once per step by the builder
+    seq_lens_host: list[int]
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    decode_rows: torch.Tensor  # requests with one new token: batched through the decode op
+    decode_tokens: torch.Tensor  # their token index in the batch
+
+
+class MiniKVMetadataBuilder(AttentionMetadataBuilder[MiniKVMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> MiniKVMetadata:
+        m = common_attn_metadata
+        start = m.query_start_loc_cpu[: m.num_reqs + 1].tolist()
+        lens = [b - a for a, b in zip(start, start[1:])]
+        rows = [i for i, n in enumerate(lens) if n == 1]
+        return MiniKVMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            query_start=start,
+            seq_lens_host=m.seq_lens[: m.num_reqs].cpu().tolist(),
+            seq_lens=m.seq_lens[: m.num_reqs],
+            block_table=m.block_table_tensor[: m.num_reqs],
+            slot_mapping=m.slot_mapping,
+            decode_rows=torch.tensor(rows, dtype=torch.long, device=self.device),
+            decode_tokens=torch.tensor([start[i] for i in rows], dtype=torch.long, device=self.device),
+        )
+
+
+class MiniKVAttentionImpl(AttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, alibi_slopes,
+                 sliding_window, kv_cache_dtype: str, logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, sinks=None) -> None:
+        refused = {
+            "attn_type": (attn_type != AttentionType.DECODER, f"{attn_type} (only decoder attention)"),
+            "sliding_window": (sliding_window is not None, f"{sliding_window} (only full attention layers)"),
+            "alibi_slopes": (alibi_slopes is not None, "set (ALiBi is not supported)"),
+            "sinks": (sinks is not None, "set (learned attention sinks are not supported)"),
+            "kv_cache_dtype": (kv_cache_dtype != "auto", f"{kv_cache_dtype!r} (only 'auto': minikv quantizes)"),
+            "kv_sharing_target_layer_name": (kv_sharing_target_layer_name is not None, "set (no cross-layer KV sharing)"),
+        }
+        for name, (bad, what) in refused.items():
+            if bad:
+                raise ValueError(f"{ENV}: the minikv backend cannot serve this model: {name}={what}")
+        self.settings = settings()
+        block_size = get_current_vllm_config().cache_config.block_size
+        self.settings.check_model(head_size, block_size)
+        self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
+        self.scale, self.softcap = float(scale), float(logits_soft_cap or 0.0)
+        self.kv_cache_dtype, self.attn_type = kv_cache_dtype, attn_type
+        self.kv_sharing_target_layer_name = None
+        self.sinks = None
+        self._rot: dict = {}
+
+    def _setup(self, kv_cache: torch.Tensor):
+        """The layout of this cache tensor and its region views, and the rotations on its device."""
+        key = (kv_cache.data_ptr(), tuple(kv_cache.shape))
+        if key not in self._rot:
+            lay = layout_for(self.head_size, kv_cache.shape[2], kv_cache.dtype)
+            R = hadamard(self.head_size, kv_cache.device)
+            s = self.settings
+            self._rot = {key: (lay, lay.views(kv_cache), R if s.rotate in ("k", "kv") else None,
+                               R if s.rotate in ("v", "kv") else None)}
+        return self._rot[key]
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        lay, views, rot_k, rot_v = self._setup(kv_cache)
+        n = slot_mapping.shape[0]
+        paged.write(views, lay, key[:n], value[:n], slot_mapping, rot_k, rot_v, self.settings.clip)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("the minikv backend does not fuse output quantization")
+        if attn_metadata is None:  # profiling run
+            return output
+        m: MiniKVMetadata = attn_metadata
+        lay, views, rot_k, rot_v = self._setup(kv_cache)
+        batched = lay.quantized and m.decode_rows.numel() > 0
+        if batched:  # one new token each: the whole stored sequence through minikv::decode_attention
+            rows, tokens = m.decode_rows, m.decode_tokens
+            store = paged.gather(views, lay, m.block_table[rows], m.seq_lens[rows])
+            output[tokens] = paged.decode(query[tokens], store, lay, self.scale, self.softcap, rot_k, rot_v).to(output.dtype)
+        for r, (a, b) in enumerate(zip(m.query_start, m.query_start[1:])):
+            if b > a and not (batched and b - a == 1):
+                output[a:b] = self._extend(views, lay, m, r, query[a:b], key[a:b], value[a:b], rot_k, rot_v).to(output.dtype)
+        return output
+
+    def _extend(self, views, lay, m: MiniKVMetadata, r: int, q, k_new, v_new, rot_k, rot_v):
+        """Request ``r``'s new tokens over its stored context and over themselves in full precision."""
+        ctx = m.seq_lens_host[r] - q.shape[0]
+        if lay.quantized:
+            store = paged.gather(views, lay, m.block_table[r : r + 1], m.seq_lens[r : r + 1])
+            k_ctx, v_ctx = (x[0].transpose(0, 1) for x in paged.dense(store, lay, ctx, rot_k, rot_v))  # [ctx, H, D]
+        else:
+            blocks = m.block_table[r, : -(-ctx // lay.block_size)].long()
+            k_ctx = views["k"][blocks].transpose(1, 2).flatten(0, 1)[:ctx]  # [ctx, H, D]
+            v_ctx = views["v"][blocks].transpose(1, 2).flatten(0, 1)[:ctx]
+        return paged.attend(q, k_ctx, v_ctx, k_new, v_new, self.scale, self.softcap)

@@ -1,0 +1,131 @@
+"""Writing tokens into minikv pages and attending over them (no vLLM import; :mod:`.layout`).
+
+Tokens arrive as vLLM hands them to a backend: ``key/value [T, H, D]`` with a ``slot_mapping [T]``
+(``block * N + offset``, ``-1`` for padding), each request's tokens contiguous and in order. A
+sequence's pages, gathered through its block table, are minikv's store (packed groups + a residual),
+so decode runs the project's ``minikv::decode_attention`` op (Triton on CUDA, the reference on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import ops
+from ..rotation import rotate, unrotate
+from .layout import PageLayout
+
+
+def write(views: dict, layout: PageLayout, key, value, slot_mapping, rot_k=None, rot_v=None, clip: bool = False) -> None:
+    """Store ``key/value [T, H, D]`` at ``slot_mapping [T]``, in place."""
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    if slot_mapping.numel() == 0:
+        return
+    slot = slot_mapping.long()
+    block, offset = slot // layout.block_size, slot % layout.block_size
+    if not layout.quantized:
+        views["k"][block, :, offset] = key.to(layout.dtype)
+        views["v"][block, :, offset] = value.to(layout.dtype)
+        return
+    G = layout.group_size
+    key, value = rotate(key.to(layout.dtype), rot_k), rotate(value.to(layout.dtype), rot_v)
+    # values: per token, complete at once
+    vc, vs, vm = ops.quantize_pack(value, layout.v_bits, G, clip)  # [T, H, D*b/32], [T, H, D/G]
+    views["v_codes"][block, :, offset] = vc
+    views["v_scale"][block, :, offset] = vs
+    views["v_mn"][block, :, offset] = vm
+    # keys: a group is quantized when its last token arrives, from this call's tokens and the residual
+    T = slot.shape[0]
+    index = torch.arange(T, device=slot.device)
+    in_group = offset % G
+    to_end = G - 1 - in_group
+    end = (index + to_end).clamp_max(T - 1)
+    completed_here = (index + to_end < T) & (slot[end] == slot + to_end)  # the group's last token is in this call
+    last = (in_group == G - 1).nonzero().squeeze(-1)  # tokens that complete a group
+    if last.numel():
+        member = last[:, None] - (G - 1) + torch.arange(G, device=slot.device)[None]  # [n, G] call index
+        src = member.clamp_min(0)
+        here = (member >= 0) & (slot[src] == slot[last][:, None] - (G - 1) + torch.arange(G, device=slot.device)[None])
+        res = views["k_res"][block[last]].transpose(1, 2)  # [n, G, H, D]
+        group = torch.where(here[..., None, None], key[src], res)  # [n, G, H, D]
+        kc, ks, km = ops.quantize_pack(group.permute(0, 2, 3, 1), layout.k_bits, G, clip)  # [n, H, D, G*b/32], [n, H, D, 1]
+        g = offset[last] // G
+        words = g[:, None] * kc.shape[-1] + torch.arange(kc.shape[-1], device=slot.device)[None]  # [n, W]
+        views["k_codes"][block[last][:, None], :, :, words] = kc.permute(0, 3, 1, 2)  # advanced dims first: [n, W, H, D]
+        views["k_scale"][block[last], :, :, g] = ks[..., 0]
+        views["k_mn"][block[last], :, :, g] = km[..., 0]
+    pending = ~completed_here  # the tail of each request's last group waits in the residual
+    if bool(pending.any()):
+        p = pending.nonzero().squeeze(-1)
+        views["k_res"][block[p], :, in_group[p]] = key[p]
+
+
+def gather(views: dict, layout: PageLayout, block_table, seq_lens) -> dict:
+    """The store of each sequence ``block_table [B, nb]`` (int), ``seq_lens [B]``: minikv's packed arrays
+    over ``C = nb * N`` tokens, ``n_packed`` (tokens in complete groups), and the residual
+    ``res_k/res_v [B, H, G, D]`` (keys from the page's residual, values dequantized), ``res_len``."""
+    B, nb = block_table.shape
+    N, G = layout.block_size, layout.group_size
+    bt = block_table.long()
+
+    def cat_tokens(x, axis):  # region [blocks, H, ...] with tokens along `axis` -> [B, H, ...] over nb * N tokens
+        x = x[bt].movedim(1, axis)  # [B, nb, H, ...] -> the block axis just before the token axis
+        return x.flatten(axis, axis + 1)
+
+    store = {name: cat_tokens(views[name], 3) for name in ("k_codes", "k_scale", "k_mn")}  # [B, H, D, nb*X]
+    store.update({name: cat_tokens(views[name], 2) for name in ("v_codes", "v_scale", "v_mn")})  # [B, H, nb*N, X]
+    seq_lens = seq_lens.long()
+    n_packed = seq_lens // G * G
+    res_block = bt.gather(1, (n_packed // N).clamp_max(nb - 1)[:, None])[:, 0]  # the block holding the open group
+    res_k = views["k_res"][res_block]  # [B, H, G, D]
+    rows = (n_packed[:, None] + torch.arange(G, device=bt.device)[None]).clamp_max(nb * N - 1)  # [B, G]
+    take = lambda x: x.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))  # noqa: E731
+    res_v = ops.unpack_dequantize(take(store["v_codes"]), take(store["v_scale"]), take(store["v_mn"]),
+                                  layout.v_bits, G, layout.dtype)
+    store.update(n_packed=n_packed, res_k=res_k, res_v=res_v, res_len=seq_lens - n_packed)
+    return store
+
+
+def dense(store: dict, layout: PageLayout, length: int, rot_k=None, rot_v=None):
+    """Keys and values ``[B, H, length, D]`` fp32 as stored (dequantized, rotated back): token ``t`` of a
+    sequence is read from the packed groups if ``t < n_packed``, else from the residual."""
+    G = layout.group_size
+    keys = ops.unpack_dequantize(store["k_codes"], store["k_scale"], store["k_mn"], layout.k_bits, G, torch.float32)
+    keys = keys.transpose(-1, -2)[:, :, :length]  # [B, H, L, D]
+    vals = ops.unpack_dequantize(store["v_codes"], store["v_scale"], store["v_mn"], layout.v_bits, G, torch.float32)
+    vals = vals[:, :, :length]
+    t = torch.arange(length, device=keys.device)
+    in_res = t[None] >= store["n_packed"][:, None]  # [B, L]
+    r = (t[None] - store["n_packed"][:, None]).clamp(0, G - 1)  # residual row of token t
+    res_k = store["res_k"].float().gather(2, r[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1]))
+    keys = torch.where(in_res[:, None, :, None], res_k, keys)
+    return unrotate(keys, rot_k), unrotate(vals, rot_v)
+
+
+def decode(q, store: dict, layout: PageLayout, scale: float, softcap: float, rot_k=None, rot_v=None):
+    """One new token per sequence, ``q [B, Hq, D]``, over each whole stored sequence (its own token
+    included) with ``minikv::decode_attention`` -> ``[B, Hq, D]``."""
+    out = ops.decode_attention(
+        rotate(q, rot_k)[:, :, None], store["k_codes"], store["k_scale"], store["k_mn"],
+        store["v_codes"], store["v_scale"], store["v_mn"], store["n_packed"], store["res_k"], store["res_v"],
+        store["res_len"], scale, softcap, layout.k_bits, layout.v_bits, layout.group_size,
+    )
+    return unrotate(out[:, :, 0], rot_v)
+
+
+def attend(q, k_ctx, v_ctx, k_new, v_new, scale: float, softcap: float):
+    """Causal attention of ``q [Lq, Hq, D]`` over ``[k_ctx ; k_new]`` (``[Lc, H, D]`` and ``[Lq, H, D]``) in fp32:
+    the new tokens see every context token and the new ones up to themselves -> ``[Lq, Hq, D]``."""
+    Lq, Hq, D = q.shape
+    keys = torch.cat([k_ctx.float(), k_new.float()], 0)  # [L, H, D]
+    vals = torch.cat([v_ctx.float(), v_new.float()], 0)
+    H, L = keys.shape[1], keys.shape[0]
+    qf = q.float().view(Lq, H, Hq // H, D)
+    s = torch.einsum("mhgd,nhd->hgmn", qf, keys) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    pos = torch.arange(L, device=q.device)
+    allowed = pos[None] <= (L - Lq + torch.arange(Lq, device=q.device))[:, None]  # [Lq, L]
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
+    return torch.einsum("hgmn,nhd->mhgd", p, vals).reshape(Lq, Hq, D)

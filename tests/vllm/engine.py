@@ -1,0 +1,71 @@
+"""One vLLM engine in this process (run as a script by the tests and the capacity benchmark).
+
+``python tests/vllm/engine.py OUT.json [--check]``: builds (once) a tiny random Llama, starts
+``vllm.LLM`` on it with whatever ``MINIKV_VLLM`` says, greedy-generates from three prompts and writes
+the tokens, vLLM's KV capacity and (``--check``) the worker-side checks of :mod:`worker_checks`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODEL_DIR = os.environ.get("MINIKV_TINY_LLAMA", os.path.join(os.path.expanduser("~"), ".cache", "minikv", "tiny-llama-vllm"))
+PROMPT_LENGTHS = (300, 45, 129)  # a prompt over two blocks, one inside a group, one a token past a block
+
+
+def tiny_llama(path: str = MODEL_DIR, head_dim: int = 32, dtype: str = "float32") -> str:
+    """A 2-layer Llama (4 query / 2 KV heads) with random weights, saved once; its attention is made
+    peaked (query/key weights scaled up) so that keys matter to the output, as in a trained model."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=4096, torch_dtype=dtype)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    model.save_pretrained(path)
+    return path
+
+
+def main(out: str, check: bool) -> None:
+    import torch
+    from vllm import LLM, SamplingParams
+
+    sys.path.insert(0, HERE)
+    import worker_checks
+
+    start = time.time()
+    llm = LLM(tiny_llama(), skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=2048,
+              kv_cache_memory_bytes=1 << 28, block_size=int(os.environ.get("BLOCK_SIZE", "128")), seed=0)
+    init_s = time.time() - start
+    if check:
+        llm.collective_rpc(worker_checks.install)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [{"prompt_token_ids": torch.randint(0, 512, (n,), generator=gen).tolist()} for n in PROMPT_LENGTHS]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), use_tqdm=False)
+    cache = llm.llm_engine.vllm_config.cache_config
+    result = {
+        "env": os.environ.get("MINIKV_VLLM"),
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "num_blocks": cache.num_gpu_blocks,
+        "block_size": cache.block_size,
+        "capacity_tokens": cache.num_gpu_blocks * cache.block_size,
+        "init_s": round(init_s, 1),
+        "checks": llm.collective_rpc(worker_checks.check)[0] if check else None,
+    }
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], "--check" in sys.argv[2:])

@@ -1,0 +1,94 @@
+"""Functions vLLM runs inside its worker (``LLM.collective_rpc``): record what the first attention layer
+is given and returns, then compare the pages it wrote with ``minikv::quantize_pack`` of the same tokens
+and its output with an fp64 attention over the stored (dequantized) tokens."""
+
+from __future__ import annotations
+
+import torch
+
+RECORD: dict = {}
+
+
+def _layer(worker):
+    ctx = worker.model_runner.compilation_config.static_forward_context
+    name = sorted(n for n in ctx if n.endswith(".attn"))[0]
+    return name, ctx[name]
+
+
+def install(worker) -> str:
+    from vllm.forward_context import get_forward_context
+
+    name, attn = _layer(worker)
+    RECORD.update(name=name, keys={}, values={}, last=None)
+
+    def pre(module, args):
+        fc = get_forward_context()
+        slots = fc.slot_mapping[name]
+        n = slots.shape[0]
+        key = args[1].view(-1, attn.num_kv_heads, attn.head_size)[:n]
+        value = args[2].view(-1, attn.num_kv_heads, attn.head_size)[:n]
+        for i, s in enumerate(slots.tolist()):
+            if s >= 0:
+                RECORD["keys"][s], RECORD["values"][s] = key[i].clone(), value[i].clone()
+        meta = fc.attn_metadata[name] if isinstance(fc.attn_metadata, dict) else fc.attn_metadata
+        RECORD["pending"] = (args[0].clone(), meta)
+
+    def post(module, args, output):
+        q, meta = RECORD.pop("pending")
+        RECORD["last"] = (q, output.clone(), meta)
+
+    attn.register_forward_pre_hook(pre)
+    attn.register_forward_hook(post)
+    return name
+
+
+def check(worker) -> dict:
+    from minikv.kernels import ops
+    from minikv.rotation import rotate
+    from minikv.vllm import paged
+
+    name, attn = _layer(worker)
+    impl = attn.impl
+    kv_cache = attn.kv_cache if not isinstance(attn.kv_cache, list) else attn.kv_cache[0]
+    lay, views, rot_k, rot_v = impl._setup(kv_cache)
+    q, out, meta = RECORD["last"]
+    N, G, H, D = lay.block_size, lay.group_size, attn.num_kv_heads, attn.head_size
+    result = {"block_size": N, "requests": 0, "groups": 0, "key_code_mismatch": 0, "value_code_mismatch": 0,
+              "residual_mismatch": 0, "attention_max_err": 0.0, "attention_ref_max": 0.0, "decode_rows": 0}
+    for r, L in enumerate(meta.seq_lens_host):
+        bt = meta.block_table[r]
+        pos = torch.arange(L)
+        slots = (bt[pos // N].long() * N + pos % N).tolist()
+        k = rotate(torch.stack([RECORD["keys"][s] for s in slots]).to(lay.dtype), rot_k)  # [L, H, D]
+        v = rotate(torch.stack([RECORD["values"][s] for s in slots]).to(lay.dtype), rot_v)
+        result["requests"] += 1
+        if not lay.quantized:  # 16 bits: vLLM's dense layout, every token as given
+            idx = torch.tensor(slots)
+            stored_k = views["k"].transpose(1, 2).flatten(0, 1)[idx]  # [L, H, D]
+            stored_v = views["v"].transpose(1, 2).flatten(0, 1)[idx]
+            result["residual_mismatch"] += int((stored_k != k).sum()) + int((stored_v != v).sum())
+            continue
+        store = paged.gather(views, lay, meta.block_table[r : r + 1], meta.seq_lens[r : r + 1])
+        clip = impl.settings.clip
+        W = G * lay.k_bits // 32
+        for j in range(L // G):
+            codes, scale, mn = ops.quantize_pack(k[j * G : (j + 1) * G].permute(1, 2, 0), lay.k_bits, G, clip)
+            stored = store["k_codes"][0, :, :, j * W : (j + 1) * W]
+            result["key_code_mismatch"] += int((stored != codes).sum()) + int((store["k_scale"][0, :, :, j] != scale[..., 0]).sum())
+            result["groups"] += 1
+        vc, vs, vm = ops.quantize_pack(v, lay.v_bits, G, clip)
+        result["value_code_mismatch"] += int((store["v_codes"][0, :, :L] != vc.transpose(0, 1)).sum())
+        n_packed = L // G * G
+        result["residual_mismatch"] += int((store["res_k"][0, :, : L - n_packed] != k[n_packed:].transpose(0, 1)).sum())
+        # the output of a decode step against fp64 attention over the stored tokens
+        a, b = meta.query_start[r], meta.query_start[r + 1]
+        if b - a == 1:
+            kd, vd = (x[0].double() for x in paged.dense(store, lay, L, rot_k, rot_v))  # [H, L, D]
+            qr = q.view(-1, attn.num_heads, D)[a].double().view(H, -1, D)  # [H, g, D]
+            p = torch.softmax(torch.einsum("hgd,hld->hgl", qr, kd) * impl.scale, -1)
+            ref = torch.einsum("hgl,hld->hgd", p, vd).reshape(-1)
+            got = out.view(-1, attn.num_heads * D)[a].double()
+            result["attention_max_err"] = max(result["attention_max_err"], float((got - ref).abs().max()))
+            result["attention_ref_max"] = max(result["attention_ref_max"], float(ref.abs().max()))
+            result["decode_rows"] += 1
+    return result
