@@ -111,3 +111,15 @@ def load_model(model: str | None = None, dtype: str = "float32", device: str = "
 def quiet_hub() -> None:
     """No network here: make transformers look only at local files."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def save_dense(model: str, path: str | os.PathLike, dtype: str = "bfloat16") -> str:
+    """Write an embedded GGUF model (``"smollm2"``, ``"gemma3-270m"``) or ``.gguf`` file as a dense
+    safetensors directory with its tokenizer, for engines that read no GGUF (vLLM 0.32). Returns ``path``."""
+    lm, tokenizer = load_model(model, dtype=dtype)
+    lm.hf_quantizer = None  # transformers marks a model read from GGUF as quantized; its weights are dense now
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    lm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

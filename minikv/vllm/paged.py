@@ -9,6 +9,7 @@ so decode runs the project's ``minikv::decode_attention`` op (Triton on CUDA, th
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..kernels import ops
 from ..rotation import rotate, unrotate
@@ -118,14 +119,18 @@ def attend(q, k_ctx, v_ctx, k_new, v_new, scale: float, softcap: float):
     """Causal attention of ``q [Lq, Hq, D]`` over ``[k_ctx ; k_new]`` (``[Lc, H, D]`` and ``[Lq, H, D]``) in fp32:
     the new tokens see every context token and the new ones up to themselves -> ``[Lq, Hq, D]``."""
     Lq, Hq, D = q.shape
-    keys = torch.cat([k_ctx.float(), k_new.float()], 0)  # [L, H, D]
-    vals = torch.cat([v_ctx.float(), v_new.float()], 0)
-    H, L = keys.shape[1], keys.shape[0]
-    qf = q.float().view(Lq, H, Hq // H, D)
-    s = torch.einsum("mhgd,nhd->hgmn", qf, keys) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    pos = torch.arange(L, device=q.device)
-    allowed = pos[None] <= (L - Lq + torch.arange(Lq, device=q.device))[:, None]  # [Lq, L]
+    keys = torch.cat([k_ctx.float(), k_new.float()], 0).transpose(0, 1)  # [H, L, D]
+    vals = torch.cat([v_ctx.float(), v_new.float()], 0).transpose(0, 1)
+    H, L = keys.shape[0], keys.shape[1]
+    qf = q.float().transpose(0, 1)  # [Hq, Lq, D]
+    if softcap == 0:  # fused (flash) attention; a causal mask aligned to the last key when there is a context
+        mask = None if L == Lq else torch.arange(L, device=q.device)[None] <= (L - Lq + torch.arange(Lq, device=q.device))[:, None]
+        out = F.scaled_dot_product_attention(qf[None], keys[None], vals[None], attn_mask=mask, is_causal=mask is None,
+                                             scale=scale, enable_gqa=Hq != H)[0]
+        return out.transpose(0, 1)
+    qg = qf.view(H, Hq // H, Lq, D)
+    s = torch.einsum("hgmd,hnd->hgmn", qg, keys) * scale
+    s = softcap * torch.tanh(s / softcap)
+    allowed = torch.arange(L, device=q.device)[None] <= (L - Lq + torch.arange(Lq, device=q.device))[:, None]  # [Lq, L]
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
-    return torch.einsum("hgmn,nhd->mhgd", p, vals).reshape(Lq, Hq, D)
+    return torch.einsum("hgmn,hnd->hgmd", p, vals).reshape(Hq, Lq, D).transpose(0, 1)

@@ -3,6 +3,7 @@
 ``python tests/vllm/engine.py OUT.json [--check]``: builds (once) a tiny random Llama, starts
 ``vllm.LLM`` on it with whatever ``MINIKV_VLLM`` says, greedy-generates from three prompts and writes
 the tokens, vLLM's KV capacity and (``--check``) the worker-side checks of :mod:`worker_checks`.
+``python tests/vllm/engine.py passkey OUT.json MODEL_DIR``: five pass-key prompts on a real model.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODEL_DIR = os.environ.get("MINIKV_TINY_LLAMA", os.path.join(os.path.expanduser("~"), ".cache", "minikv", "tiny-llama-vllm"))
+MODEL_DIR = os.environ.get("MINIKV_TINY_LLAMA", os.path.join(os.path.expanduser("~"), ".cache", "minikv", "tiny-llama-vllm-v1"))  # v1: q/k x8
 PROMPT_LENGTHS = (300, 45, 129)  # a prompt over two blocks, one inside a group, one a token past a block
 
 
@@ -37,7 +38,8 @@ def tiny_llama(path: str = MODEL_DIR, head_dim: int = 32, dtype: str = "float32"
     return path
 
 
-def main(out: str, check: bool) -> None:
+def tiny(out: str, check: bool) -> None:
+    """Greedy tokens of three prompts on the tiny Llama, vLLM's capacity, the worker-side checks."""
     import torch
     from vllm import LLM, SamplingParams
 
@@ -53,19 +55,41 @@ def main(out: str, check: bool) -> None:
     gen = torch.Generator().manual_seed(1)
     prompts = [{"prompt_token_ids": torch.randint(0, 512, (n,), generator=gen).tolist()} for n in PROMPT_LENGTHS]
     outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), use_tqdm=False)
+    _dump(out, llm, init_s, tokens=[list(o.outputs[0].token_ids) for o in outs],
+          checks=llm.collective_rpc(worker_checks.check)[0] if check else None)
+
+
+def passkey(out: str, model_dir: str, n: int = 5, tokens: int = 3800) -> None:
+    """The README's pass-key prompts (minikv.prompts) through ``vllm.LLM``: found or not, per seed."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from minikv.prompts import passkey_prompt
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    start = time.time()
+    llm = LLM(model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=8192, kv_cache_memory_bytes=1 << 30,
+              block_size=256, seed=0)
+    init_s = time.time() - start
+    cases = [passkey_prompt(tok, tokens, seed=seed) for seed in range(n)]
+    start = time.time()
+    outs = llm.generate([{"prompt_token_ids": tok(text).input_ids} for text, _ in cases],
+                        SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+    _dump(out, llm, init_s, generate_s=round(time.time() - start, 1), prompt_tokens=[len(o.prompt_token_ids) for o in outs],
+          answers=[o.outputs[0].text for o in outs], keys=[key for _, key in cases],
+          found=[key in o.outputs[0].text for o, (_, key) in zip(outs, cases)])
+
+
+def _dump(out: str, llm, init_s: float, **fields) -> None:
     cache = llm.llm_engine.vllm_config.cache_config
-    result = {
-        "env": os.environ.get("MINIKV_VLLM"),
-        "tokens": [list(o.outputs[0].token_ids) for o in outs],
-        "num_blocks": cache.num_gpu_blocks,
-        "block_size": cache.block_size,
-        "capacity_tokens": cache.num_gpu_blocks * cache.block_size,
-        "init_s": round(init_s, 1),
-        "checks": llm.collective_rpc(worker_checks.check)[0] if check else None,
-    }
+    result = {"env": os.environ.get("MINIKV_VLLM"), "num_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
+              "capacity_tokens": cache.num_gpu_blocks * cache.block_size, "init_s": round(init_s, 1), **fields}
     with open(out, "w") as f:
         json.dump(result, f)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], "--check" in sys.argv[2:])
+    if sys.argv[1] == "passkey":
+        passkey(sys.argv[2], sys.argv[3])
+    else:
+        tiny(sys.argv[1], "--check" in sys.argv[2:])

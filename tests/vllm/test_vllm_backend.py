@@ -1,0 +1,102 @@
+"""minikv's vLLM backend inside a real ``vllm.LLM`` (the CPU build): run by .ci/vllm in its own venv.
+
+Each engine runs in a subprocess (vLLM loads its general plugins once per process, and
+``MINIKV_VLLM`` is read there). A tiny random Llama (float32, 2 KV heads, head_dim 32): at 16 bits
+the backend's greedy tokens equal vLLM's own backend; at 2/4 bits the pages hold exactly
+``minikv::quantize_pack`` of the tokens the first layer was given, the open group's keys in full
+precision, and each decode step's output equals fp64 attention over the stored tokens; vLLM's KV
+capacity grows by the byte ratio; bad settings stop the engine at start, naming the value. On
+SmolLM2-135M (its GGUF written as dense safetensors: vLLM 0.32 reads no GGUF) the defaults find the
+pass key in ~3,600-token prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm", reason="the vLLM backend's engine tests run in the vLLM venv (.ci/vllm)")
+
+import torch  # noqa: E402
+
+from minikv.vllm.layout import PageLayout  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+QUANTIZED = ["1", "bits=2,clip=0,rotate=none", "k_bits=2,v_bits=4,group_size=16,rotate=k"]
+
+
+def _engine(tmp_path, env_value: str | None, *args: str, expect_ok: bool = True):
+    out = tmp_path / f"run{len(list(tmp_path.iterdir()))}.json"
+    env = {k: v for k, v in os.environ.items() if k != "MINIKV_VLLM"}
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker in this subprocess: collective_rpc runs the checks there
+    if env_value is not None:
+        env["MINIKV_VLLM"] = env_value
+    check = ("--check",) if env_value is not None else ()  # the checks read minikv's pages
+    cmd = [sys.executable, os.path.join(HERE, "engine.py"), *(args or (str(out), *check))]
+    if args and args[0] == "passkey":
+        cmd[3:4] = [str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if not expect_ok:
+        assert proc.returncode != 0
+        return proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vllm")
+    return {value: _engine(tmp, value) for value in [None, "bits=16", *QUANTIZED]}
+
+
+def test_sixteen_bits_gives_vllms_own_greedy_tokens(runs):
+    own, ours = runs[None], runs["bits=16"]
+    assert ours["tokens"] == own["tokens"] and len(own["tokens"]) == 3
+    assert ours["capacity_tokens"] == own["capacity_tokens"]
+    assert ours["checks"]["requests"] == 3 and ours["checks"]["residual_mismatch"] == 0  # pages hold the tokens as given
+
+
+@pytest.mark.parametrize("setting", QUANTIZED)
+def test_the_pages_hold_quantize_pack_codes_and_decode_reads_them(runs, setting):
+    c = runs[setting]["checks"]
+    assert c["requests"] == 3 and c["groups"] >= (300 + 24) // 32 and c["decode_rows"] == 3
+    assert c["key_code_mismatch"] == 0 and c["value_code_mismatch"] == 0 and c["residual_mismatch"] == 0
+    assert c["attention_max_err"] <= 1e-5 * c["attention_ref_max"]  # fp32 store read vs fp64 over the same tokens
+
+
+@pytest.mark.parametrize("setting", QUANTIZED)
+def test_vllms_capacity_grows_by_the_byte_ratio(runs, setting):
+    from minikv.vllm.settings import parse
+
+    s = parse(setting)
+    own = runs[None]
+    lay = PageLayout(32, own["block_size"], torch.float32, s.k_bits, s.v_bits, s.group_size)
+    ratio = runs[setting]["num_blocks"] / own["num_blocks"]
+    assert abs(ratio - lay.dense_slot_bytes / lay.slot_bytes) < 2 / own["num_blocks"] * ratio + 1e-9
+    assert ratio > 3  # float32 head_dim 32: 4.0x to 4.6x here
+
+
+@pytest.mark.parametrize("value,message", [
+    ("group_size=64", r"group_size=64 must divide the model's head_dim=32 \(valid here: \[16, 32\]\)"),
+    ("bits=3", r"k_bits must be one of \[2, 4, 16\], got 3"),
+    ("budget=0.5", r"expected comma-separated key=value pairs"),
+])
+def test_bad_settings_stop_the_engine_at_start(tmp_path, value, message):
+    import re
+
+    log = _engine(tmp_path, value, expect_ok=False)
+    assert re.search(message, log), log[-3000:]
+
+
+def test_smollm2_finds_the_pass_key_at_the_defaults(tmp_path):
+    pytest.importorskip("gguf")
+    from minikv.models import save_dense
+
+    model_dir = save_dense("smollm2", tmp_path / "smollm2")
+    run = _engine(tmp_path, "1", "passkey", "OUT", model_dir)
+    assert min(run["prompt_tokens"]) > 3500
+    assert sum(run["found"]) >= 4, run["answers"]  # 5 of 5 measured (README)
