@@ -1,0 +1,66 @@
+"""SmolLM2-135M served by vLLM with and without minikv's backend: five ~3,600-token pass-key prompts
+(minikv.prompts, the README's main job), greedy, through ``vllm.LLM`` (tests/vllm/engine.py ``passkey``).
+
+Run in a venv with vLLM (``.venv-vllm/bin/python benchmarks/vllm_passkey.py``, .ci/vllm sets it up).
+vLLM 0.32 reads no GGUF, so the embedded GGUF is first written as dense bf16 safetensors
+(``minikv.models.save_dense``). Writes benchmarks/results/vllm_passkey.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = [None, "1", "k_bits=2,v_bits=2", "bits=2,clip=0,rotate=none"]  # None: vLLM's own backend; 1: the defaults
+LABELS = {None: "vLLM's own (bf16)", "1": "MINIKV_VLLM=1 (K4 V2, clip, rotate kv)",
+          "bits=2,clip=0,rotate=none": "MINIKV_VLLM=bits=2,clip=0,rotate=none (plain KIVI-2)"}
+
+
+def main() -> None:
+    sys.path.insert(0, ROOT)
+    import torch
+    import transformers
+    import vllm
+
+    from minikv.models import save_dense
+
+    tmp = tempfile.mkdtemp()
+    model_dir = save_dense("smollm2", os.path.join(tmp, "smollm2"))
+    rows = []
+    for setting in SETTINGS:
+        env = {k: v for k, v in os.environ.items() if k != "MINIKV_VLLM"}
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if setting is not None:
+            env["MINIKV_VLLM"] = setting
+        out = os.path.join(tmp, "run.json")
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "vllm", "engine.py"), "passkey", out, model_dir],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-3000:])
+        run = json.load(open(out))
+        row = {"setting": LABELS.get(setting, f"MINIKV_VLLM={setting}"), "found": f"{sum(run['found'])}/{len(run['found'])}",
+               "prompt_tokens": min(run["prompt_tokens"]), "capacity_tokens": run["capacity_tokens"],
+               "generate_s": run["generate_s"], "answers": run["answers"]}
+        rows.append(row)
+        print(row, flush=True)
+    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__, "vllm": vllm.__version__,
+            "transformers": transformers.__version__, "block_size": 256, "kv_cache_memory_bytes": 1 << 30}
+    path = os.path.join(ROOT, "benchmarks", "results", "vllm_passkey")
+    with open(path + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = [f"SmolLM2-135M through vllm.LLM, 5 pass-key prompts of {rows[0]['prompt_tokens']:,}+ tokens, block 256, 1 GiB of KV; "
+             f"{meta['machine']}, torch {meta['torch']}, vLLM {meta['vllm']} (`benchmarks/vllm_passkey.py`)", "",
+             "| backend | pass keys found | KV capacity (tokens) | generate (s, 5 prompts + 8 tokens each) |", "|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['found']} | {r['capacity_tokens']:,} | {r['generate_s']} |" for r in rows]
+    with open(path + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
