@@ -48,7 +48,8 @@ def tiny(out: str, check: bool) -> None:
 
     start = time.time()
     llm = LLM(tiny_llama(), skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=2048,
-              kv_cache_memory_bytes=1 << 28, block_size=int(os.environ.get("BLOCK_SIZE", "128")), seed=0)
+              kv_cache_memory_bytes=1 << 28, block_size=int(os.environ.get("BLOCK_SIZE", "128")), seed=0,
+              tensor_parallel_size=int(os.environ.get("TP", "1")))
     init_s = time.time() - start
     if check:
         llm.collective_rpc(worker_checks.install)
@@ -56,7 +57,7 @@ def tiny(out: str, check: bool) -> None:
     prompts = [{"prompt_token_ids": torch.randint(0, 512, (n,), generator=gen).tolist()} for n in PROMPT_LENGTHS]
     outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), use_tqdm=False)
     _dump(out, llm, init_s, tokens=[list(o.outputs[0].token_ids) for o in outs],
-          checks=llm.collective_rpc(worker_checks.check)[0] if check else None)
+          checks=llm.collective_rpc(worker_checks.check) if check else None)  # one per rank
 
 
 def passkey(out: str, model_dir: str, n: int = 5, tokens: int = 3800) -> None:

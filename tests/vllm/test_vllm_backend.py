@@ -29,10 +29,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 QUANTIZED = ["1", "bits=2,clip=0,rotate=none", "k_bits=2,v_bits=4,group_size=16,rotate=k"]
 
 
-def _engine(tmp_path, env_value: str | None, *args: str, expect_ok: bool = True):
+def _engine(tmp_path, env_value: str | None, *args: str, expect_ok: bool = True, extra_env: dict | None = None):
     out = tmp_path / f"run{len(list(tmp_path.iterdir()))}.json"
     env = {k: v for k, v in os.environ.items() if k != "MINIKV_VLLM"}
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker in this subprocess: collective_rpc runs the checks there
+    env.update(extra_env or {})
     if env_value is not None:
         env["MINIKV_VLLM"] = env_value
     check = ("--check",) if env_value is not None else ()  # the checks read minikv's pages
@@ -57,12 +58,12 @@ def test_sixteen_bits_gives_vllms_own_greedy_tokens(runs):
     own, ours = runs[None], runs["bits=16"]
     assert ours["tokens"] == own["tokens"] and len(own["tokens"]) == 3
     assert ours["capacity_tokens"] == own["capacity_tokens"]
-    assert ours["checks"]["requests"] == 3 and ours["checks"]["residual_mismatch"] == 0  # pages hold the tokens as given
+    assert ours["checks"][0]["requests"] == 3 and ours["checks"][0]["residual_mismatch"] == 0  # pages hold the tokens as given
 
 
 @pytest.mark.parametrize("setting", QUANTIZED)
 def test_the_pages_hold_quantize_pack_codes_and_decode_reads_them(runs, setting):
-    c = runs[setting]["checks"]
+    c = runs[setting]["checks"][0]
     assert c["requests"] == 3 and c["groups"] >= (300 + 24) // 32 and c["decode_rows"] == 3
     assert c["key_code_mismatch"] == 0 and c["value_code_mismatch"] == 0 and c["residual_mismatch"] == 0
     assert c["attention_max_err"] <= 1e-5 * c["attention_ref_max"]  # fp32 store read vs fp64 over the same tokens
@@ -90,6 +91,22 @@ def test_bad_settings_stop_the_engine_at_start(tmp_path, value, message):
 
     log = _engine(tmp_path, value, expect_ok=False)
     assert re.search(message, log), log[-3000:]
+
+
+def test_tensor_parallel_2_gives_one_process_tokens_each_rank_storing_its_own_head(tmp_path, runs):
+    """TP 2 on CPU (gloo): each rank's backend holds 1 of the 2 KV heads in the same memory per rank."""
+    tp = _engine(tmp_path, "1", extra_env={
+        "TP": "2", "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1",
+        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # collective_rpc ships the check functions to the workers by pickle
+        "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    assert tp["tokens"] == runs["1"]["tokens"]
+    assert tp["capacity_tokens"] == 2 * runs["1"]["capacity_tokens"]
+    assert len(tp["checks"]) == 2
+    for c in tp["checks"]:
+        assert c["requests"] >= 1 and c["groups"] >= 1 and c["key_code_mismatch"] == 0 and c["value_code_mismatch"] == 0
+        # the open group's keys: the rotation's fp32 GEMM rounds a row differently in another batch shape
+        assert c.get("residual_max_err", 0.0) <= 1e-5
+        assert c["attention_max_err"] <= 1e-5 * c["attention_ref_max"]
 
 
 def test_smollm2_finds_the_pass_key_at_the_defaults(tmp_path):

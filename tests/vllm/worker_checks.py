@@ -4,6 +4,8 @@ and its output with an fp64 attention over the stored (dequantized) tokens."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 RECORD: dict = {}
@@ -24,6 +26,8 @@ def install(worker) -> str:
     def pre(module, args):
         fc = get_forward_context()
         slots = fc.slot_mapping[name]
+        if not bool((slots > 0).any()):  # a dummy batch (slot 0 is vLLM's null block): not a request's tokens
+            return
         n = slots.shape[0]
         key = args[1].view(-1, attn.num_kv_heads, attn.head_size)[:n]
         value = args[2].view(-1, attn.num_kv_heads, attn.head_size)[:n]
@@ -31,9 +35,14 @@ def install(worker) -> str:
             if s >= 0:
                 RECORD["keys"][s], RECORD["values"][s] = key[i].clone(), value[i].clone()
         meta = fc.attn_metadata[name] if isinstance(fc.attn_metadata, dict) else fc.attn_metadata
-        RECORD["pending"] = (args[0].clone(), meta)
+        # the block table and lengths live in the runner's persistent buffers, rewritten by later steps: copy them
+        snapshot = SimpleNamespace(query_start=list(meta.query_start), seq_lens_host=list(meta.seq_lens_host),
+                                   seq_lens=meta.seq_lens.clone(), block_table=meta.block_table.clone())
+        RECORD["pending"] = (args[0].clone(), snapshot)
 
     def post(module, args, output):
+        if "pending" not in RECORD:
+            return
         q, meta = RECORD.pop("pending")
         RECORD["last"] = (q, output.clone(), meta)
 
@@ -79,7 +88,9 @@ def check(worker) -> dict:
         vc, vs, vm = ops.quantize_pack(v, lay.v_bits, G, clip)
         result["value_code_mismatch"] += int((store["v_codes"][0, :, :L] != vc.transpose(0, 1)).sum())
         n_packed = L // G * G
-        result["residual_mismatch"] += int((store["res_k"][0, :, : L - n_packed] != k[n_packed:].transpose(0, 1)).sum())
+        diff = store["res_k"][0, :, : L - n_packed] - k[n_packed:].transpose(0, 1)
+        result["residual_mismatch"] += int((diff != 0).sum())
+        result["residual_max_err"] = max(result.get("residual_max_err", 0.0), float(diff.abs().max()) if diff.numel() else 0.0)
         # the output of a decode step against fp64 attention over the stored tokens
         a, b = meta.query_start[r], meta.query_start[r + 1]
         if b - a == 1:
