@@ -10,7 +10,7 @@ def test_ci_runs_the_readme_test_command():
     ci = [line for line in ROOT.joinpath(".ci", "run").read_text().splitlines()
           if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
     assert ci[0] in readme and "pytest" in ci[0]
-    assert ci[1:] == ["bash .ci/gpu-stack"]  # stage 2: the GPU machine's software stack
+    assert ci[1:] == ["bash .ci/gpu-stack", "bash .ci/vllm"]  # stage 2: the GPU machine's software stack; 3: vLLM
     main_job = [line for line in readme.splitlines() if line.endswith("-m minikv")]
     assert len(main_job) == 1 and main_job[0].startswith("python3 -m venv .venv")
 
