@@ -57,3 +57,19 @@ def test_the_harness_passes_short_names_through(monkeypatch):
         args = hf_arguments(name, None, "cpu", {})
         assert args == dict(pretrained="DIR", gguf_file="F.gguf", dtype="float32", device="cpu")
     assert calls == ["gemma3-270m", "smollm2", None, "smollm2"]
+
+
+@pytest.mark.slow
+def test_save_dense_writes_the_gguf_model_as_safetensors_with_the_same_logits(tmp_path):
+    """For engines that read no GGUF (vLLM 0.32): the dense copy loads without GGUF and computes the same logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = models.save_dense("smollm2", tmp_path / "smollm2", dtype="float32")
+    assert not list(tmp_path.glob("smollm2/*.gguf")) and list(tmp_path.glob("smollm2/*.safetensors"))
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert getattr(dense, "hf_quantizer", None) is None
+    original, tok = models.load_model("smollm2")
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(dense(ids).logits, original(ids).logits)
