@@ -18,18 +18,24 @@ MODEL_DIR = os.environ.get("MINIKV_TINY_LLAMA", os.path.join(os.path.expanduser(
 PROMPT_LENGTHS = (300, 45, 129)  # a prompt over two blocks, one inside a group, one a token past a block
 
 
-def tiny_llama(path: str = MODEL_DIR, head_dim: int = 32, dtype: str = "float32") -> str:
+def tiny_llama(path: str = MODEL_DIR, head_dim: int = 32, dtype: str = "float32", sliding_window: int | None = None) -> str:
     """A 2-layer Llama (4 query / 2 KV heads) with random weights, saved once; its attention is made
-    peaked (query/key weights scaled up) so that keys matter to the output, as in a trained model."""
+    peaked (query/key weights scaled up) so that keys matter to the output, as in a trained model.
+    ``sliding_window``: a Mistral of the same shape whose layers attend within a window instead."""
+    if sliding_window is not None:
+        path = f"{path}-window{sliding_window}"
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=4096, torch_dtype=dtype)
-    model = LlamaForCausalLM(cfg)
+    kw = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=4096, torch_dtype=dtype)
+    if sliding_window is None:
+        model = LlamaForCausalLM(LlamaConfig(**kw))
+    else:
+        model = MistralForCausalLM(MistralConfig(sliding_window=sliding_window, **kw))
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(8.0)
@@ -47,7 +53,8 @@ def tiny(out: str, check: bool) -> None:
     import worker_checks
 
     start = time.time()
-    llm = LLM(tiny_llama(), skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=2048,
+    window = os.environ.get("TINY_SLIDING_WINDOW")
+    llm = LLM(tiny_llama(sliding_window=int(window) if window else None), skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=2048,
               kv_cache_memory_bytes=1 << 28, block_size=int(os.environ.get("BLOCK_SIZE", "128")), seed=0,
               tensor_parallel_size=int(os.environ.get("TP", "1")))
     init_s = time.time() - start

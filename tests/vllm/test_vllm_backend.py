@@ -93,6 +93,14 @@ def test_bad_settings_stop_the_engine_at_start(tmp_path, value, message):
     assert re.search(message, log), log[-3000:]
 
 
+def test_a_model_with_sliding_window_layers_is_refused_at_start(tmp_path):
+    """A Mistral whose layers attend within a window (vLLM serves it with its own backend)."""
+    window = {"TINY_SLIDING_WINDOW": "64"}
+    assert _engine(tmp_path, None, extra_env=window)["tokens"]
+    log = _engine(tmp_path, "1", expect_ok=False, extra_env=window)
+    assert "cannot serve this model: sliding_window=64 (only full attention layers)" in log, log[-3000:]
+
+
 def test_tensor_parallel_2_gives_one_process_tokens_each_rank_storing_its_own_head(tmp_path, runs):
     """TP 2 on CPU (gloo): each rank's backend holds 1 of the 2 KV heads in the same memory per rank."""
     tp = _engine(tmp_path, "1", extra_env={
