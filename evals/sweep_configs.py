@@ -66,3 +66,9 @@ GROUPS["mikv"] = [("MiKV: defaults + evicted at 2 bits", dict(cache="minikv", ev
 
 # the frontier at more bytes (issue 10): the defaults keeping 75% of the tokens (22.5% of fp16 in the fidelity rows)
 GROUPS["frontier"] = [("minikv defaults, 75% kept", dict(cache="minikv", budget=0.75))]
+
+# a KIVI-style baseline where HF's QuantizedCache cannot run (Gemma 3's sliding layers): minikv keeping every
+# token at plain 2-bit K and V, G 32, no sinks, no clipping, no rotation (KIVI-2 without its residual's size)
+GROUPS["kivi"] = [("KIVI-2 style (every token, K2 V2 G32, no fidelity knobs)",
+                   dict(cache="minikv", budget=None, bits=2, k_bits=2, v_bits=2, sink_tokens=0, clip=False,
+                        rotate="none", q_group_size=32))]
