@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..config import CLIP_GRID, QUANT_BITS, ROTATIONS  # noqa: F401  (CLIP_GRID: the clip ratios tried)
+from ..config import QUANT_BITS, ROTATIONS
 
 ENV = "MINIKV_VLLM"
 GROUP_SIZES = (16, 32, 64, 128)
@@ -61,9 +61,8 @@ class Settings:
             raise ValueError(f"{ENV}: group_size={self.group_size} must divide the model's head_dim={head_size} "
                              f"(valid here: {valid})")
         if block_size % self.group_size:
-            raise ValueError(f"{ENV}: vLLM's block size ({block_size}) must be a multiple of group_size="
-                             f"{self.group_size}: pass --block-size {max(block_size // self.group_size, 1) * self.group_size * 2}"
-                             f" or another multiple of {self.group_size}")
+            raise ValueError(f"{ENV}: vLLM's block size ({block_size}) must be a multiple of group_size={self.group_size}: "
+                             f"pass --block-size 256 (or another multiple of {self.group_size}; larger blocks hold more, README)")
 
 
 _FIELDS = {"k_bits": int, "v_bits": int, "bits": int, "group_size": int, "clip": bool, "rotate": str}
