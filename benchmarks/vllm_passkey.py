@@ -1,5 +1,5 @@
 """SmolLM2-135M served by vLLM with and without minikv's backend: five ~3,600-token pass-key prompts
-(minikv.prompts, the README's main job), greedy, through ``vllm.LLM`` (tests/vllm/engine.py ``passkey``).
+(minikv.prompts, the README's main job), greedy, through ``vllm.LLM`` (tests/vllm_engine/engine.py ``passkey``).
 
 Run in a venv with vLLM (``.venv-vllm/bin/python benchmarks/vllm_passkey.py``, .ci/vllm sets it up).
 vLLM 0.32 reads no GGUF, so the embedded GGUF is first written as dense bf16 safetensors
@@ -38,7 +38,7 @@ def main() -> None:
         if setting is not None:
             env["MINIKV_VLLM"] = setting
         out = os.path.join(tmp, "run.json")
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "vllm", "engine.py"), "passkey", out, model_dir],
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "vllm_engine", "engine.py"), "passkey", out, model_dir],
                               env=env, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(proc.stderr[-3000:])

@@ -4,7 +4,7 @@ Tokens written in any chunking, through any block table, with padding slots: the
 equal ``minikv::quantize_pack`` of each complete group, value codes of each token, the open group's
 keys sit exactly in the block's residual; decode over the pages equals fp64 attention over the stored
 tokens; the page layout's regions fit and the declared bytes; bad settings are refused by name.
-The engine-level tests (a real ``vllm.LLM``) are in tests/vllm/ and run in their own venv (.ci/vllm).
+The engine-level tests (a real ``vllm.LLM``) are in tests/vllm_engine/ and run in their own venv (.ci/vllm).
 """
 
 import pytest

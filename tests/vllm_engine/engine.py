@@ -1,9 +1,9 @@
 """One vLLM engine in this process (run as a script by the tests and the capacity benchmark).
 
-``python tests/vllm/engine.py OUT.json [--check]``: builds (once) a tiny random Llama, starts
+``python tests/vllm_engine/engine.py OUT.json [--check]``: builds (once) a tiny random Llama, starts
 ``vllm.LLM`` on it with whatever ``MINIKV_VLLM`` says, greedy-generates from three prompts and writes
 the tokens, vLLM's KV capacity and (``--check``) the worker-side checks of :mod:`worker_checks`.
-``python tests/vllm/engine.py passkey OUT.json MODEL_DIR``: five pass-key prompts on a real model.
+``python tests/vllm_engine/engine.py passkey OUT.json MODEL_DIR``: five pass-key prompts on a real model.
 """
 
 from __future__ import annotations
