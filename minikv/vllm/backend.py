@@ -89,18 +89,16 @@ class MiniKVAttentionBackend(AttentionBackend):
 
 @dataclass
 class MiniKVMetadata:
-    num_actual_tokens: int
     query_start: list[int]  # host copies, read once per step by the builder
     seq_lens_host: list[int]
     seq_lens: torch.Tensor
     block_table: torch.Tensor
-    slot_mapping: torch.Tensor
     decode_rows: torch.Tensor  # requests with one new token: batched through the decode op
     decode_tokens: torch.Tensor  # their token index in the batch
 
 
 class MiniKVMetadataBuilder(AttentionMetadataBuilder[MiniKVMetadata]):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:  # the base's is abstract
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -110,12 +108,10 @@ class MiniKVMetadataBuilder(AttentionMetadataBuilder[MiniKVMetadata]):
         lens = [b - a for a, b in zip(start, start[1:])]
         rows = [i for i, n in enumerate(lens) if n == 1]
         return MiniKVMetadata(
-            num_actual_tokens=m.num_actual_tokens,
             query_start=start,
             seq_lens_host=m.seq_lens[: m.num_reqs].cpu().tolist(),
             seq_lens=m.seq_lens[: m.num_reqs],
             block_table=m.block_table_tensor[: m.num_reqs],
-            slot_mapping=m.slot_mapping,
             decode_rows=torch.tensor(rows, dtype=torch.long, device=self.device),
             decode_tokens=torch.tensor([start[i] for i in rows], dtype=torch.long, device=self.device),
         )
@@ -144,18 +140,18 @@ class MiniKVAttentionImpl(AttentionImpl):
         self.kv_cache_dtype, self.attn_type = kv_cache_dtype, attn_type
         self.kv_sharing_target_layer_name = None
         self.sinks = None
-        self._rot: dict = {}
+        self._views: tuple | None = None  # (cache key, (layout, region views, rot_k, rot_v))
 
     def _setup(self, kv_cache: torch.Tensor):
         """The layout of this cache tensor and its region views, and the rotations on its device."""
         key = (kv_cache.data_ptr(), tuple(kv_cache.shape))
-        if key not in self._rot:
+        if self._views is None or self._views[0] != key:
             lay = layout_for(self.head_size, kv_cache.shape[2], kv_cache.dtype)
             R = hadamard(self.head_size, kv_cache.device)
             s = self.settings
-            self._rot = {key: (lay, lay.views(kv_cache), R if s.rotate in ("k", "kv") else None,
-                               R if s.rotate in ("v", "kv") else None)}
-        return self._rot[key]
+            self._views = (key, (lay, lay.views(kv_cache), R if s.rotate in ("k", "kv") else None,
+                                 R if s.rotate in ("v", "kv") else None))
+        return self._views[1]
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         lay, views, rot_k, rot_v = self._setup(kv_cache)

@@ -34,6 +34,10 @@ from ..store import round_up
 ALIGN = 4  # bytes: every region starts on an int32 boundary
 
 
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return torch.Size(shape).numel() * dtype.itemsize
+
+
 @dataclass(frozen=True)
 class PageLayout:
     head_size: int
@@ -65,27 +69,21 @@ class PageLayout:
         out, offset = {}, 0
         for name, shape, dtype in parts:
             out[name] = (offset, shape, dtype)
-            size = dtype.itemsize
-            for n in shape:
-                size *= n
-            offset = round_up(offset + size, ALIGN)
+            offset = round_up(offset + _nbytes(shape, dtype), ALIGN)
         return out
 
     @property
     def page_bytes(self) -> int:
         """Bytes one (block, KV head) holds, before rounding to whole slots."""
-        name, (offset, shape, dtype) = list(self.regions().items())[-1]
-        size = dtype.itemsize
-        for n in shape:
-            size *= n
-        return offset + size
+        offset, shape, dtype = list(self.regions().values())[-1]
+        return offset + _nbytes(shape, dtype)
 
     @property
     def slot_bytes(self) -> int:
         """``C``: the bytes per (KV head, token slot) declared to vLLM (``state_content_bytes``)."""
         if not self.quantized:
-            return 2 * self.head_size * self.dtype.itemsize
-        return round_up(-(-self.page_bytes // self.block_size), max(ALIGN, self.dtype.itemsize))
+            return self.dense_slot_bytes
+        return round_up(round_up(self.page_bytes, self.block_size) // self.block_size, max(ALIGN, self.dtype.itemsize))
 
     @property
     def dense_slot_bytes(self) -> int:
@@ -102,8 +100,5 @@ class PageLayout:
                              f"{self.block_size} x {self.slot_bytes}")
         out = {}
         for name, (offset, shape, dtype) in self.regions().items():
-            size = dtype.itemsize
-            for n in shape:
-                size *= n
-            out[name] = pages[..., offset : offset + size].view(dtype).view(nb, H, *shape)
+            out[name] = pages[..., offset : offset + _nbytes(shape, dtype)].view(dtype).view(nb, H, *shape)
         return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import ops
+from ..kernels import ops, reference
 from ..rotation import rotate, unrotate
 from .layout import PageLayout
 
@@ -128,9 +128,7 @@ def attend(q, k_ctx, v_ctx, k_new, v_new, scale: float, softcap: float):
         out = F.scaled_dot_product_attention(qf[None], keys[None], vals[None], attn_mask=mask, is_causal=mask is None,
                                              scale=scale, enable_gqa=Hq != H)[0]
         return out.transpose(0, 1)
-    qg = qf.view(H, Hq // H, Lq, D)
-    s = torch.einsum("hgmd,hnd->hgmn", qg, keys) * scale
-    s = softcap * torch.tanh(s / softcap)
+    # soft-capped logits: the reference's own logits and masked softmax (batch of one)
     allowed = torch.arange(L, device=q.device)[None] <= (L - Lq + torch.arange(Lq, device=q.device))[:, None]  # [Lq, L]
-    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
-    return torch.einsum("hgmn,hnd->hgmd", p, vals).reshape(Hq, Lq, D).transpose(0, 1)
+    p = reference._softmax(reference._logits(qf.view(1, H, Hq // H, Lq, D), keys[None], scale, softcap), allowed)
+    return torch.einsum("hgmn,hnd->hgmd", p[0], vals).reshape(Hq, Lq, D).transpose(0, 1)
