@@ -5,7 +5,7 @@
 
 For each prompt length (all different, as in real traffic): eager seconds, compiled seconds (after the
 first compilation), the one-off compile time, and dynamo's graph and graph-break counts, so the
-decision (README, "Compiling") rests on numbers: a prefill is one long call dominated by the
+decision (docs/compile.md) rests on numbers: a prefill is one long call dominated by the
 attention and matmul kernels, so what compile can save is small next to what it costs per new shape.
 """
 

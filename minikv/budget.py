@@ -43,18 +43,77 @@ def keep_counts(cfg: MiniKVConfig, rank: int, num_layers: int, lengths: torch.Te
     return keep, torch.minimum(r.to(torch.int64), keep)
 
 
+GLOBAL_SPAN = (0.25, 2.0)  # schedule="global": a layer's scored tokens stay in this range of the uniform count
+
+
+def across_layers(cfg: MiniKVConfig, scores: list[torch.Tensor], valid: torch.Tensor):
+    """``schedule="global"``: one ranking of every layer's scored tokens (KVzip's ``layerwise=False``).
+
+    scores ``[B, H, T]`` per compressed layer (comparable across layers: the reconstruction pass's
+    attention maxima), valid ``[B, T]``. Each sequence keeps, over all layers, as many scored tokens as
+    the uniform schedule does (equal bytes), given to the layers whose tokens rank highest: the largest
+    prefix of the joint ranking (every head of every layer) whose per-layer counts, averaged over the
+    layer's heads and clamped to ``GLOBAL_SPAN`` times the uniform count, fit the total. The recent window
+    and the sinks are every layer's, as in the uniform schedule. Returns ``(n_keep, n_recent)`` ``[B]``
+    per layer. Prefill-time code (a host loop over the batch).
+    """
+    from .selection import protect_sinks
+    from .selection.positions import rank_from_end
+
+    L = len(scores)
+    lengths = valid.sum(-1)
+    keep, recent = keep_counts(cfg.replace(schedule="uniform"), 0, L, lengths)
+    heavy = (keep - recent).tolist()
+    candidate = valid & (rank_from_end(valid) > recent[:, None])  # [B, T]
+    out = [torch.zeros_like(keep) for _ in range(L)]
+    for b in range(valid.shape[0]):
+        per_layer = []
+        for s in scores:
+            s = protect_sinks(s[b : b + 1], valid[b : b + 1], cfg.sink_tokens)[0] if cfg.sink_tokens else s[b]
+            per_layer.append(s.float().masked_fill(~candidate[b], float("-inf")))  # [H, T]
+        H = per_layer[0].shape[0]
+        room = int(candidate[b].sum())
+        low = min(room, max(int(GLOBAL_SPAN[0] * heavy[b]), min(cfg.sink_tokens, heavy[b])))
+        high = min(room, int(GLOBAL_SPAN[1] * heavy[b]))
+        flat = torch.cat([s.reshape(-1) for s in per_layer])
+        layer_of = torch.arange(L).repeat_interleave(per_layer[0].numel())
+        order = torch.sort(flat, descending=True, stable=True).indices
+        order = order[torch.isfinite(flat[order]) | (flat[order] > 0)]  # candidates only (sinks are +inf)
+        ranked = layer_of[order]
+
+        def counts(k: int) -> torch.Tensor:
+            return torch.bincount(ranked[:k], minlength=L).float().div(H).clamp(low, high)
+
+        lo, hi = 0, ranked.numel()
+        while lo < hi:  # the longest prefix of the ranking whose clamped counts fit the total
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if counts(mid).floor().sum() <= L * heavy[b] else (lo, mid - 1)
+        n = counts(lo).floor().long()
+        spare = L * heavy[b] - int(n.sum())
+        for layer in torch.argsort(counts(lo) - n, descending=True).tolist():  # rounding: largest remainders
+            if spare <= 0:
+                break
+            if n[layer] < high:
+                n[layer] += 1
+                spare -= 1
+        for layer in range(L):
+            out[layer][b] = int(n[layer]) + int(recent[b])
+    return [(k, recent.clone()) for k in out]
+
+
 def schedule(cfg: MiniKVConfig, rank: int, num_layers: int, heavy: torch.Tensor, room: torch.Tensor):
     """Scored tokens at layer ``rank`` for an average of ``heavy`` per layer (``room`` = tokens available).
 
     - ``uniform``: ``heavy`` everywhere;
     - ``pyramid`` (MiniKV): linear from ``2h - h/delta`` (first layer) to ``h/delta`` (last), rounded;
+    - ``global``: ``heavy`` here; :func:`across_layers` moves tokens between layers once all are scored;
     - ``pyramidkv`` (PyramidKV): ``min = h // beta``, ``max = 2h - min`` (clipped to ``room``, and then
       ``min = 2h - max``), layer ``l`` gets ``max - l * (max - min) / (L - 1)``, rounded. PyramidKV's code
       floors the step to an integer, which overshoots the average budget by up to ``(L - 1) / 2`` tokens
       per layer; the real-valued step keeps the average, so policies compare at equal memory.
     """
-    if num_layers <= 1 or cfg.schedule == "uniform" or cfg.scorer == "streaming":
-        return heavy
+    if num_layers <= 1 or cfg.schedule in ("uniform", "global") or cfg.scorer == "streaming":
+        return heavy  # "global" is decided across layers once every layer is scored (:func:`across_layers`)
     if cfg.schedule == "pyramid":
         last = heavy / cfg.pyramid_delta
         first = 2 * heavy - last
@@ -67,7 +126,9 @@ def schedule(cfg: MiniKVConfig, rank: int, num_layers: int, heavy: torch.Tensor,
 
 def capacity(cfg: MiniKVConfig, rank: int, num_layers: int, prompt_len: int) -> int:
     """Most tokens any sequence of a batch padded to ``prompt_len`` keeps at this layer."""
-    keep, _ = keep_counts(cfg, rank, num_layers, torch.tensor([prompt_len]))
+    keep, recent = keep_counts(cfg, rank, num_layers, torch.tensor([prompt_len]))
+    if cfg.schedule == "global":  # up to GLOBAL_SPAN[1] times the uniform scored count (across_layers)
+        keep = torch.clamp(recent + torch.ceil(GLOBAL_SPAN[1] * (keep - recent)), max=prompt_len)
     return int(keep[0])
 
 

@@ -76,6 +76,24 @@ class KVMemory:
             (other.used_bytes, other.fp16_bytes, other.allocated_bytes))))
 
 
+@dataclass
+class Pending:
+    """Tokens a layer has attended but not stored yet: they wait for the reconstruction pass's
+    scores (:mod:`minikv.reconstruct`). ``k/v [B, H, N, D]``, ``valid [B, N]``, ``scores [B, H, N]``
+    (max so far); ``room``: tokens to leave room for after a turn (``None``: the prompt)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+    scores: torch.Tensor
+    room: int | None = None
+    context: tuple | None = None  # what a chunk attends to, built once
+
+    @property
+    def turn(self) -> bool:
+        return self.room is not None
+
+
 class MiniKVLayer(StaticLayer):
     """One compressed attention layer (``rank`` among ``num_compressed`` compressed layers)."""
 
@@ -92,6 +110,7 @@ class MiniKVLayer(StaticLayer):
         self._capacity_tokens = 0
         self._prompt_lengths: torch.Tensor | None = None
         self.requested_len: int | None = None  # tokens a generate call will store, checked at prefill
+        self.pending: Pending | None = None  # attended tokens awaiting the reconstruction pass's scores
 
     # -- transformers CacheLayerMixin -------------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -101,6 +120,10 @@ class MiniKVLayer(StaticLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             return self._begin_prefill(key_states, value_states)
+        if self.pending is not None:
+            raise RuntimeError("this layer still holds tokens waiting for the reconstruction pass (scorer="
+                               f"{self.cfg.scorer!r}): the pass runs in a hook minikv.patch puts on the model's "
+                               "decoder; run the patched model's forward, not its layers")
         Lq = key_states.shape[2]
         if not torch.compiler.is_compiling():
             if Lq > 1 or self.requested_len is not None and self.requested_len > self._capacity_tokens:
@@ -126,6 +149,7 @@ class MiniKVLayer(StaticLayer):
         self.is_initialized = False
         self._seen = 0
         self.requested_len = None
+        self.pending = None
 
 
     # -- prefill -----------------------------------------------------------------------------
@@ -211,10 +235,7 @@ class MiniKVLayer(StaticLayer):
     def _prefill(self, module, q, k, v, mask, scaling, softcap, fallback, **kwargs):
         B, _, T, _ = k.shape
         valid = valid_tokens(mask, B, T, k.device)
-        lengths = valid.sum(-1)
-        self._prompt_lengths = lengths
-        counts = budget.keep_counts(self.cfg, self.rank, self.num_compressed, lengths)
-        n_keep, n_recent = (n.to(k.device) for n in counts)
+        self._prompt_lengths = valid.sum(-1)
         impl = implementation(self.cfg.backend, k.device)
         scorer = selection.scorer(self.cfg.scorer)
         if self.cfg.selects and scorer.NEEDS_ATTENTION:
@@ -224,10 +245,23 @@ class MiniKVLayer(StaticLayer):
             scores = scorer.finish(scores, self.cfg)
         else:  # no attention scores needed: compute the prompt exactly as the unpatched model does
             out, weights = dense_attention(module, q, k, v, mask, scaling, softcap, fallback, **kwargs)
+            if self.cfg.selects and selection.needs_pass(self.cfg.scorer):  # scored by the pass that follows
+                self.pending = Pending(k, v, valid, torch.zeros(B, k.shape[1], T, device=k.device))
+                return out, weights
             if self.cfg.selects:
                 scores = scorer.scores(k, valid, self.cfg)
             else:
                 scores = torch.zeros(B, k.shape[1], T, dtype=torch.float32, device=k.device)
+        self._keep_prompt(k, v, valid, scores)
+        return out, weights
+
+    def _keep_prompt(self, k, v, valid, scores, counts=None) -> None:
+        """Select the prompt's kept tokens by ``scores [B, H, T]`` and write them into the store;
+        ``counts``: ``(n_keep, n_recent)`` decided across layers, else this layer's schedule."""
+        if counts is None:
+            counts = budget.keep_counts(self.cfg, self.rank, self.num_compressed, self._prompt_lengths)
+        n_keep, n_recent = (n.to(k.device) for n in counts)
+        impl = implementation(self.cfg.backend, k.device)
         if self.cfg.selects and self.cfg.crush > 0:
             scores = selection.crush(scores, valid, n_keep, n_recent, self.cfg)
         if self.cfg.sink_tokens:
@@ -239,17 +273,49 @@ class MiniKVLayer(StaticLayer):
         self.store.write_prompt(torch.where(kept, k.gather(2, index), zero),
                                 torch.where(kept, v.gather(2, index), zero), n_keep)
         if self.evicted is not None:
-            self._keep_evicted(k, v, idx, n_keep, valid)
-        return out, weights
+            self._keep_evicted(k, v, idx, n_keep, valid, scores)
 
-    def _keep_evicted(self, k, v, idx, n_keep, valid) -> None:
+    # -- the reconstruction pass (scorers with NEEDS_PASS) ---------------------------------------
+    def reconstruction_context(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(k, v [B, H, S, D], valid [B, S])`` a reconstruction chunk attends to: the prompt, or the
+        tokens held before a turn followed by the turn's; the pending tokens are the last of them."""
+        p = self.pending
+        if p.context is None:
+            if p.turn:
+                old_k, old_v, old_valid = self.held()
+                p.context = (torch.cat([old_k.to(p.k.dtype), p.k], 2), torch.cat([old_v.to(p.v.dtype), p.v], 2),
+                             torch.cat([old_valid, p.valid], 1))
+            else:
+                p.context = (p.k, p.v, p.valid)
+        return p.context
+
+    def add_scores(self, scores: torch.Tensor) -> None:
+        """Fold a chunk's scores over :meth:`reconstruction_context` into the pending tokens' (max)."""
+        p = self.pending
+        torch.maximum(p.scores, scores[..., scores.shape[-1] - p.k.shape[2]:], out=p.scores)
+
+    def commit(self, counts=None) -> None:
+        """Select and store the pending tokens by their reconstruction scores (after the pass)."""
+        p, self.pending = self.pending, None
+        if p.turn:
+            self._keep_turn(p.k, p.v, p.scores, p.room)
+        else:
+            self._keep_prompt(p.k, p.v, p.valid, p.scores, counts)
+
+    def _keep_evicted(self, k, v, idx, n_keep, valid, scores) -> None:
         """Write the tokens of ``k/v [B, H, T, D]`` that selection left out (valid, not among the first
-        ``n_keep[b]`` of ``idx``) into the evicted tier, in temporal order."""
+        ``n_keep[b]`` of ``idx``) into the evicted tier, in temporal order: all of them, or with
+        ``evicted_share < 1`` that share of them, the best by ``scores [B, H, T]`` (the rest is dropped)."""
         B, H, T, D = k.shape
         taken = (torch.arange(idx.shape[-1], device=k.device)[None] < n_keep[:, None])[:, None].expand(B, H, -1)
         hits = torch.zeros(B, H, T, dtype=torch.int32, device=k.device).scatter_add_(2, idx, taken.to(torch.int32))
         evicted = valid[:, None, :] & (hits == 0)  # [B, H, T]
         counts = evicted[:, 0].sum(-1)  # the same for every head (one budget per sequence)
+        if self.cfg.evicted_share < 1.0:
+            counts = torch.floor(self.cfg.evicted_share * counts.double()).long()
+            s = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~evicted, float("-inf"))
+            rank = torch.sort(s, dim=-1, descending=True, stable=True).indices.argsort(-1)  # 0 = best
+            evicted = evicted & (rank < counts[:, None, None])
         order = torch.sort((~evicted).to(torch.uint8), dim=-1, stable=True).indices  # evicted first, in order
         n = int(counts.max())
         index = order[..., :n, None].expand(-1, -1, -1, D)
@@ -279,6 +345,7 @@ class MiniKVLayer(StaticLayer):
         new_valid = torch.ones(B, N, dtype=torch.bool, device=k.device)
         valid = torch.cat([old_valid, new_valid], 1)
         scorer = selection.scorer(self.cfg.scorer)
+        pass_scored = self.cfg.selects and selection.needs_pass(self.cfg.scorer)
         impl = implementation(self.cfg.backend, k.device)
         if self.cfg.selects and scorer.NEEDS_ATTENTION:  # held tokens as zero-weight queries: one op call
             weight = torch.cat([torch.zeros(B, S, device=k.device), scorer.query_weights(new_valid, self.cfg)], 1)
@@ -291,27 +358,38 @@ class MiniKVLayer(StaticLayer):
             allowed = torch.cat([old_valid[:, None, None, :].expand(B, 1, N, S), causal.expand(B, 1, N, N)], -1)
             out, weights = dense_attention(module, q, keys, values, mask_for(allowed, fallback, q.dtype),
                                            scaling, softcap, fallback, **kwargs)
-            scores = scorer.scores(k, new_valid, self.cfg) if self.cfg.selects else None
+            scores = scorer.scores(k, new_valid, self.cfg) if self.cfg.selects and not pass_scored else None
+        self._seen += N
+        self._capacity_tokens = self._seen + room
+        self.cumulative_length.add_(N)
+        if pass_scored:  # kept once the reconstruction pass has scored them
+            self.pending = Pending(k, v, new_valid, torch.zeros(B, k.shape[1], N, device=k.device), room=room)
+        else:
+            self._keep_turn(k, v, scores, room)
+        return out, weights
+
+    def _keep_turn(self, k, v, scores, room: int) -> None:
+        """Keep the policy's share of a turn's ``N`` tokens ``k/v [B, H, N, D]`` by ``scores`` (``None``:
+        all of them) after the tokens held, growing the store if it cannot hold them and ``room`` more."""
+        B, _, N, _ = k.shape
         if scores is not None:
+            new_valid = torch.ones(B, N, dtype=torch.bool, device=k.device)
+            impl = implementation(self.cfg.backend, k.device)
             lengths = torch.full((B,), N, dtype=torch.int64, device=k.device)
             cfg = self.cfg.replace(sink_tokens=0)  # the sinks are the conversation's first tokens, held already
             n_keep, n_recent = budget.keep_counts(cfg, self.rank, self.num_compressed, lengths)
             if cfg.crush > 0:
                 scores = selection.crush(scores, new_valid, n_keep, n_recent, cfg)
-            n = budget.capacity(cfg, self.rank, self.num_compressed, N)  # every sequence keeps n
+            n = int(n_keep.max())  # every sequence of a turn has N new tokens: all keep n
             idx = impl.select_tokens(scores, new_valid, n_keep, n_recent, n)
             if self.evicted is not None:
-                self._keep_evicted(k, v, idx, n_keep, new_valid)
+                self._keep_evicted(k, v, idx, n_keep, new_valid, scores)
             idx = idx[..., None].expand(-1, -1, -1, k.shape[-1])
             k, v = k.gather(2, idx), v.gather(2, idx)
         needed = int(self.store.lengths().max()) + k.shape[2] + room
         if self.max_cache_len is None or needed > self.store.capacity:  # max_cache_len reserved it all up front
             self._set_store(self.store.resized(needed), None)
         self.store.extend(k, v)
-        self._seen += N
-        self._capacity_tokens = self._seen + room
-        self.cumulative_length.add_(N)
-        return out, weights
 
     def _set_store(self, store, shape: tuple | None) -> None:
         """Use ``store`` (``shape``: the arguments it was built with, for reuse by a later prompt)."""
@@ -364,6 +442,19 @@ class MiniKVCache(Cache):
             else:
                 layers.append(UNCOMPRESSED_TYPES[kind](**kw))
         super().__init__(layers=layers)
+
+    def commit_pending(self) -> None:
+        """Store the tokens the compressed layers hold pending, once the reconstruction pass
+        (:mod:`minikv.reconstruct`) has scored them."""
+        layers = [layer for layer in self.layers if getattr(layer, "pending", None) is not None]
+        for layer in layers:
+            layer.pending.scores = selection.scorer(self.cfg.scorer).finish(layer.pending.scores, self.cfg)
+        if self.cfg.schedule == "global" and layers and not layers[0].pending.turn:
+            counts = budget.across_layers(self.cfg, [layer.pending.scores for layer in layers], layers[0].pending.valid)
+        else:
+            counts = [None] * len(layers)
+        for layer, c in zip(layers, counts):
+            layer.commit(c)
 
     def request(self, max_cache_len: int) -> None:
         """Record how many tokens ``generate`` will store, so prefill can refuse an overflow up front."""

@@ -39,6 +39,13 @@ def parse_recent(text: str):
                                          f"of the budget), got {text!r}") from None
 
 
+def _token_ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"reconstruct_prefix must be comma-separated token ids, got {text!r}") from None
+
+
 def _optional_bits(text: str):
     return None if text.lower() == "none" else int(text)
 
@@ -55,6 +62,8 @@ KNOB_FLAGS = {
     "recent": (parse_recent, None, "recent window: tokens (int) or fraction of the budget (float)"),
     "scorer": (str, SCORERS, "token importance scorer"),
     "snap_window": (int, None, "SnapKV observation window (queries)"),
+    "reconstruct_chunk": (int, None, "kvzip: prompt tokens re-read per chunk of the reconstruction pass"),
+    "reconstruct_prefix": (_token_ids, None, "kvzip: token ids (comma-separated) read before each re-read chunk"),
     "pool_kernel": (int, None, "SnapKV 1-D pooling kernel (odd)"),
     "pool": (str, POOLS, "SnapKV pooling"),
     "schedule": (str, SCHEDULES, "budget over layers"),
@@ -67,6 +76,7 @@ KNOB_FLAGS = {
     "crush_seed": (int, None, "KVCrush seed (crush_anchor=random)"),
     "evicted_bits": (_optional_bits, None, "MiKV: evicted tokens kept at 1 or 2 bits instead of dropped"),
     "evicted_group_size": (int, None, "MiKV: group size of the evicted tier (default q_group_size)"),
+    "evicted_share": (float, None, "MiKV: share of the evicted tokens kept in the low tier, the best scored"),
     "q_group_size": (int, None, "quantization group G"),
     "residual_length": (int, None, "full-precision decode tokens before a flush (R)"),
     "backend": (str, BACKENDS, "kernels: auto (Triton on CUDA), reference or triton"),

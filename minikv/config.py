@@ -15,8 +15,8 @@ EVICTED_BITS = (1, 2)  # the MiKV tier: evicted tokens kept at this width instea
 ROTATIONS = ("none", "v", "k", "kv")
 AUTO_GROUP_SIZES = (32, 16)  # q_group_size=None: the first that divides head_dim and residual_length
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # clip ratios tried per group (1.0 = min-max)
-SCORERS = ("minikv", "snapkv", "a2sf", "keynorm", "streaming")
-SCHEDULES = ("uniform", "pyramid", "pyramidkv")
+SCORERS = ("minikv", "snapkv", "a2sf", "keynorm", "streaming", "kvzip")
+SCHEDULES = ("uniform", "pyramid", "pyramidkv", "global")
 CRUSH_ANCHORS = ("alternate", "zeros", "ones", "mean", "random")
 POOLS = ("max", "avg")
 BACKENDS = ("auto", "reference", "triton")
@@ -34,7 +34,7 @@ class MiniKVConfig:
     bits: 2 or 4 (KIVI-style grouped asymmetric quantization) or 16 (no quantization): the values'
         bit width, and the keys' too when they are given a width of their own (``k_bits``).
     k_bits, v_bits: bit width of keys and of values (2 or 4). ``None``: keys take 4 bits and values
-        ``bits`` (keys decide where attention goes: K4 V2 measured best at equal bytes, README).
+        ``bits`` (keys decide where attention goes: K4 V2 measured best at equal bytes, docs/fidelity.md).
     sink_tokens: the first ``sink_tokens`` tokens of every sequence are never evicted and stay in
         full precision, outside every quantization group (attention sinks).
     clip: per quantization group, pick the clip ratio of ``CLIP_GRID`` that minimises the squared
@@ -50,16 +50,21 @@ class MiniKVConfig:
     scorer: ``"minikv"`` (cumulative attention of every prompt query, H2O-style),
         ``"snapkv"`` (attention of the last ``snap_window`` queries, smoothed by a 1-D pool),
         ``"a2sf"`` (attention accumulated with forgetting factor ``a2sf_decay``), ``"keynorm"``
-        (small key norms first) or ``"streaming"`` (``sinks`` first tokens + the recent window).
-        See :mod:`minikv.selection`.
+        (small key norms first), ``"streaming"`` (``sinks`` first tokens + the recent window) or
+        ``"kvzip"`` (question-agnostic: the most attention a token receives while the model re-reads
+        the prompt after itself, in chunks of ``reconstruct_chunk`` tokens; one more pass at prefill,
+        :mod:`minikv.reconstruct`). See :mod:`minikv.selection`.
     schedule: ``"uniform"``, ``"pyramid"`` (MiniKV's layer-discriminative budget: the scored
         part falls linearly from ``2h - h/delta`` at layer 0 to ``h/delta`` at the last layer) or
-        ``"pyramidkv"`` (PyramidKV's integer series with ``pyramid_beta``).
+        ``"pyramidkv"`` (PyramidKV's integer series with ``pyramid_beta``) or ``"global"`` (with
+        ``scorer="kvzip"``: the layers' tokens ranked together, at the uniform schedule's total;
+        :func:`minikv.budget.across_layers`).
     crush: fraction of the scored budget given to KVCrush representatives (0 = off, < 1);
         ``crush_anchor`` / ``crush_seed`` pick the Hamming anchor (see :mod:`minikv.selection.kvcrush`).
     evicted_bits: ``None`` drops the tokens that lose the selection (MiniKV); 1 or 2 keeps them at that
         width instead (MiKV), in groups of ``evicted_group_size`` (``None``: ``q_group_size``), read
-        dequantized by attention (a measurement tier: no fused kernel reads it; :mod:`minikv.evicted`).
+        dequantized by attention (a measurement tier: no fused kernel reads it; :mod:`minikv.evicted`);
+        ``evicted_share`` < 1 keeps only that share of them, the best scored (three tiers: kept, low, dropped).
     q_group_size: quantization group G (keys: G tokens per channel; values: G channels per token);
         ``None`` picks the first of ``AUTO_GROUP_SIZES`` (32, then 16) that divides the model's head_dim
         and ``residual_length``.
@@ -78,6 +83,8 @@ class MiniKVConfig:
     recent: int | float = 0.25
     scorer: str = "snapkv"
     snap_window: int = 32
+    reconstruct_chunk: int = 512
+    reconstruct_prefix: tuple[int, ...] = ()
     pool_kernel: int = 7
     pool: str = "max"
     schedule: str = "uniform"
@@ -90,6 +97,7 @@ class MiniKVConfig:
     crush_seed: int = 0
     evicted_bits: int | None = None
     evicted_group_size: int | None = None
+    evicted_share: float = 1.0
     q_group_size: int | None = None
     residual_length: int = 128
     max_new_tokens: int | None = None
@@ -122,6 +130,14 @@ class MiniKVConfig:
         _check_choice("pool", self.pool, POOLS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_int("snap_window", self.snap_window, low=1)
+        _check_int("reconstruct_chunk", self.reconstruct_chunk, low=1)
+        if not isinstance(self.reconstruct_prefix, (tuple, list)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.reconstruct_prefix):
+            raise ValueError(f"reconstruct_prefix must be a sequence of token ids (ints >= 0), got {self.reconstruct_prefix!r}")
+        object.__setattr__(self, "reconstruct_prefix", tuple(self.reconstruct_prefix))
+        if self.schedule == "global" and self.scorer != "kvzip":
+            raise ValueError(f"schedule='global' ranks every layer's tokens together once all layers are scored: it "
+                             f"needs scorer='kvzip' (scored after the whole prompt), got scorer={self.scorer!r}")
         _check_int("pool_kernel", self.pool_kernel, low=1)
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be odd (got {self.pool_kernel}) so the pool keeps positions")
@@ -162,6 +178,12 @@ class MiniKVConfig:
                 )
 
     def _check_evicted(self) -> None:
+        share = self.evicted_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
+            raise ValueError(f"evicted_share (the share of the evicted tokens kept in the low tier) must be in (0, 1], "
+                             f"got {share!r}")
+        if share < 1.0 and self.evicted_bits is None:
+            raise ValueError("evicted_share needs evicted_bits (the width of the evicted tokens' tier)")
         if self.evicted_group_size is not None and self.evicted_bits is None:
             raise ValueError("evicted_group_size needs evicted_bits (the width of the evicted tokens' tier)")
         if self.evicted_bits is None:

@@ -4,7 +4,7 @@ from minikv import MiniKVConfig
 
 
 def test_defaults_are_the_measured_ones():
-    c = MiniKVConfig()  # chosen by evals/fidelity.py and evals/passkey.py (README, "Fidelity")
+    c = MiniKVConfig()  # chosen by evals/fidelity.py and evals/passkey.py (docs/fidelity.md)
     assert (c.bits, c.key_bits, c.value_bits, c.budget, c.recent, c.scorer) == (2, 4, 2, 0.5, 0.25, "snapkv")
     assert (c.sink_tokens, c.clips, c.rotation, c.q_group_size, c.residual_length) == (4, True, "kv", None, 128)
     off = MiniKVConfig(bits=16)  # compression off needs no other knob

@@ -65,7 +65,7 @@ def test_the_tiers_partition_the_prompt():
     seen = {}
     layer.evicted = EvictedStore(2, 32, False, None, None, torch.float32)
     layer.evicted.write = lambda kk, vv, counts: seen.update(k=kk, counts=counts)
-    layer._keep_evicted(k, k.clone(), idx, n_keep, valid)
+    layer._keep_evicted(k, k.clone(), idx, n_keep, valid, torch.zeros(B, H, T))
     for b in range(B):
         assert int(seen["counts"][b]) == int(valid[b].sum()) - int(n_keep[b])
         for h in range(H):
@@ -74,6 +74,25 @@ def test_the_tiers_partition_the_prompt():
             assert evicted == sorted(evicted)  # temporal order
             assert kept.isdisjoint(evicted)
             assert kept | set(evicted) == set(torch.nonzero(valid[b])[:, 0].tolist())
+
+
+def test_a_share_of_the_evicted_tokens_keeps_the_best_scored_ones():
+    """``evicted_share``: that share of the evicted tokens (floored), the best by score, in temporal order."""
+    cfg = MiniKVConfig(bits=2, budget=0.5, evicted_bits=2, evicted_share=0.5).for_head_dim(64)
+    layer = MiniKVLayer(cfg, 0, 1)
+    B, H, T, D = 1, 2, 40, 64
+    k = torch.arange(T, dtype=torch.float32)[None, None, :, None].expand(B, H, T, D).contiguous()
+    valid = torch.ones(B, T, dtype=torch.bool)
+    idx = torch.arange(10)[None, None].expand(B, H, 10)  # tokens 0-9 kept: 30 evicted
+    scores = torch.rand(B, H, T, generator=torch.Generator().manual_seed(1))
+    seen = {}
+    layer.evicted = EvictedStore(2, 32, False, None, None, torch.float32)
+    layer.evicted.write = lambda kk, vv, counts: seen.update(k=kk, counts=counts)
+    layer._keep_evicted(k, k.clone(), idx, torch.tensor([10]), valid, scores)
+    assert seen["counts"].tolist() == [15]
+    for h in range(H):
+        best = sorted((torch.argsort(scores[0, h, 10:], descending=True)[:15] + 10).tolist())
+        assert seen["k"][0, h, :15, 0].long().tolist() == best
 
 
 @pytest.mark.parametrize("bits", [1, 2])
@@ -133,6 +152,9 @@ def test_the_tier_brings_the_output_closer_to_the_full_cache():
     (dict(evicted_group_size=64), "evicted_group_size needs evicted_bits"),
     (dict(evicted_bits=1, evicted_group_size=48), "evicted_group_size must be a multiple of 32"),
     (dict(evicted_bits=2, evicted_group_size=0), "evicted_group_size must be an integer >= 1"),
+    (dict(evicted_bits=2, evicted_share=0.0), "the share of the evicted tokens kept in the low tier"),
+    (dict(evicted_bits=2, evicted_share=1.5), "the share of the evicted tokens kept in the low tier"),
+    (dict(evicted_share=0.5), "evicted_share needs evicted_bits"),
 ])
 def test_bad_evicted_knobs_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):

@@ -51,6 +51,29 @@ def test_prefill_attention_and_scores_match_fp64(shape, softcap):
     assert torch.allclose(scores.double(), ref_scores, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_reconstruct_attention_and_its_maxima_match_fp64(shape, softcap):
+    """Re-read queries over [held context (padded) ; themselves, causal]; the maxima over counted
+    queries and the query heads of each KV head, per context token."""
+    B, Hq, Hkv, S, D = shape
+    q_ctx, k, v, valid = _inputs(*shape)
+    M = max(S // 2, 1) + 3
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, Hq, M, D, generator=g)
+    k_new, v_new = torch.randn(B, Hkv, M, D, generator=g), torch.randn(B, Hkv, M, D, generator=g)
+    counted = torch.rand(B, M, generator=g) < 0.7
+    out, scores = ops.reconstruct_attention(q, k, v, valid, k_new, v_new, counted, D**-0.5, softcap)
+    causal = torch.ones(M, M, dtype=torch.bool).tril()
+    allowed = torch.cat([valid[:, None, :].expand(B, M, S), causal.expand(B, M, M)], -1)[:, None]
+    ref, p = _dense_fp64(q, torch.cat([k, k_new], 2), torch.cat([v, v_new], 2), allowed, D**-0.5, softcap)
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+    per_head = (p[..., :S] * counted.double()[:, None, :, None]).amax(2)  # [B, Hq, S]
+    ref_scores = per_head.view(B, Hkv, Hq // Hkv, S).amax(2)
+    assert torch.allclose(scores.double(), ref_scores, atol=1e-6, rtol=1e-5)
+    assert bool((scores[~valid[:, None, :].expand_as(scores)] == 0).all())  # padding receives nothing
+
+
 def test_prefill_with_a_query_window_matches_fp64():
     """SnapKV's weights (last 32 queries only): blocks without weight take the fused path."""
     B, Hq, Hkv, T, D = 2, 6, 2, 300, 16
@@ -164,6 +187,8 @@ def _ops_cases():
     yield ops.append_kv, (torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16), *buf, n_packed, res_k, res_v, res_len,
                            torch.zeros(2, dtype=torch.int64), 2, 2, 16, 32, False)
     yield ops.decode_attention, (torch.randn(2, 4, 1, 16), *buf, n_packed, res_k, res_v, res_len, 0.25, 0.0, 2, 2, 16)
+    yield ops.reconstruct_attention, (torch.randn(2, 4, 5, 16), k, v, valid, torch.randn(2, 2, 5, 16),
+                                      torch.randn(2, 2, 5, 16), torch.rand(2, 5) < 0.5, 0.25, 0.0)
     # queries as transformers passes them: [B, T, H, D] transposed to [B, H, T, D] (the fakes must
     # give the kernels' contiguous strides, or inductor's stride asserts fail at run time)
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)

@@ -31,6 +31,7 @@ REFERENCE = types.SimpleNamespace(
     quantize_pack=quant.quantize_pack,
     unpack_dequantize=quant.unpack_dequantize,
     prefill_attention=reference.prefill_attention,
+    reconstruct_attention=reference.reconstruct_attention,
     select_tokens=reference.select_tokens,
     append_kv=reference.append_kv,
     decode_attention=reference.decode_attention,

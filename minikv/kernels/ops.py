@@ -55,6 +55,22 @@ def _(q, k, v, valid, query_weight, scale, softcap):
     return q.new_empty(q.shape), q.new_empty((B, k.shape[1], T), dtype=torch.float32)  # contiguous, as the kernels
 
 
+@torch.library.custom_op("minikv::reconstruct_attention", mutates_args=())
+def reconstruct_attention(
+    q: Tensor, k_ctx: Tensor, v_ctx: Tensor, ctx_valid: Tensor, k_new: Tensor, v_new: Tensor, q_valid: Tensor,
+    scale: float, softcap: float,
+) -> tuple[Tensor, Tensor]:
+    """Attention of new queries over a held context and themselves ``[B, Hq, M, D]``, plus the most
+    attention each context token receives from a counted query, per KV head ``[B, Hkv, S]``."""
+    return reference.reconstruct_attention(q, k_ctx, v_ctx, ctx_valid, k_new, v_new, q_valid, scale, softcap)
+
+
+@reconstruct_attention.register_fake
+def _(q, k_ctx, v_ctx, ctx_valid, k_new, v_new, q_valid, scale, softcap):
+    B, Hkv, S, _ = k_ctx.shape
+    return q.new_empty(q.shape), q.new_empty((B, Hkv, S), dtype=torch.float32)
+
+
 @torch.library.custom_op("minikv::select_tokens", mutates_args=())
 def select_tokens(scores: Tensor, valid: Tensor, n_keep: Tensor, n_recent: Tensor, n_max: int) -> Tensor:
     """Kept token positions ``[B, Hkv, n_max]`` (first ``n_keep[b]`` sorted in time)."""

@@ -72,6 +72,37 @@ def prefill_attention(q, k, v, valid, query_weight, scale: float, softcap: float
     return out.view(B, Hq, T, D).to(q.dtype), scores
 
 
+def reconstruct_attention(q, k_ctx, v_ctx, ctx_valid, k_new, v_new, q_valid, scale: float, softcap: float):
+    """Attention of ``M`` new queries over a held context and themselves, plus the most attention each
+    context token receives (the reconstruction score of :mod:`minikv.selection.reconstruction`).
+
+    q ``[B, Hq, M, D]``; k_ctx/v_ctx ``[B, Hkv, S, D]`` with ctx_valid ``[B, S]`` (False = padding);
+    k_new/v_new ``[B, Hkv, M, D]``, attended causally; q_valid ``[B, M]`` marks the queries whose
+    attention counts. Returns ``out [B, Hq, M, D]`` (dtype of q) and ``scores [B, Hkv, S]`` fp32:
+    ``scores[b, h, j] = max over counted queries i and the query heads of KV head h of A[b, head, i, j]``
+    (0 where nothing counts). Query blocks of ``QUERY_BLOCK`` rows: memory O(QUERY_BLOCK * (S + M)).
+    """
+    B, Hq, M, D = q.shape
+    Hkv, S = k_ctx.shape[1], k_ctx.shape[2]
+    g = Hq // Hkv
+    qf = q.float().view(B, Hkv, g, M, D)
+    keys = torch.cat([torch.where(ctx_valid[:, None, :, None], k_ctx.float(), 0.0), k_new.float()], 2)
+    vals = torch.cat([torch.where(ctx_valid[:, None, :, None], v_ctx.float(), 0.0), v_new.float()], 2)
+    out = torch.empty(B, Hkv, g, M, D, dtype=torch.float32, device=q.device)
+    scores = torch.zeros(B, Hkv, S, dtype=torch.float32, device=q.device)
+    pos = torch.arange(M, device=q.device)
+    for start in range(0, M, QUERY_BLOCK):
+        end = min(start + QUERY_BLOCK, M)
+        causal = pos[start:end, None] >= pos[None, :end]  # [m, end] among the new tokens
+        allowed = torch.cat([ctx_valid[:, None, :].expand(B, end - start, S), causal.expand(B, -1, -1)], -1)
+        s = _logits(qf[:, :, :, start:end], keys[:, :, : S + end], scale, softcap)  # [B, Hkv, g, m, S + end]
+        p = _softmax(s, allowed[:, None, None])
+        out[:, :, :, start:end] = torch.einsum("bhgmn,bhnd->bhgmd", p, vals[:, :, : S + end])
+        counted = p[..., :S] * q_valid[:, None, None, start:end, None]  # probabilities are >= 0
+        scores = torch.maximum(scores, counted.amax(dim=(2, 3)))
+    return out.view(B, Hq, M, D).to(q.dtype), scores
+
+
 def select_tokens(scores, valid, n_keep, n_recent, n_max: int):
     """Per (sequence, KV head): the ``n_recent`` newest valid tokens plus the top scored older ones.
 

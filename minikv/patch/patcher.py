@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..cache import check_layer_types
 from ..compat import layer_types_and_kwargs
+from .. import reconstruct
 from ..config import UNSET, MiniKVConfig, build_config
+from ..selection import needs_pass
 from . import SUPPORTED_MODEL_TYPES
 from . import attention
 from .generation import make_prepare_cache
@@ -19,6 +23,7 @@ class PatchState:
     config: MiniKVConfig
     attn_implementation: str
     prepare_override: object  # an instance attribute that existed before patch, or None
+    pass_hook: object = None  # the reconstruction pass's forward hook on the decoder (a scorer with NEEDS_PASS)
 
 
 def check_model(model, cfg: MiniKVConfig) -> None:
@@ -41,6 +46,12 @@ def check_model(model, cfg: MiniKVConfig) -> None:
     implementation(cfg.backend, model.device)  # backend="triton" where Triton cannot run: refused now
 
 
+def decoder(model):
+    """The module whose forward runs the layers with the cache (the reconstruction pass calls it again)."""
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
 def patch(model, bits=None, budget=UNSET, **knobs):
     """See :func:`minikv.patch`."""
     cfg = build_config(bits, budget, **knobs)
@@ -50,6 +61,8 @@ def patch(model, bits=None, budget=UNSET, **knobs):
     state = PatchState(cfg, original, model.__dict__.get(_PREPARE))
     model.set_attn_implementation(attention.IMPLEMENTATIONS.get(original, "minikv"))
     setattr(model, _PREPARE, make_prepare_cache(model, getattr(type(model), _PREPARE).__get__(model)))
+    if needs_pass(cfg.scorer):
+        state.pass_hook = decoder(model).register_forward_hook(reconstruct.hook, with_kwargs=True)
     model._minikv_patch = state
     return model
 
@@ -60,6 +73,8 @@ def unpatch(model):
     if state is None:
         raise ValueError("this model is not patched by minikv")
     model.set_attn_implementation(state.attn_implementation)
+    if state.pass_hook is not None:
+        state.pass_hook.remove()
     if state.prepare_override is None:
         del model.__dict__[_PREPARE]
     else:

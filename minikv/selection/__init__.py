@@ -16,20 +16,28 @@ scorer         score of token j                                            file
 ``a2sf``       attention decayed by ``a2sf_decay`` per query of age        ``a2sf.py``
 ``keynorm``    minus the L2 norm of the key (no attention read)            ``keynorm.py``
 ``streaming``  the first ``sinks`` tokens (StreamingLLM; no scores)        ``streaming.py``
+``kvzip``      most attention received while the model re-reads the       ``reconstruction.py``
+               prompt after itself (question-agnostic; one more pass)
 =============  ==========================================================  ====================
 """
 
 from __future__ import annotations
 
-from . import a2sf, cumulative, keynorm, snapkv, streaming
+from . import a2sf, cumulative, keynorm, reconstruction, snapkv, streaming
 from .kvcrush import rescore as crush
 from .positions import protect_sinks
 
-SCORERS = {"minikv": cumulative, "snapkv": snapkv, "a2sf": a2sf, "keynorm": keynorm, "streaming": streaming}
+SCORERS = {"minikv": cumulative, "snapkv": snapkv, "a2sf": a2sf, "keynorm": keynorm, "streaming": streaming,
+           "kvzip": reconstruction}
 
 
 def scorer(name: str):
     return SCORERS[name]
 
 
-__all__ = ["SCORERS", "crush", "protect_sinks", "scorer"]
+def needs_pass(name: str) -> bool:
+    """Whether scorer ``name`` scores the prompt by a pass of its own after the prompt (:mod:`minikv.reconstruct`)."""
+    return getattr(SCORERS[name], "NEEDS_PASS", False)
+
+
+__all__ = ["SCORERS", "crush", "needs_pass", "protect_sinks", "scorer"]

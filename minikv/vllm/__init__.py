@@ -1,5 +1,5 @@
 """minikv inside vLLM: an attention backend that stores the KV cache in minikv's KIVI layout in vLLM's
-paged blocks (``pip install "minikv[vllm]"``, README "Serving with vLLM").
+paged blocks (``pip install "minikv[vllm]"``, docs/serving.md, "Serving with vLLM").
 
 - :mod:`.settings`: the backend's knobs, read from the ``MINIKV_VLLM`` environment variable.
 - :mod:`.layout`: where each part of a token lives inside one block of one KV head (no vLLM import).

@@ -62,7 +62,7 @@ class Settings:
                              f"(valid here: {valid})")
         if block_size % self.group_size:
             raise ValueError(f"{ENV}: vLLM's block size ({block_size}) must be a multiple of group_size={self.group_size}: "
-                             f"pass --block-size 256 (or another multiple of {self.group_size}; larger blocks hold more, README)")
+                             f"pass --block-size 256 (or another multiple of {self.group_size}; larger blocks hold more, docs/serving.md)")
 
 
 _FIELDS = {"k_bits": int, "v_bits": int, "bits": int, "group_size": int, "clip": bool, "rotate": str}

@@ -68,7 +68,7 @@ def tiny(out: str, check: bool) -> None:
 
 
 def passkey(out: str, model_dir: str, n: int = 5, tokens: int = 3800) -> None:
-    """The README's pass-key prompts (minikv.prompts) through ``vllm.LLM``: found or not, per seed."""
+    """The pass-key prompts (minikv.prompts) through ``vllm.LLM``: found or not, per seed."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 

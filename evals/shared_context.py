@@ -1,0 +1,244 @@
+"""Shared-context multi-turn (SCBench style): compress a document once, before any question, then ask
+several different questions on the same cache.
+
+    python evals/shared_context.py --model smollm2 --tokens 2000 --samples 10 --configs core
+    python evals/shared_context.py --model gemma3-270m --knobs '{"scorer": "kvzip"}' --label kvzip
+
+Each sample is a document of ``--tokens`` tokens of natural prose (the Python reference manual, as the
+suite's haystacks) holding four "special magic number" needles (random key words, random 7-digit
+values) and a 5-digit pass key. The document alone is prefilled into the cache (compressed there: the
+cache has seen no question), then five turns follow on that cache, in an order rotated per sample:
+
+- ``key1``/``key2``/``key3``: the magic number of one of the four keys (multi-key retrieval; each turn a
+  different key, so a cache that kept what one question needed must still hold the others);
+- ``passkey``: the pass key;
+- ``quote``: the rest of a sentence of the document quoted from its first words (text no other
+  question touches; scored over its first ``QUOTE_TOKENS`` tokens).
+
+A turn is the question and its gold answer, teacher-forced through the cache in one forward (and then
+compressed with the conversation, as a chat turn is); a number is right when every scored token is the
+model's greedy choice, i.e. greedy decoding would have produced it; a quote scores the share of its
+tokens that are the greedy choice (teacher-forced copy accuracy). Reported per turn and per
+task: accuracy with Wilson 95% intervals, and the KV bytes held over the compressed layers (% of fp16,
+the cache's own report: after the document, the compressed context every question reads, and after
+the last turn). Rows go to ``evals/results/shared_context_<model>.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "tasks"))
+sys.path.insert(0, str(HERE))
+
+TASKS = ("key1", "key2", "key3", "passkey", "quote")
+QUOTE_WORDS, QUOTE_TOKENS = 6, 12
+
+CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's own cache)]
+    "core": [
+        ("full cache", None),
+        ("defaults (snapkv, 50%)", {}),
+        ("kvzip 50%", dict(scorer="kvzip")),
+        ("K4V2 every token", dict(budget=None)),
+    ],
+    "levers3": [
+        ("kvzip 50%, global", dict(scorer="kvzip", schedule="global")),
+        ("kvzip 50%, global, 16 bits", dict(scorer="kvzip", schedule="global", bits=16)),
+        ("kvzip 57%, global, G64", dict(scorer="kvzip", schedule="global", budget=0.57, q_group_size=64)),
+        ("kvzip 50%, global, repeat prefix", dict(scorer="kvzip", schedule="global",
+                                                  reconstruct_prefix="Repeat the previous context exactly.")),
+    ],
+    "levers2": [
+        ("kvzip 50%, no pool", dict(scorer="kvzip", pool_kernel=1)),
+        ("kvzip 50%, recent 32, no pool", dict(scorer="kvzip", recent=32, pool_kernel=1)),
+        ("kvzip 50%, no pool, global", dict(scorer="kvzip", pool_kernel=1, schedule="global")),
+        ("kvzip 50%, no pool, 16 bits", dict(scorer="kvzip", pool_kernel=1, bits=16)),
+        ("kvzip 50%, pool 3", dict(scorer="kvzip", pool_kernel=3)),
+    ],
+    "tiers": [
+        ("kvzip 40% + 2-bit G64 tier for 30% of the rest", dict(scorer="kvzip", pool_kernel=1, budget=0.4, evicted_bits=2,
+                                                         evicted_group_size=64, evicted_share=0.3)),
+        ("kvzip 30% + 2-bit G64 tier for 60% of the rest", dict(scorer="kvzip", pool_kernel=1, budget=0.3, evicted_bits=2,
+                                                         evicted_group_size=64, evicted_share=0.6)),
+        ("kvzip 20% + 2-bit G64 tier for the rest", dict(scorer="kvzip", pool_kernel=1, budget=0.2, evicted_bits=2,
+                                                  evicted_group_size=64)),
+    ],
+    "levers": [
+        ("kvzip 50%, recent 32", dict(scorer="kvzip", recent=32)),
+        ("kvzip 50%, recent 0", dict(scorer="kvzip", recent=0)),
+        ("kvzip 50%, recent 32, chunk 128", dict(scorer="kvzip", recent=32, reconstruct_chunk=128)),
+        ("kvzip 60%, recent 32", dict(scorer="kvzip", recent=32, budget=0.6)),
+        ("kvzip 50%, recent 32, evicted at 2 bits", dict(scorer="kvzip", recent=32, evicted_bits=2)),
+    ],
+}
+
+
+def make_sample(tok, tokens: int, seed: int, index: int):
+    """``(document, [(task, question, answer prefix, scored answer)])`` for sample ``index``."""
+    import minikv_data
+
+    rng = random.Random(f"shared-context-{seed}-{index}")
+    keys = minikv_data._keys(rng, 4)
+    values = [minikv_data._number(rng) for _ in keys]
+    passkey = str(rng.randint(10000, 99999))
+    needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)]
+    needles.append(f"The pass key is {passkey}. Remember it. {passkey} is the pass key.")
+    text = minikv_data.haystack(rng, int(tokens * minikv_data.CHARS_PER_TOKEN) - 150, needles)
+    sentences = [s for s in text.split(". ") if len(s.split()) > QUOTE_WORDS + 12 and "magic" not in s
+                 and "pass key" not in s]
+    sentence = rng.choice(sentences[len(sentences) // 10: -len(sentences) // 10 or None])
+    start, rest = " ".join(sentence.split()[:QUOTE_WORDS]), " " + " ".join(sentence.split()[QUOTE_WORDS:])
+    rest = tok.decode(tok(rest, add_special_tokens=False).input_ids[:QUOTE_TOKENS])
+    asked = rng.sample(range(4), 3)
+    turns = [(f"key{i + 1}", f"What is the special magic number for {keys[j]} mentioned in the document?",
+              f"The special magic number for {keys[j]} is: ", values[j]) for i, j in enumerate(asked)]
+    turns.append(("passkey", "What is the pass key in the document?", "The pass key is ", passkey))
+    turns.append(("quote", f'Quote the sentence of the document that begins with "{start}".', f'"{start}', rest))
+    shift = index % len(turns)
+    return text, turns[shift:] + turns[:shift]
+
+
+class Dialogue:
+    """Token ids of the document and of each turn, in the model's chat format (plain text for a base model)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.chat = getattr(tok, "chat_template", None) is not None
+
+    def ids(self, text: str, special: bool = False):
+        return self.tok(text, add_special_tokens=special).input_ids
+
+    def document(self, doc: str):
+        if self.chat:
+            msgs = [{"role": "user", "content": f"Read this document. I will ask you questions about it.\n\n{doc}"},
+                    {"role": "assistant", "content": "I have read the document."}]
+            return self.ids(self.tok.apply_chat_template(msgs, tokenize=False))
+        return self.ids(f"Read this document. Questions about it follow.\n\n{doc}\n", special=True)
+
+    def turn(self, question: str, prefix: str, answer: str):
+        """``(ids, n_scored)``: the turn's ids, its last ``n_scored`` being the scored answer."""
+        if self.chat:
+            head = self.tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                add_generation_prompt=True)
+            head = head[head.index("<|im_start|>user"):] if "<|im_start|>user" in head else head
+        else:
+            head = f"\nQuestion: {question}\nAnswer: "
+        first = self.ids(head + prefix)
+        scored = self.ids(head + prefix + answer)[len(first):]
+        if self.ids(head + prefix + answer)[: len(first)] != first:  # tokenization merged across the cut
+            scored = self.ids(answer)
+        return first + scored, len(scored)
+
+
+def run_sample(model, dialogue, knobs, doc, turns, max_new: int = 64):
+    """Per turn: 1 if every scored token is the greedy choice; and the cache's KV ratio at the end."""
+    import torch
+
+    from minikv.cache import MiniKVCache
+    from minikv.compat import cache_key
+
+    doc_ids = torch.tensor([dialogue.document(doc)])
+    if knobs is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=max_new)
+    results, pos = [], 0
+    with torch.inference_mode():
+        for ids in [doc_ids] + [None] * len(turns):
+            if ids is None:
+                break
+            model(ids, position_ids=torch.arange(pos, pos + ids.shape[1])[None], use_cache=True,
+                  **{cache_key(): cache}, logits_to_keep=1)
+            pos += ids.shape[1]
+        doc_ratio = cache.memory().ratio if knobs is not None else 1.0
+        for task, question, prefix, answer in turns:
+            ids, n = dialogue.turn(question, prefix, answer)
+            ids = torch.tensor([ids])
+            logits = model(ids, position_ids=torch.arange(pos, pos + ids.shape[1])[None], use_cache=True,
+                           **{cache_key(): cache}).logits[0]
+            pos += ids.shape[1]
+            pred = logits[-n - 1:-1].argmax(-1)
+            hits = (pred == ids[0, -n:]).float()
+            results.append((task, float(hits.mean()) if task == "quote" else float(hits.min())))
+    ratio = cache.memory().ratio if knobs is not None else 1.0
+    return results, (doc_ratio, ratio), int(doc_ids.shape[1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--tokens", type=int, default=2000)
+    p.add_argument("--samples", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--configs", default="core", help=f"a named group: {list(CONFIGS)}")
+    p.add_argument("--knobs", help="one configuration instead of a group: minikv.patch knobs as JSON")
+    p.add_argument("--label", help="the label of --knobs' row")
+    p.add_argument("--out", help="CSV path (default evals/results/shared_context_<model>.csv; rows appended)")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+
+    import minikv
+    from minikv.models import load_model
+    from stats import wilson
+
+    model, tok = load_model(args.model)
+    dialogue = Dialogue(tok)
+    configs = [(args.label or args.knobs, json.loads(args.knobs))] if args.knobs else CONFIGS[args.configs]
+    out = Path(args.out or HERE / "results" / f"shared_context_{args.model}.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    samples = [make_sample(tok, args.tokens, args.seed, i) for i in range(args.samples)]
+    for label, knobs in configs:
+        if knobs is not None:
+            if isinstance(knobs.get("reconstruct_prefix"), str):  # an instruction, in this model's tokens
+                knobs = dict(knobs, reconstruct_prefix=dialogue.ids("\n" + knobs["reconstruct_prefix"] + "\n"))
+            minikv.patch(model, **knobs)
+        t0 = time.time()
+        try:
+            per_turn = [[] for _ in TASKS]
+            per_task = {t: [] for t in TASKS}
+            ratios, lengths = [], []
+            for doc, turns in samples:
+                results, ratio, n = run_sample(model, dialogue, knobs, doc, turns)
+                ratios.append(ratio)
+                lengths.append(n)
+                for i, (task, score) in enumerate(results):
+                    per_turn[i].append(score)
+                    per_task[task].append(score)
+        finally:
+            if knobs is not None:
+                minikv.unpatch(model)
+        every = [x for xs in per_turn for x in xs]
+        row = dict(config=label, knobs=json.dumps(knobs), mean=round(sum(every) / len(every), 3),
+                   mean_ci="[%.3f, %.3f]" % wilson(sum(every) / len(every), len(every)),
+                   **{f"turn{i + 1}": round(sum(xs) / len(xs), 3) for i, xs in enumerate(per_turn)},
+                   **{t: round(sum(xs) / len(xs), 3) for t, xs in per_task.items()},
+                   kv_percent_of_fp16=round(100 * sum(r[0] for r in ratios) / len(ratios), 1),
+                   kv_percent_after_turns=round(100 * sum(r[1] for r in ratios) / len(ratios), 1), samples=args.samples,
+                   doc_tokens=round(sum(lengths) / len(lengths)), seconds=round(time.time() - t0),
+                   model=args.model, machine=f"{platform.machine()} {os.cpu_count()} CPUs",
+                   torch=torch.__version__, transformers=transformers.__version__)
+        print(json.dumps(row), flush=True)
+        new = not out.exists()
+        with open(out, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The reconstruction scorer (``scorer="kvzip"``): the pass's scores are the attention the re-read
+prompt gives each prompt token in an unpatched model, memory is bounded by the chunk, the prompt's own
+output is the unpatched model's, later turns leave the tokens held untouched, bad knobs are refused."""
+
+import pytest
+import torch
+
+import minikv
+from minikv import MiniKVCache
+from minikv.cache import MiniKVLayer
+from minikv.compat import cache_key
+from minikv.kernels import reference
+from minikv.reconstruct import OVERLAP
+from models import tiny_model
+
+KEY = cache_key()
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The pending scores of each compressed layer when the pass commits them: ``[[B, H, N], ...]``."""
+    seen = []
+    commit = MiniKVLayer.commit
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.pending.scores.clone())
+        return commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(MiniKVLayer, "commit", spy)
+    return seen
+
+
+def _eager_scores(model, ids, chunk):
+    """Per layer ``[1, Hkv, T]``: the most attention any counted re-read query gives each prompt token,
+    from the unpatched model's eager attention over ``[prompt ; re-read chunk]`` (one forward per chunk)."""
+    T = ids.shape[1]
+    cfg = model.config
+    g = cfg.num_attention_heads // cfg.num_key_value_heads
+    best = [torch.zeros(1, cfg.num_key_value_heads, T, dtype=torch.float64) for _ in range(cfg.num_hidden_layers)]
+    for start in range(0, T, chunk):
+        first, end = max(start - OVERLAP, 0), min(start + chunk, T)
+        seq = torch.cat([ids, ids[:, first:end]], 1)
+        pos = torch.cat([torch.arange(T), T + torch.arange(end - first)])[None]
+        with torch.no_grad():
+            att = model(seq, position_ids=pos, output_attentions=True).attentions  # [1, Hq, L, L] per layer
+        for layer, a in enumerate(att):
+            rows = a[:, :, T + (start - first):, :T].double()  # the counted queries, the prompt's columns
+            per_kv = rows.reshape(1, cfg.num_key_value_heads, g, -1, T).amax(dim=(2, 3))
+            best[layer] = torch.maximum(best[layer], per_kv)
+    return best
+
+
+@pytest.mark.parametrize("chunk", [200, 24])
+def test_scores_are_the_attention_of_the_re_read_prompt_in_the_unpatched_model(captured, chunk):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 320, (1, 60), generator=torch.Generator().manual_seed(0))
+    model.set_attn_implementation("eager")
+    expected = _eager_scores(model, ids, min(chunk, 60))
+    model.set_attn_implementation("sdpa")
+    minikv.patch(model, bits=2, budget=0.5, residual_length=16, scorer="kvzip", reconstruct_chunk=chunk, pool_kernel=1)
+    cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)
+    with torch.no_grad():
+        model(ids, **{KEY: cache}, use_cache=True)
+    assert len(captured) == 3
+    for got, want in zip(captured, expected):
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7), float((got - want).abs().max())
+
+
+def test_the_prompt_is_attended_in_full_precision_and_decode_reads_the_kept_tokens():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 320, (1, 80), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    minikv.patch(model, bits=2, budget=0.5, residual_length=16, scorer="kvzip")
+    cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8)
+    with torch.no_grad():
+        out = model(ids, **{KEY: cache}, use_cache=True).logits
+    assert torch.allclose(out, ref, atol=1e-10)  # the pass ran after the prompt and changed nothing of it
+    layers = [layer for layer in cache.layers if isinstance(layer, MiniKVLayer)]
+    assert all(layer.pending is None for layer in layers)
+    assert [int(layer.store.lengths()[0]) for layer in layers] == [40] * 3  # 50% of 80 (sinks included)
+
+
+def test_a_left_padded_sequence_keeps_what_it_keeps_alone(captured):
+    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5, residual_length=16, scorer="kvzip",
+                         reconstruct_chunk=16)
+    ids = torch.randint(1, 320, (2, 50), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=pos, use_cache=True,
+              **{KEY: MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)})
+        batched = [s[0, :, 7:] for s in captured]
+        captured.clear()
+        model(ids[:1, 7:], use_cache=True, **{KEY: MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)})
+    for a, b in zip(batched, captured):
+        assert torch.allclose(a, b[0], atol=1e-9)
+
+
+def test_the_pass_never_builds_a_prompt_by_prompt_map(monkeypatch):
+    """Every attention map of the pass is at most QUERY_BLOCK queries by (prompt + chunk + overlap) keys."""
+    shapes = []
+    logits = reference._logits
+
+    def spy(q, k, scale, softcap):
+        shapes.append((q.shape[-2], k.shape[-2]))
+        return logits(q, k, scale, softcap)
+
+    monkeypatch.setattr(reference, "_logits", spy)
+    T, chunk = 300, 32
+    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5, residual_length=16, scorer="kvzip",
+                         reconstruct_chunk=chunk)
+    with torch.no_grad():
+        model(torch.randint(1, 320, (1, T)), use_cache=True,
+              **{KEY: MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)})
+    assert len(shapes) == 3 * -(-T // chunk)  # one map per layer per chunk
+    assert max(q for q, _ in shapes) <= chunk + OVERLAP
+    assert max(k for _, k in shapes) <= T + chunk + OVERLAP
+
+
+def test_a_later_turn_is_scored_by_the_pass_and_the_tokens_held_stay(captured):
+    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5, residual_length=16, sink_tokens=4, scorer="kvzip")
+    cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8)
+    with torch.no_grad():
+        model(torch.randint(1, 320, (1, 64)), use_cache=True, **{KEY: cache})
+    layer = next(layer for layer in cache.layers if isinstance(layer, MiniKVLayer))
+    st = layer.store
+    p, G, kw = int(st.n_packed[0]), st.group, 32 // st.k_bits
+    held = [t.clone() for t in (st.k_codes[..., : p // kw], st.k_scale[..., : p // G], st.v_codes[:, :, :p],
+                                st.v_mn[:, :, :p], st.res_k[:, :, :4])]
+    n_before = int(st.lengths()[0])
+    captured.clear()
+    with torch.no_grad():
+        model(torch.randint(1, 320, (1, 40)), use_cache=True, **{KEY: cache})
+    assert [s.shape[-1] for s in captured] == [40] * 3  # the turn's tokens only were scored
+    st = layer.store
+    assert int(st.lengths()[0]) == n_before + 20
+    after = (st.k_codes[..., : p // kw], st.k_scale[..., : p // G], st.v_codes[:, :, :p], st.v_mn[:, :, :p],
+             st.res_k[:, :, :4])
+    assert all(torch.equal(a, b) for a, b in zip(held, after))
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3"])
+def test_generates_on_other_families_with_sliding_layers_untouched(family):
+    model = tiny_model(family)
+    ids = torch.randint(1, 320, (1, 60), generator=torch.Generator().manual_seed(3))
+    minikv.patch(model, bits=16, budget=None, scorer="kvzip")  # nothing selected: no pass, HF's tokens
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    minikv.unpatch(model)
+    assert torch.equal(ref, model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    minikv.patch(model, bits=2, budget=0.5, residual_length=16, scorer="kvzip", reconstruct_chunk=16)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    cache = getattr(out, KEY)
+    sliding = [layer for layer in cache.layers if not isinstance(layer, MiniKVLayer)]
+    # the pass's chunks never reached the windows: they hold the prompt and the generated tokens only
+    assert all(int(layer.cumulative_length) == 60 + 5 for layer in sliding)
+
+
+def test_unpatch_removes_the_hook():
+    model = tiny_model("llama")
+    decoder = model.get_decoder()
+    minikv.patch(model, bits=2, budget=0.5, scorer="kvzip")
+    assert len(decoder._forward_hooks) == 1
+    minikv.unpatch(model)
+    assert len(decoder._forward_hooks) == 0
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_bad_chunk_is_refused(bad):
+    with pytest.raises(ValueError, match="reconstruct_chunk must be an integer >= 1"):
+        minikv.patch(tiny_model("llama"), bits=2, budget=0.5, scorer="kvzip", reconstruct_chunk=bad)
+
+
+def test_global_schedule_moves_tokens_to_the_layers_that_rank_highest_at_equal_total():
+    from minikv import MiniKVConfig
+    from minikv.budget import GLOBAL_SPAN, across_layers, keep_counts
+
+    cfg = MiniKVConfig(bits=2, budget=0.5, recent=8, sink_tokens=2, scorer="kvzip", schedule="global")
+    g = torch.Generator().manual_seed(0)
+    B, H, T = 2, 3, 100
+    scores = [torch.rand(B, H, T, generator=g) * w for w in (1.0, 3.0, 0.2)]  # layer 1 ranks highest
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :10] = 0
+    keep, recent = keep_counts(cfg.replace(schedule="uniform"), 0, 3, valid.sum(-1))
+    counts = across_layers(cfg, scores, valid)
+    total = sum(k for k, _ in counts)
+    assert torch.equal(total, 3 * keep)  # the uniform schedule's bytes
+    heavy = keep - recent
+    for k, r in counts:
+        assert torch.equal(r, recent)
+        assert bool(((k - r) >= (GLOBAL_SPAN[0] * heavy).floor()).all()) and bool(((k - r) <= GLOBAL_SPAN[1] * heavy).all())
+    assert bool((counts[1][0] > keep).all()) and bool((counts[2][0] < keep).all())
+
+
+def test_global_schedule_generates_and_needs_the_reconstruction_scorer():
+    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5, residual_length=16, scorer="kvzip", schedule="global")
+    ids = torch.randint(1, 320, (2, 64), generator=torch.Generator().manual_seed(4))
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    layers = [layer for layer in getattr(out, KEY).layers if isinstance(layer, MiniKVLayer)]
+    assert sum(int(layer.store.lengths()[0]) for layer in layers) == 3 * (32 + 4)  # the uniform total + decoded
+    with pytest.raises(ValueError, match="schedule='global' .* needs scorer='kvzip'"):
+        minikv.patch(tiny_model("llama"), bits=2, budget=0.5, schedule="global")
