@@ -27,6 +27,7 @@ CONFIGS = [  # (label, minikv.patch knobs; None: the unpatched model)
     ("minikv defaults, 75% kept", dict(budget=0.75)),
     ("minikv K4V2, every token kept", dict(budget=None)),
     ("MiniKV paper recipe", dict(preset="paper")),
+    ("kvzip 50%, global schedule", dict(scorer="kvzip", schedule="global")),
 ]
 
 
@@ -53,6 +54,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--tokens", type=int, default=1200, help="document length in tokens")
     p.add_argument("--out", help="CSV path (default evals/results/chat_<model>.csv)")
+    p.add_argument("--only", help="run only the configurations whose label contains this text")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -64,6 +66,8 @@ def main() -> int:
     model, tok = load_model(args.model)
     rows = []
     for label, knobs in CONFIGS:
+        if args.only and args.only not in label:
+            continue
         found, ratios = 0, []
         for seed in range(args.seeds):
             doc, key = document(tok, args.tokens, seed=seed)

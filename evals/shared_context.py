@@ -50,6 +50,16 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
         ("kvzip 50%", dict(scorer="kvzip")),
         ("K4V2 every token", dict(budget=None)),
     ],
+    "levers4": [
+        ("kvzip 50%, global, whole groups", dict(scorer="kvzip", schedule="global")),
+        ("kvzip 55%, global, whole groups", dict(scorer="kvzip", schedule="global", budget=0.55)),
+    ],
+    "gemma": [
+        ("full cache", None),
+        ("defaults (snapkv, 50%)", {}),
+        ("kvzip 50%, global, whole groups", dict(scorer="kvzip", schedule="global")),
+        ("K4V2 every token", dict(budget=None)),
+    ],
     "levers3": [
         ("kvzip 50%, global", dict(scorer="kvzip", schedule="global")),
         ("kvzip 50%, global, 16 bits", dict(scorer="kvzip", schedule="global", bits=16)),
@@ -231,13 +241,23 @@ def main() -> int:
                    model=args.model, machine=f"{platform.machine()} {os.cpu_count()} CPUs",
                    torch=torch.__version__, transformers=transformers.__version__)
         print(json.dumps(row), flush=True)
-        new = not out.exists()
-        with open(out, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        append_row(out, row)
     return 0
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Add ``row`` to the CSV at ``path`` (the columns of every row so far, in order), and render it as ``.md``."""
+    rows = list(csv.DictReader(open(path))) if path.exists() else []
+    rows.append({k: str(v) for k, v in row.items()})
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    cols = ["config", "kv_percent_of_fp16", "mean", "mean_ci", *[f"turn{i + 1}" for i in range(len(TASKS))], *TASKS]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

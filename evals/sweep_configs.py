@@ -72,3 +72,7 @@ GROUPS["frontier"] = [("minikv defaults, 75% kept", dict(cache="minikv", budget=
 GROUPS["kivi"] = [("KIVI-2 style (every token, K2 V2 G32, no fidelity knobs)",
                    dict(cache="minikv", budget=None, bits=2, k_bits=2, v_bits=2, sink_tokens=0, clip=False,
                         rotate="none", q_group_size=32))]
+
+# issue 20: the question-agnostic reconstruction scorer (KVzip-style) with the layers ranked together, at the
+# defaults' quantizer and budget (the shared-context suite, evals/shared_context.py, has it at 14.3% of fp16)
+GROUPS["kvzip"] = [("kvzip 50%, global schedule", dict(cache="minikv", scorer="kvzip", schedule="global"))]

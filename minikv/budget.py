@@ -46,7 +46,7 @@ def keep_counts(cfg: MiniKVConfig, rank: int, num_layers: int, lengths: torch.Te
 GLOBAL_SPAN = (0.25, 2.0)  # schedule="global": a layer's scored tokens stay in this range of the uniform count
 
 
-def across_layers(cfg: MiniKVConfig, scores: list[torch.Tensor], valid: torch.Tensor):
+def across_layers(cfg: MiniKVConfig, scores: list[torch.Tensor], valid: torch.Tensor, group: int | None = None):
     """``schedule="global"``: one ranking of every layer's scored tokens (KVzip's ``layerwise=False``).
 
     scores ``[B, H, T]`` per compressed layer (comparable across layers: the reconstruction pass's
@@ -54,8 +54,10 @@ def across_layers(cfg: MiniKVConfig, scores: list[torch.Tensor], valid: torch.Te
     the uniform schedule does (equal bytes), given to the layers whose tokens rank highest: the largest
     prefix of the joint ranking (every head of every layer) whose per-layer counts, averaged over the
     layer's heads and clamped to ``GLOBAL_SPAN`` times the uniform count, fit the total. The recent window
-    and the sinks are every layer's, as in the uniform schedule. Returns ``(n_keep, n_recent)`` ``[B]``
-    per layer. Prefill-time code (a host loop over the batch).
+    and the sinks are every layer's, as in the uniform schedule. With ``group`` (a quantized store's G),
+    each layer's tokens after the sinks are a whole number of groups: none waits in the full-precision
+    residual, whose bytes go to more packed tokens elsewhere (at most the total). Returns
+    ``(n_keep, n_recent)`` ``[B]`` per layer. Prefill-time code (a host loop over the batch).
     """
     from .selection import protect_sinks
     from .selection.positions import rank_from_end
@@ -89,13 +91,18 @@ def across_layers(cfg: MiniKVConfig, scores: list[torch.Tensor], valid: torch.Te
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if counts(mid).floor().sum() <= L * heavy[b] else (lo, mid - 1)
         n = counts(lo).floor().long()
+        step = group or 1
+        if group:  # whole groups after the sinks: round each layer down, then hand out groups again
+            sinks = min(cfg.sink_tokens, int(lengths[b]))
+            n = n - (n + int(recent[b]) - sinks) % group
+            n = torch.where(n < 0, n + group, n).clamp(max=high)
         spare = L * heavy[b] - int(n.sum())
         for layer in torch.argsort(counts(lo) - n, descending=True).tolist():  # rounding: largest remainders
-            if spare <= 0:
+            if spare < step:
                 break
-            if n[layer] < high:
-                n[layer] += 1
-                spare -= 1
+            if n[layer] + step <= high:
+                n[layer] += step
+                spare -= step
         for layer in range(L):
             out[layer][b] = int(n[layer]) + int(recent[b])
     return [(k, recent.clone()) for k in out]

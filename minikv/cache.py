@@ -450,7 +450,9 @@ class MiniKVCache(Cache):
         for layer in layers:
             layer.pending.scores = selection.scorer(self.cfg.scorer).finish(layer.pending.scores, self.cfg)
         if self.cfg.schedule == "global" and layers and not layers[0].pending.turn:
-            counts = budget.across_layers(self.cfg, [layer.pending.scores for layer in layers], layers[0].pending.valid)
+            group = self.cfg.q_group_size if self.cfg.quantized else None
+            counts = budget.across_layers(self.cfg, [layer.pending.scores for layer in layers], layers[0].pending.valid,
+                                          group)
         else:
             counts = [None] * len(layers)
         for layer, c in zip(layers, counts):

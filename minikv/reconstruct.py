@@ -116,7 +116,7 @@ def score(decoder, cache, tokens: torch.Tensor, last_position: torch.Tensor, chu
 def hook(decoder, args, kwargs, output):
     """``register_forward_hook(..., with_kwargs=True)`` on a patched model's decoder: run the pass when
     the forward left tokens pending in its MiniKV cache."""
-    cache = kwargs.get(cache_key(), kwargs.get("past_key_values"))
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name changed in transformers 5.24 (compat)
     if cache is None or not has_pending(cache):
         return None
     _run(decoder, args, kwargs, cache)

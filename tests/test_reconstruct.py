@@ -30,34 +30,36 @@ def captured(monkeypatch):
     return seen
 
 
-def _eager_scores(model, ids, chunk):
+def _eager_scores(model, ids, chunk, prefix=()):
     """Per layer ``[1, Hkv, T]``: the most attention any counted re-read query gives each prompt token,
-    from the unpatched model's eager attention over ``[prompt ; re-read chunk]`` (one forward per chunk)."""
+    from the unpatched model's eager attention over ``[prompt ; prefix ; re-read chunk]`` (one forward per chunk)."""
     T = ids.shape[1]
     cfg = model.config
     g = cfg.num_attention_heads // cfg.num_key_value_heads
     best = [torch.zeros(1, cfg.num_key_value_heads, T, dtype=torch.float64) for _ in range(cfg.num_hidden_layers)]
     for start in range(0, T, chunk):
         first, end = max(start - OVERLAP, 0), min(start + chunk, T)
-        seq = torch.cat([ids, ids[:, first:end]], 1)
-        pos = torch.cat([torch.arange(T), T + torch.arange(end - first)])[None]
+        lead = torch.tensor([list(prefix)], dtype=ids.dtype).view(1, -1)
+        seq = torch.cat([ids, lead, ids[:, first:end]], 1)
+        pos = torch.arange(seq.shape[1])[None]
         with torch.no_grad():
             att = model(seq, position_ids=pos, output_attentions=True).attentions  # [1, Hq, L, L] per layer
         for layer, a in enumerate(att):
-            rows = a[:, :, T + (start - first):, :T].double()  # the counted queries, the prompt's columns
+            rows = a[:, :, T + len(prefix) + (start - first):, :T].double()  # the counted queries, the prompt's columns
             per_kv = rows.reshape(1, cfg.num_key_value_heads, g, -1, T).amax(dim=(2, 3))
             best[layer] = torch.maximum(best[layer], per_kv)
     return best
 
 
-@pytest.mark.parametrize("chunk", [200, 24])
-def test_scores_are_the_attention_of_the_re_read_prompt_in_the_unpatched_model(captured, chunk):
+@pytest.mark.parametrize("chunk, prefix", [(200, ()), (24, ()), (24, (5, 17, 9))])
+def test_scores_are_the_attention_of_the_re_read_prompt_in_the_unpatched_model(captured, chunk, prefix):
     model = tiny_model("llama")
     ids = torch.randint(1, 320, (1, 60), generator=torch.Generator().manual_seed(0))
     model.set_attn_implementation("eager")
-    expected = _eager_scores(model, ids, min(chunk, 60))
+    expected = _eager_scores(model, ids, min(chunk, 60), prefix)
     model.set_attn_implementation("sdpa")
-    minikv.patch(model, bits=2, budget=0.5, residual_length=16, scorer="kvzip", reconstruct_chunk=chunk, pool_kernel=1)
+    minikv.patch(model, bits=2, budget=0.5, residual_length=16, scorer="kvzip", reconstruct_chunk=chunk,
+                 reconstruct_prefix=prefix)
     cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)
     with torch.no_grad():
         model(ids, **{KEY: cache}, use_cache=True)
@@ -172,6 +174,14 @@ def test_bad_chunk_is_refused(bad):
         minikv.patch(tiny_model("llama"), bits=2, budget=0.5, scorer="kvzip", reconstruct_chunk=bad)
 
 
+@pytest.mark.parametrize("bad", ["Repeat", (1, -2), (1.5,), 7])
+def test_a_prefix_that_is_not_token_ids_is_refused(bad):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="reconstruct_prefix must be a sequence of token ids"):
+        minikv.patch(model, bits=2, budget=0.5, scorer="kvzip", reconstruct_prefix=bad)
+    assert not minikv.is_patched(model)
+
+
 def test_global_schedule_moves_tokens_to_the_layers_that_rank_highest_at_equal_total():
     from minikv import MiniKVConfig
     from minikv.budget import GLOBAL_SPAN, across_layers, keep_counts
@@ -198,6 +208,41 @@ def test_global_schedule_generates_and_needs_the_reconstruction_scorer():
     ids = torch.randint(1, 320, (2, 64), generator=torch.Generator().manual_seed(4))
     out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     layers = [layer for layer in getattr(out, KEY).layers if isinstance(layer, MiniKVLayer)]
-    assert sum(int(layer.store.lengths()[0]) for layer in layers) == 3 * (32 + 4)  # the uniform total + decoded
+    prompt = sum(int(layer.store.lengths()[0]) for layer in layers) - 3 * 4  # less the 4 decoded tokens
+    assert 3 * 32 - 3 * 16 < prompt <= 3 * 32  # the uniform total, in whole groups of 16 after the sinks
     with pytest.raises(ValueError, match="schedule='global' .* needs scorer='kvzip'"):
         minikv.patch(tiny_model("llama"), bits=2, budget=0.5, schedule="global")
+
+
+def test_global_schedule_on_a_quantized_store_keeps_whole_groups_after_the_sinks():
+    from minikv import MiniKVConfig
+    from minikv.budget import across_layers, keep_counts
+
+    cfg = MiniKVConfig(bits=2, budget=0.5, recent=8, sink_tokens=4, scorer="kvzip", schedule="global")
+    g = torch.Generator().manual_seed(1)
+    B, H, T, G = 2, 2, 300, 16
+    scores = [torch.rand(B, H, T, generator=g) * w for w in (1.0, 2.0, 0.5, 1.5)]
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :37] = 0
+    keep, _ = keep_counts(cfg.replace(schedule="uniform"), 0, 4, valid.sum(-1))
+    counts = across_layers(cfg, scores, valid, group=G)
+    for k, _ in counts:
+        assert bool(((k - 4) % G == 0).all())  # nothing of the prompt waits in the residual
+    total = sum(k for k, _ in counts)
+    assert bool((total <= 4 * keep).all()) and bool((total > 4 * keep - 4 * G).all())
+
+
+def test_the_decode_step_with_the_hook_compiles_into_one_graph():
+    """The pass's hook sits on the decoder: a decode step (nothing pending) still compiles whole, once."""
+    import torch._dynamo as dynamo
+
+    model = minikv.patch(tiny_model("llama"), bits=2, budget=32, recent=8, residual_length=16, scorer="kvzip",
+                         schedule="global")
+    ids = torch.randint(1, 320, (1, 50), generator=torch.Generator().manual_seed(5))
+    eager = minikv.generate(model, ids, max_new_tokens=20)
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    compiled = minikv.generate(model, ids, max_new_tokens=20, compile=True)
+    assert torch.equal(compiled, eager)
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not dynamo.utils.counters["graph_break"]
