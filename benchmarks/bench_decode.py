@@ -24,7 +24,6 @@ from minikv import MiniKVConfig  # noqa: E402
 from minikv.kernels import reference  # noqa: E402
 from minikv.store import QuantizedStore  # noqa: E402
 
-
 HBM_BYTES_PER_S = 3.0e12
 
 
@@ -69,7 +68,6 @@ def run(cases, providers, device, bits, G, k_bits=None):
             if "hf_quantized" in providers:
                 try:
                     from optimum.quanto import MaxOptimizer, qint2, qint4, quantize_weight  # noqa: F401
-
                     from transformers.cache_utils import QuantoQuantizedLayer
 
                     layer = QuantoQuantizedLayer(nbits=bits, q_group_size=64, residual_length=128)

@@ -50,9 +50,22 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
         ("kvzip 50%", dict(scorer="kvzip")),
         ("K4V2 every token", dict(budget=None)),
     ],
-    "levers4": [
+    "kvzip": [
+        ("kvzip 50%, recent 32", dict(scorer="kvzip", recent=32)),
         ("kvzip 50%, global, whole groups", dict(scorer="kvzip", schedule="global")),
         ("kvzip 55%, global, whole groups", dict(scorer="kvzip", schedule="global", budget=0.55)),
+        ("kvzip 50%, global, repeat prefix", dict(scorer="kvzip", schedule="global",
+                                                  reconstruct_prefix="Repeat the previous context exactly.")),
+        ("kvzip 57%, global, G64", dict(scorer="kvzip", schedule="global", budget=0.57, q_group_size=64)),
+        ("kvzip 50%, global, 16 bits", dict(scorer="kvzip", schedule="global", bits=16)),
+    ],
+    "tiers": [
+        ("kvzip 40% + 2-bit G64 tier for 30% of the rest", dict(scorer="kvzip", budget=0.4, evicted_bits=2,
+                                                         evicted_group_size=64, evicted_share=0.3)),
+        ("kvzip 30% + 2-bit G64 tier for 60% of the rest", dict(scorer="kvzip", budget=0.3, evicted_bits=2,
+                                                         evicted_group_size=64, evicted_share=0.6)),
+        ("kvzip 20% + 2-bit G64 tier for the rest", dict(scorer="kvzip", budget=0.2, evicted_bits=2,
+                                                  evicted_group_size=64)),
     ],
     "gemma": [
         ("full cache", None),
@@ -60,34 +73,10 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
         ("kvzip 50%, global, whole groups", dict(scorer="kvzip", schedule="global")),
         ("K4V2 every token", dict(budget=None)),
     ],
-    "levers3": [
-        ("kvzip 50%, global", dict(scorer="kvzip", schedule="global")),
-        ("kvzip 50%, global, 16 bits", dict(scorer="kvzip", schedule="global", bits=16)),
-        ("kvzip 57%, global, G64", dict(scorer="kvzip", schedule="global", budget=0.57, q_group_size=64)),
-        ("kvzip 50%, global, repeat prefix", dict(scorer="kvzip", schedule="global",
-                                                  reconstruct_prefix="Repeat the previous context exactly.")),
-    ],
-    "levers2": [
-        ("kvzip 50%, no pool", dict(scorer="kvzip", pool_kernel=1)),
-        ("kvzip 50%, recent 32, no pool", dict(scorer="kvzip", recent=32, pool_kernel=1)),
-        ("kvzip 50%, no pool, global", dict(scorer="kvzip", pool_kernel=1, schedule="global")),
-        ("kvzip 50%, no pool, 16 bits", dict(scorer="kvzip", pool_kernel=1, bits=16)),
-        ("kvzip 50%, pool 3", dict(scorer="kvzip", pool_kernel=3)),
-    ],
-    "tiers": [
-        ("kvzip 40% + 2-bit G64 tier for 30% of the rest", dict(scorer="kvzip", pool_kernel=1, budget=0.4, evicted_bits=2,
-                                                         evicted_group_size=64, evicted_share=0.3)),
-        ("kvzip 30% + 2-bit G64 tier for 60% of the rest", dict(scorer="kvzip", pool_kernel=1, budget=0.3, evicted_bits=2,
-                                                         evicted_group_size=64, evicted_share=0.6)),
-        ("kvzip 20% + 2-bit G64 tier for the rest", dict(scorer="kvzip", pool_kernel=1, budget=0.2, evicted_bits=2,
-                                                  evicted_group_size=64)),
-    ],
-    "levers": [
-        ("kvzip 50%, recent 32", dict(scorer="kvzip", recent=32)),
-        ("kvzip 50%, recent 0", dict(scorer="kvzip", recent=0)),
-        ("kvzip 50%, recent 32, chunk 128", dict(scorer="kvzip", recent=32, reconstruct_chunk=128)),
-        ("kvzip 60%, recent 32", dict(scorer="kvzip", recent=32, budget=0.6)),
-        ("kvzip 50%, recent 32, evicted at 2 bits", dict(scorer="kvzip", recent=32, evicted_bits=2)),
+    "gemma2bit": [
+        ("K2V2 G128 every token", dict(budget=None, k_bits=2, v_bits=2, q_group_size=128)),
+        ("kvzip 75%, global, K2V2 G128", dict(scorer="kvzip", schedule="global", budget=0.75, k_bits=2, v_bits=2,
+                                               q_group_size=128)),
     ],
 }
 
@@ -199,10 +188,10 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     import transformers
+    from stats import wilson
 
     import minikv
     from minikv.models import load_model
-    from stats import wilson
 
     model, tok = load_model(args.model)
     dialogue = Dialogue(tok)
@@ -254,7 +243,7 @@ def append_row(path: Path, row: dict) -> None:
         w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(rows)
-    cols = ["config", "kv_percent_of_fp16", "mean", "mean_ci", *[f"turn{i + 1}" for i in range(len(TASKS))], *TASKS]
+    cols = ["config", "kv_percent_of_fp16", "kv_percent_after_turns", "mean", "mean_ci", *[f"turn{i + 1}" for i in range(len(TASKS))], *TASKS]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -15,7 +15,15 @@ import time
 
 from .compat import cache_key
 from .config import (
-    BACKENDS, CRUSH_ANCHORS, POOLS, PRESETS, ROTATIONS, SCHEDULES, SCORERS, SUPPORTED_BITS, MiniKVConfig,
+    BACKENDS,
+    CRUSH_ANCHORS,
+    POOLS,
+    PRESETS,
+    ROTATIONS,
+    SCHEDULES,
+    SCORERS,
+    SUPPORTED_BITS,
+    MiniKVConfig,
     build_config,
 )
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS, MissingModelPackage

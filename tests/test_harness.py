@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import tiny_model
 
 import minikv
-from models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 lm_eval = pytest.importorskip("lm_eval")

@@ -9,13 +9,13 @@ import os
 
 import pytest
 import torch
+from models import tiny_model
+from test_ops import _filled_store, _inputs, _store
 from torch.library import opcheck
 
 import minikv
 from minikv.kernels import ops, quant, reference, use_triton_on_cpu
 from minikv.kernels.quant import unpack_dequantize
-from models import tiny_model
-from test_ops import _filled_store, _inputs, _store
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 EPS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from models import FAMILIES, tiny_model
 
 import minikv
-from models import FAMILIES, tiny_model
 
 
 def _batch(T=60, B=2, seed=0):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import tiny_model
 
 import minikv
 from minikv import MiniKVConfig
@@ -12,7 +13,6 @@ from minikv.compat import cache_key
 from minikv.kernels import ops
 from minikv.selection import SCORERS, a2sf, keynorm, snapkv, streaming
 from minikv.selection.kvcrush import rescore
-from models import tiny_model
 
 KEY = cache_key()  # past_key_values, or cache from transformers 5.24
 

@@ -4,6 +4,7 @@ output is the unpatched model's, later turns leave the tokens held untouched, ba
 
 import pytest
 import torch
+from models import tiny_model
 
 import minikv
 from minikv import MiniKVCache
@@ -11,7 +12,6 @@ from minikv.cache import MiniKVLayer
 from minikv.compat import cache_key
 from minikv.kernels import reference
 from minikv.reconstruct import OVERLAP
-from models import tiny_model
 
 KEY = cache_key()
 

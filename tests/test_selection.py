@@ -9,7 +9,6 @@ from minikv import MiniKVConfig
 from minikv.budget import capacity, keep_counts
 from minikv.kernels import ops
 
-
 # the selection tests' baseline: MiniKV's scorer and split, no sinks (the knobs under test override it)
 BASE = dict(scorer="minikv", recent=0.5, sink_tokens=0)
 

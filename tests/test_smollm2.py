@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
+from models import assert_uncompressed_is_token_identical, smollm2
 
 import minikv
 from minikv.compat import cache_key
 from minikv.prompts import passkey_prompt
-from models import assert_uncompressed_is_token_identical, smollm2
 
 KEY = cache_key()  # past_key_values, or cache from transformers 5.24
 

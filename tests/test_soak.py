@@ -6,11 +6,11 @@ import warnings
 
 import torch
 import torch._dynamo as dynamo
+from models import tiny_model
 
 import minikv
 from minikv import MiniKVCache
 from minikv.compat import cache_key
-from models import tiny_model
 
 STEPS = 1000  # R = 16: ~60 flushes per layer
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from models import tiny_model
 from tp_worker import generate
 

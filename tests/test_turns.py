@@ -4,6 +4,7 @@ the cache (new tokens scored and compressed by the same policy, the tokens held 
 import pytest
 import torch
 import torch._dynamo as dynamo
+from models import tiny_model
 
 import minikv
 from minikv import MiniKVCache
@@ -11,7 +12,6 @@ from minikv.cache import MiniKVLayer
 from minikv.compat import cache_key
 from minikv.kernels.quant import quantize_pack
 from minikv.store import QuantizedStore
-from models import tiny_model
 
 
 def _layers(cache):

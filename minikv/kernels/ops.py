@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .quant import META_DTYPE, quantize_pack as _quantize_pack_ref, unpack_dequantize as _unpack_dequantize_ref
+from .quant import META_DTYPE
+from .quant import quantize_pack as _quantize_pack_ref
+from .quant import unpack_dequantize as _unpack_dequantize_ref
 
 
 @torch.library.custom_op("minikv::quantize_pack", mutates_args=())

@@ -12,8 +12,8 @@ import functools
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from ..view import MiniKVView
 from ..dense import dense_attention
+from ..view import MiniKVView
 
 IMPLEMENTATIONS = {"sdpa": "minikv", "eager": "minikv_eager"}
 

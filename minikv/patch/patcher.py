@@ -6,13 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import reconstruct
 from ..cache import check_layer_types
 from ..compat import layer_types_and_kwargs
-from .. import reconstruct
 from ..config import UNSET, MiniKVConfig, build_config
 from ..selection import needs_pass
-from . import SUPPORTED_MODEL_TYPES
-from . import attention
+from . import SUPPORTED_MODEL_TYPES, attention
 from .generation import make_prepare_cache
 
 _PREPARE = "_prepare_cache_for_generation"
