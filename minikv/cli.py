@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--json", default=None, help="also write the results to this JSON file")
+    gen.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                     help="also time the same generation with the model's own uncompressed cache, for comparison")
     _knob_flags(gen)
     return parser
 
@@ -187,6 +189,8 @@ def run_generate(args) -> dict:
     mem, every = cache.memory(), cache.memory("all")  # compressed layers; every layer
     new = out.shape[1] - T
     t = clock.times
+    minikv.unpatch(model)
+    base = _timed(model, inputs, args.max_new_tokens, tokenizer) if args.baseline else []
     result = {
         "model": args.model or DEFAULT_MODEL,
         "config": dataclasses.asdict(cfg),
@@ -202,11 +206,29 @@ def run_generate(args) -> dict:
         "compression": mem.compression,
         "kv_ratio_all_layers": every.ratio,
         "prefill_s": t[1] - t[0] if len(t) > 1 else None,
-        "decode_tokens_per_s": (len(t) - 2) / (t[-1] - t[1]) if len(t) > 2 else None,
+        "decode_tokens_per_s": _rate(t),
+        "uncompressed_prefill_s": base[1] - base[0] if len(base) > 1 else None,
+        "uncompressed_decode_tokens_per_s": _rate(base),
         "device": args.device,
         "torch": torch.__version__,
     }
     return result
+
+
+def _rate(times: list[float]) -> float | None:
+    """Decode tokens per second from a clock's timestamps (prompt, first token, then one per token)."""
+    return (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 else None
+
+
+def _timed(model, inputs, max_new_tokens: int, tokenizer) -> list[float]:
+    """The clock's timestamps of the same greedy generation with the model's own (uncompressed) cache."""
+    import torch
+
+    clock = _Clock()
+    with torch.inference_mode():
+        model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock,
+                       pad_token_id=tokenizer.pad_token_id)
+    return clock.times
 
 
 def print_result(r: dict) -> None:
@@ -226,6 +248,9 @@ def print_result(r: dict) -> None:
         print(f"prefill           : {r['prefill_s']:.2f} s ({r['prompt_tokens'] / r['prefill_s']:.0f} tokens/s)")
     if r["decode_tokens_per_s"] is not None:
         print(f"decode            : {r['decode_tokens_per_s']:.1f} tokens/s on {r['device']}")
+    if r.get("uncompressed_decode_tokens_per_s") is not None:
+        print(f"uncompressed cache: prefill {r['uncompressed_prefill_s']:.2f} s, decode "
+              f"{r['uncompressed_decode_tokens_per_s']:.1f} tokens/s (the model's own cache, same prompt, for comparison)")
 
 
 def main(argv=None) -> int:

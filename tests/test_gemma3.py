@@ -131,12 +131,14 @@ def test_main_job_runs_on_gemma(lm, monkeypatch, tmp_path):
     out = tmp_path / "result.json"
     try:
         rc = cli.main(["--model", "gemma3-270m", "--prompt-tokens", "800", "--max-new-tokens", "7", "--json", str(out)])
+        left_patched = minikv.is_patched(lm[0])
     finally:
-        _unpatch(lm[0])  # the main job leaves its model patched
+        _unpatch(lm[0])  # whatever happened, the shared model goes back unpatched
     r = json.loads(out.read_text())
     assert rc == 0 and r["model"] == "gemma3-270m" and 700 <= r["prompt_tokens"] <= 900
     assert 0 < r["kv_ratio"] < 1  # the three compressed layers (the sliding ones are not counted)
-    assert r["answer"].strip() and r["decode_tokens_per_s"] > 0
+    assert r["answer"].strip() and r["decode_tokens_per_s"] > 0 and r["uncompressed_decode_tokens_per_s"] > 0
+    assert not left_patched  # the main job unpatches its model before the uncompressed pass
 
 
 def test_lm_eval_harness_loads_gemma_by_short_name(lm, monkeypatch):

@@ -102,11 +102,13 @@ def test_main_job_runs_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for words in ("answer", "prompt tokens", "KV bytes fp16", "KV bytes minikv", "compression", "tokens/s"):
+    for words in ("answer", "prompt tokens", "KV bytes fp16", "KV bytes minikv", "compression", "tokens/s",
+                  "uncompressed cache"):
         assert words in proc.stdout
     r = json.loads(out.read_text())
     # ~14% at 4k tokens; at 800 the fp32 residual (partial group + new tokens) weighs about 5 points more
     assert 700 <= r["prompt_tokens"] <= 900 and 0 < r["kv_ratio"] < 0.25 and r["decode_tokens_per_s"] > 0
+    assert r["uncompressed_decode_tokens_per_s"] > 0 and r["uncompressed_prefill_s"] > 0  # the comparison pass
 
 
 def test_main_job_rejects_bad_knobs_before_loading():
