@@ -9,7 +9,8 @@ prefill kernel) and minikv with ``scorer="kvzip"`` (the prompt, then the pass: t
 chunks of ``reconstruct_chunk`` through the whole decoder). The pass's own seconds are the kvzip row
 less the defaults row. FLOPs are counted, not measured: per token, 2 x the decoder's matmul parameters,
 plus attention (4 x head_dim x keys attended, per query head and layer: causal T/2 on average for the
-prompt, T + chunk/2 + overlap for a re-read token over the prompt and its chunk).
+prompt, T + chunk/2 for a re-read token over the prompt and its chunk; a sliding layer at most its
+window), for T prompt tokens and T re-read ones plus the chunks' overlaps.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def flops(model, T: int, chunk: int | None) -> float:
     per_query = 0.0
     n = T if chunk is None else T + (T // chunk + 1) * OVERLAP
     for kind in kinds:
-        reach = T if kind == "full_attention" else min(window, T)
-        keys = reach / 2 if chunk is None else reach + min(chunk, T) / 2
+        keys = T / 2 if chunk is None else T + min(chunk, T) / 2  # causal prompt; or the prompt + half a chunk
+        if kind != "full_attention":
+            keys = min(keys, window)  # a sliding layer reads at most its window
         per_query += 4 * head_dim * keys * cfg.num_attention_heads
     return n * (2 * params + per_query)
 
