@@ -297,8 +297,17 @@ def test_bad_fidelity_knobs_are_refused(kwargs, words):
     assert words in str(e.value)
 
 
+def test_the_kvzip_preset_is_the_defaults_with_the_reconstruction_scorer_ranked_across_layers():
+    assert from_preset("kvzip") == MiniKVConfig(scorer="kvzip", schedule="global")
+    model = minikv.patch(tiny_model("llama"), preset="kvzip")
+    try:
+        assert model._minikv_patch.config.scorer == "kvzip" and model._minikv_patch.pass_hook is not None
+    finally:
+        minikv.unpatch(model)
+
+
 def test_bad_preset_is_refused_before_patching():
-    with pytest.raises(ValueError, match=r"preset must be one of \['paper'\], got 'nope'"):
+    with pytest.raises(ValueError, match=r"preset must be one of \['paper', 'kvzip'\], got 'nope'"):
         from_preset("nope")
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="preset must be one of"):
