@@ -73,6 +73,13 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
         ("kvzip 50%, global, whole groups", dict(scorer="kvzip", schedule="global")),
         ("K4V2 every token", dict(budget=None)),
     ],
+    "gemma_frontier": [
+        ("kvzip 90%, global, K2V2 G128", dict(scorer="kvzip", schedule="global", budget=0.9, k_bits=2, v_bits=2,
+                                               q_group_size=128)),
+        ("kvzip 85%, global, K2V2 G64", dict(scorer="kvzip", schedule="global", budget=0.85, k_bits=2, v_bits=2,
+                                              q_group_size=64)),
+        ("kvzip 58%, global", dict(scorer="kvzip", schedule="global", budget=0.58)),
+    ],
     "gemma2bit": [
         ("K2V2 G128 every token", dict(budget=None, k_bits=2, v_bits=2, q_group_size=128)),
         ("kvzip 75%, global, K2V2 G128", dict(scorer="kvzip", schedule="global", budget=0.75, k_bits=2, v_bits=2,
