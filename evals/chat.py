@@ -81,6 +81,9 @@ def main() -> int:
                          torch=torch.__version__, transformers=transformers.__version__))
     out = Path(args.out or HERE / "results" / f"chat_{args.model}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.only and out.exists():  # keep the other configurations' rows, replace the ones run now
+        ran = {r["config"] for r in rows}
+        rows = [r for r in csv.DictReader(open(out)) if r["config"] not in ran] + rows
     with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -119,3 +119,40 @@ def test_smoke_sweep_writes_csv_markdown_and_plot(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "| full cache |" in table and f"| {float(full['mean_score']):.3f} [{float(full['ci_low']):.3f}, " in table
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_shared_context_samples_hold_their_answers_and_score_the_answer_tokens(tmp_path):
+    """``evals/shared_context.py``: five different questions per document, each answer in the document,
+    the scored tokens of a turn are its answer, every configuration runs, rows go to CSV and markdown."""
+    import shared_context
+    from models import smollm2
+
+    import minikv
+
+    model, tok = smollm2()
+    samples = [shared_context.make_sample(tok, 500, 0, i) for i in range(2)]
+    assert samples[0] == shared_context.make_sample(tok, 500, 0, 0)  # seeded
+    dialogue = shared_context.Dialogue(tok)
+    for i, (doc, turns) in enumerate(samples):
+        assert sorted(t[0] for t in turns) == sorted(shared_context.TASKS) and turns[0][0] == shared_context.TASKS[i]
+        for task, question, prefix, answer in turns:
+            if task == "quote":  # the sentence's words (the quote is built from them, single-spaced)
+                assert " ".join((prefix[1:] + answer).split()) in " ".join(doc.split())
+            else:
+                assert answer in doc  # the needle
+            ids, n = dialogue.turn(question, prefix, answer)
+            assert tok.decode(ids[-n:]).strip() == answer.strip()
+    doc, turns = samples[0]
+    full, ratio, _ = shared_context.run_sample(model, dialogue, None, doc, turns)
+    assert ratio == (1.0, 1.0) and all(0.0 <= s <= 1.0 for _, s in full)
+    minikv.patch(model, preset="kvzip")
+    try:
+        squeezed, (doc_ratio, end_ratio), _ = shared_context.run_sample(model, dialogue, {}, doc, turns)
+    finally:
+        minikv.unpatch(model)
+    assert [t for t, _ in squeezed] == [t for t, _ in full] and 0 < doc_ratio < 0.3 and 0 < end_ratio < 0.3
+    out = tmp_path / "rows.csv"
+    shared_context.append_row(out, dict(config="a", mean=0.5))
+    shared_context.append_row(out, dict(config="b", mean=0.25, kv_percent_of_fp16=12.9))
+    assert [r["config"] for r in csv.DictReader(open(out))] == ["a", "b"] and "| b | 12.9 |" in out.with_suffix(".md").read_text()
