@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from minikv.kernels import ops
+from minikv.kernels import ops, reference
 from minikv.kernels.quant import unpack_dequantize
 
 # (B, Hq, Hkv, T, D): odd lengths, T < G, GQA 1/3/4/8, batch 1 and > 1
@@ -134,11 +134,12 @@ def _filled_store(B, Hkv, D, bits, G, R, n_packed, res_len, seed=0):
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("Hq,Hkv", [(2, 2), (6, 2), (8, 1)])
 @pytest.mark.parametrize("Lq", [1, 3])
-def test_decode_attention_is_one_softmax_over_store_and_residual(bits, Hq, Hkv, Lq):
+@pytest.mark.parametrize("impl", [ops, reference], ids=["op", "reference"])
+def test_decode_attention_is_one_softmax_over_store_and_residual(bits, Hq, Hkv, Lq, impl):
     B, D, G, R = 3, 32, 16, 32
     buf, n_packed, res_k, res_v, res_len = _filled_store(B, Hkv, D, bits, G, R, [0, 16, 48], [5, 31, 3])
     q = torch.randn(B, Hq, Lq, D)
-    out = ops.decode_attention(q, *buf, n_packed, res_k, res_v, res_len, D**-0.5, 0.0, bits, bits, G)
+    out = impl.decode_attention(q, *buf, n_packed, res_k, res_v, res_len, D**-0.5, 0.0, bits, bits, G)
     K = unpack_dequantize(buf[0], buf[1], buf[2], bits, G, torch.float64).transpose(-1, -2)
     V = unpack_dequantize(buf[3], buf[4], buf[5], bits, G, torch.float64)
     for b in range(B):

@@ -2,6 +2,8 @@
 
 - On CUDA the Triton kernels are registered as the ops' CUDA kernels the first time ``minikv.kernels``
   is imported; triton itself is imported only when a CUDA tensor first reaches an op.
+- On CPU the decode step's ops run :mod:`.cpu_ops` (the C++ decode attention, built on first use,
+  and an append that quantizes only full residuals); the other ops run their references.
 - ``MiniKVConfig(backend="reference")`` bypasses the ops and runs the reference functions on any
   device; ``"auto"`` and ``"triton"`` go through the ops (``"triton"`` also insists that Triton is
   what runs).
@@ -18,7 +20,7 @@ import types
 
 import torch
 
-from . import ops, quant, reference
+from . import cpu_ops, ops, quant, reference
 
 # op name -> (module, function) of its Triton launcher
 TRITON_LAUNCHERS = {
@@ -37,13 +39,16 @@ REFERENCE = types.SimpleNamespace(
     decode_attention=reference.decode_attention,
 )
 
+CPU_KERNELS = {"quantize_pack": cpu_ops.quantize_pack, "decode_attention": cpu_ops.decode_attention,
+               "append_kv": cpu_ops.append_kv}
+
 _registered: set[str] = set()
 _cpu = {"enabled": False}
 
 
 def _launcher(op_name: str, device_type: str):
     module, name = TRITON_LAUNCHERS[op_name]
-    fallback = getattr(REFERENCE, op_name)
+    fallback = CPU_KERNELS.get(op_name, getattr(REFERENCE, op_name))
 
     def launcher(*args, **kwargs):
         if device_type == "cpu" and not _cpu["enabled"]:
@@ -91,5 +96,6 @@ def implementation(backend: str, device: torch.device):
     return ops
 
 
+register("cpu")  # Triton on CPU only after use_triton_on_cpu(); until then CPU_KERNELS or the references
 if triton_importable():
     register("cuda")

@@ -39,9 +39,10 @@ def prefill_attention(q, k, v, valid, query_weight, scale: float, softcap: float
     q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]``, valid ``[B, T]`` bool (False = padding),
     query_weight ``[B, T]`` fp32. Returns ``out [B, Hq, T, D]`` (dtype of q) and
     ``scores [B, Hkv, T]`` fp32: ``scores[b, h, j] = sum_{i, heads of group h} w[b, i] * A[b, head, i, j]``.
-    Query blocks of ``QUERY_BLOCK`` rows, each against keys ``[0, block_end)`` only; a block whose
-    queries all have weight 0 (SnapKV's early queries) is only attended, with fused SDPA (a host
-    read of the weights decides: prefill only, never the decode step).
+    The queries before the first weighted one (SnapKV's early queries) are only attended, with one
+    fused causal SDPA call when none of them is padding; the rest go in query blocks of
+    ``QUERY_BLOCK`` rows, each against keys ``[0, block_end)`` only, a block without weights also
+    fused (host reads of the weights decide: prefill only, never the decode step).
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -53,12 +54,21 @@ def prefill_attention(q, k, v, valid, query_weight, scale: float, softcap: float
     scores = torch.zeros(B, Hkv, T, dtype=torch.float32, device=q.device)
     pos = torch.arange(T, device=q.device)
     g = Hq // Hkv
-    for start in range(0, T, QUERY_BLOCK):
+    weighted = (query_weight.float() * valid).ne(0).any(0)  # [T]
+    first = int(weighted.float().argmax()) if bool(weighted.any()) else T  # the first query that scores
+    start = 0
+    if softcap == 0 and first > 0 and bool(valid[:, :first].all()):  # SnapKV's early queries: one fused call
+        qb = qf[:, :, :, :first].reshape(B, Hq, first, D)
+        o = F.scaled_dot_product_attention(qb, kf[:, :, :first], vf[:, :, :first], is_causal=True, scale=scale,
+                                           enable_gqa=True)
+        out[:, :, :, :first] = o.view(B, Hkv, g, first, D)
+        start = first
+    for start in range(start, T, QUERY_BLOCK):
         end = min(start + QUERY_BLOCK, T)
         causal = pos[start:end, None] >= pos[None, :end]  # [M, end]
         allowed = causal & valid[:, None, None, None, :end]  # [B, 1, 1, M, end]
         w = query_weight[:, start:end].float() * valid[:, start:end]  # [B, M]
-        if softcap == 0 and not bool(w.any()):  # no score from this block (SnapKV's early queries): fused
+        if softcap == 0 and not bool(w.any()):  # no score from this block (padded early queries): fused
             qb = qf[:, :, :, start:end].reshape(B, Hq, end - start, D)
             o = F.scaled_dot_product_attention(qb, kf[:, :, :end].repeat_interleave(g, 1),
                                                vf[:, :, :end].repeat_interleave(g, 1),

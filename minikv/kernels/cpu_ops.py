@@ -1,0 +1,63 @@
+"""The ops' CPU kernels: the C++ decode attention and quantizer (:mod:`.native`; the references when
+it is not built) and an append that quantizes only when a residual fills.
+
+On CPU a kernel may read the fill levels (host memory: no device to wait for), so the append writes
+the new tokens and runs the clip search once per flushed group, instead of the reference's
+branch-free flush that re-quantizes every residual at every step. Both give the reference's codes
+and buffers exactly (the same quantizer, on the same tokens). Inside ``torch.compile`` the ops stay
+opaque, so the branches here never break a graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import native, quant, reference
+
+
+def quantize_pack(x, bits: int, group_size: int, clip: bool = False):
+    if native.available():
+        codes, scale, mn = torch.ops.minikv_cpu.quantize_pack(x, quant.clip_table(x.device), bits, group_size, clip)
+        return codes, scale, mn
+    return quant.quantize_pack(x, bits, group_size, clip)
+
+
+def decode_attention(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
+                     scale: float, softcap: float, k_bits: int, v_bits: int, group_size: int):
+    args = (q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
+            scale, softcap, k_bits, v_bits, group_size)
+    if native.available():
+        return torch.ops.minikv_cpu.decode_attention(*args)
+    return reference.decode_attention(*args)
+
+
+def append_kv(k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, n_sink,
+              k_bits: int, v_bits: int, group_size: int, residual_length: int, clip: bool = False) -> None:
+    """:func:`minikv.kernels.reference.append_kv`, quantizing only the residuals that fill."""
+    B, R = res_len.shape[0], residual_length
+    rows = torch.arange(B, device=res_len.device)
+    top = res_k.shape[2] - 1
+    kw = 32 // k_bits
+    for i in range(k_new.shape[2]):
+        slot = res_len.clamp_max(top)
+        res_k[rows, :, slot] = k_new[:, :, i].to(res_k.dtype)  # [B, H, D] at each sequence's fill level
+        res_v[rows, :, slot] = v_new[:, :, i].to(res_v.dtype)
+        res_len.add_(1)
+        full = res_len == n_sink + R
+        if not bool(full.any()):  # host memory: no synchronisation on CPU
+            continue
+        for b in full.nonzero()[:, 0].tolist():
+            s, p = int(n_sink[b]), int(n_packed[b])
+            if p + R > v_codes.shape[2]:
+                raise RuntimeError(f"the packed store of sequence {b} is full ({v_codes.shape[2]} tokens): "
+                                   f"the cache was built for fewer new tokens")
+            kc, ks, km = quantize_pack(res_k[b : b + 1, :, s : s + R].transpose(-1, -2), k_bits, group_size, clip)
+            vc, vs, vm = quantize_pack(res_v[b : b + 1, :, s : s + R], v_bits, group_size, clip)
+            k_codes[b, :, :, p // kw : (p + R) // kw] = kc[0]
+            k_scale[b, :, :, p // group_size : (p + R) // group_size] = ks[0]
+            k_mn[b, :, :, p // group_size : (p + R) // group_size] = km[0]
+            v_codes[b, :, p : p + R] = vc[0]
+            v_scale[b, :, p : p + R] = vs[0]
+            v_mn[b, :, p : p + R] = vm[0]
+            n_packed[b] += R
+            res_len[b] = s

@@ -1,0 +1,73 @@
+"""The C++ CPU kernels (``cpu/*.cpp``): built on first use with torch's extension loader, cached on disk.
+
+The build needs a C++ compiler with OpenMP (g++ on Linux) and ninja; it runs once per machine and
+torch version (about a minute on 2 cores) and lands in ``$MINIKV_CACHE_DIR`` (default
+``~/.cache/minikv``). ``MINIKV_CPU_KERNELS=0`` skips it: the ops then run the PyTorch references.
+A build that fails warns once and falls back to the references too.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.cpp"))
+ENV_SWITCH = "MINIKV_CPU_KERNELS"
+
+
+def _isa() -> tuple[str, list[str]]:
+    """A tag and the flags for the vector units this CPU has (the build is named after both)."""
+    if platform.machine() in ("x86_64", "AMD64"):
+        try:
+            flags = set(Path("/proc/cpuinfo").read_text().split())
+        except OSError:
+            flags = set()
+        if {"avx2", "fma", "f16c"} <= flags:
+            return "avx2", ["-mavx2", "-mfma", "-mf16c"]
+    return "base", []
+
+
+def build_name() -> str:
+    torch_tag = re.sub(r"[^0-9a-zA-Z]", "_", torch.__version__)
+    return f"minikv_cpu_{torch_tag}_{_isa()[0]}"
+
+
+def build_directory() -> Path:
+    root = Path(os.environ.get("MINIKV_CACHE_DIR") or Path.home() / ".cache" / "minikv")
+    return root / build_name()
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+@functools.cache
+def available() -> bool:
+    """Whether ``torch.ops.minikv_cpu`` is loaded (building it first if needed)."""
+    if not enabled():
+        return False
+    from torch.utils import cpp_extension
+
+    name, (_, flags) = build_name(), _isa()
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / f"{name}.so").exists():
+        print(f"minikv: building the C++ CPU kernels in {directory} (once per machine and torch version)",
+              file=sys.stderr, flush=True)
+    try:
+        cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], build_directory=str(directory),
+                           extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *flags], extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a broken toolchain: say so, use the reference
+        warnings.warn(f"minikv: the C++ CPU kernels did not build ({type(e).__name__}: {str(e)[:300]}); "
+                      f"CPU decoding runs the PyTorch reference (slower). Set {ENV_SWITCH}=0 to skip the build.",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True
