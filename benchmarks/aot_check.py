@@ -91,8 +91,10 @@ def compiling_for(arch: int, module, names: list[str], out: list[Compiled]):
                     ck = jit.run(*args, grid=grid, warmup=True, **kwargs)
                 const = {k: v for k, v in kwargs.items() if k.isupper()}
                 md = ck.metadata
-                out.append(Compiled(self.name, const, ck.asm["ptx"], md.shared, md.num_warps, md.num_stages,
-                                    log.getvalue()))
+                out.append(
+                    Compiled(self.name, const, ck.asm["ptx"], md.shared, md.num_warps, md.num_stages, log.getvalue())
+                )
+
             return go
 
     previous = driver._active  # None without a GPU (reading .active would look for a driver)
@@ -111,15 +113,33 @@ def compiling_for(arch: int, module, names: list[str], out: list[Compiled]):
 
 # ---- the configurations: real shapes through the real launchers ---------------------------------
 
-def decode_case(dtype: str, D: int, k_bits: int, v_bits: int, G: int, g: int, Lq: int,
-                Hkv: int = 2, C: int = 1024, R: int = 128, S: int = 4):
+
+def decode_case(
+    dtype: str,
+    D: int,
+    k_bits: int,
+    v_bits: int,
+    G: int,
+    g: int,
+    Lq: int,
+    Hkv: int = 2,
+    C: int = 1024,
+    R: int = 128,
+    S: int = 4,
+):
     dt = DTYPES[dtype]
     B = 1
     q = torch.zeros(B, Hkv * g, Lq, D, dtype=dt)
-    k = (torch.zeros(B, Hkv, D, C * k_bits // 32, dtype=torch.int32),
-         torch.zeros(B, Hkv, D, C // G, dtype=torch.float16), torch.zeros(B, Hkv, D, C // G, dtype=torch.float16))
-    v = (torch.zeros(B, Hkv, C, D * v_bits // 32, dtype=torch.int32),
-         torch.zeros(B, Hkv, C, D // G, dtype=torch.float16), torch.zeros(B, Hkv, C, D // G, dtype=torch.float16))
+    k = (
+        torch.zeros(B, Hkv, D, C * k_bits // 32, dtype=torch.int32),
+        torch.zeros(B, Hkv, D, C // G, dtype=torch.float16),
+        torch.zeros(B, Hkv, D, C // G, dtype=torch.float16),
+    )
+    v = (
+        torch.zeros(B, Hkv, C, D * v_bits // 32, dtype=torch.int32),
+        torch.zeros(B, Hkv, C, D // G, dtype=torch.float16),
+        torch.zeros(B, Hkv, C, D // G, dtype=torch.float16),
+    )
     n = torch.zeros(B, dtype=torch.int64)
     res = torch.zeros(B, Hkv, S + R, D, dtype=dt)
     triton_decode.decode_attention(q, *k, *v, n, res, res, n, 0.1, 0.0, k_bits, v_bits, G)
@@ -138,14 +158,19 @@ def quantize_case(dtype: str, bits: int, G: int, keys: bool, D: int = 128, token
     triton_quant.quantize_pack(x.transpose(-1, -2) if keys else x, bits, G, clip=True)
 
 
-def append_case(dtype: str, D: int, k_bits: int, v_bits: int, G: int, R: int = 128, Hkv: int = 2, C: int = 1024,
-                S: int = 4):
+def append_case(
+    dtype: str, D: int, k_bits: int, v_bits: int, G: int, R: int = 128, Hkv: int = 2, C: int = 1024, S: int = 4
+):
     dt = DTYPES[dtype]
     k = torch.zeros(1, Hkv, 1, D, dtype=dt)
-    store = (torch.zeros(1, Hkv, D, C * k_bits // 32, dtype=torch.int32),
-             torch.zeros(1, Hkv, D, C // G, dtype=torch.float16), torch.zeros(1, Hkv, D, C // G, dtype=torch.float16),
-             torch.zeros(1, Hkv, C, D * v_bits // 32, dtype=torch.int32),
-             torch.zeros(1, Hkv, C, D // G, dtype=torch.float16), torch.zeros(1, Hkv, C, D // G, dtype=torch.float16))
+    store = (
+        torch.zeros(1, Hkv, D, C * k_bits // 32, dtype=torch.int32),
+        torch.zeros(1, Hkv, D, C // G, dtype=torch.float16),
+        torch.zeros(1, Hkv, D, C // G, dtype=torch.float16),
+        torch.zeros(1, Hkv, C, D * v_bits // 32, dtype=torch.int32),
+        torch.zeros(1, Hkv, C, D // G, dtype=torch.float16),
+        torch.zeros(1, Hkv, C, D // G, dtype=torch.float16),
+    )
     res = torch.zeros(1, Hkv, S + R, D, dtype=dt)
     n = torch.zeros(1, dtype=torch.int64)
     triton_append.append_kv(k, k, *store, n, res, res.clone(), n.clone(), n.clone(), k_bits, v_bits, G, R, True)
@@ -169,8 +194,9 @@ def configurations(quick: bool) -> list[tuple[str, dict, callable]]:
     for dtype, D in itertools.product(dtypes, (64, 128, 256)):
         p = dict(dtype=dtype, D=D)
         out.append(("prefill", p, lambda p=p: prefill_case(**p)))
-    for dtype, D, (kb, vb), G in itertools.product(dtypes[:1] if quick else dtypes, (64, 128, 256),
-                                                   [(4, 2)] if quick else pairs, groups):
+    for dtype, D, (kb, vb), G in itertools.product(
+        dtypes[:1] if quick else dtypes, (64, 128, 256), [(4, 2)] if quick else pairs, groups
+    ):
         p = dict(dtype=dtype, D=D, k_bits=kb, v_bits=vb, G=G)
         out.append(("append", p, lambda p=p: append_case(**p)))
     for dtype, bits, G, keys in itertools.product(dtypes[:1] if quick else dtypes, (2, 4), groups, (True, False)):
@@ -189,6 +215,7 @@ LAUNCHED = {
 
 # ---- reading the results ----------------------------------------------------------------------
 
+
 def ptxas_resources(log: str) -> dict:
     """Registers, spill stores/loads (bytes per thread) and stack from ptxas' ``-v`` report."""
     regs = re.search(r"Used (\d+) registers", log)
@@ -196,8 +223,12 @@ def ptxas_resources(log: str) -> dict:
     stack = re.search(r"(\d+) bytes stack frame", log)
     if regs is None:
         raise RuntimeError(f"no ptxas report in the compile log:\n{log[-2000:]}")
-    return dict(regs=int(regs[1]), spill_stores=int(spills[1]) if spills else 0,
-                spill_loads=int(spills[2]) if spills else 0, stack=int(stack[1]) if stack else 0)
+    return dict(
+        regs=int(regs[1]),
+        spill_stores=int(spills[1]) if spills else 0,
+        spill_loads=int(spills[2]) if spills else 0,
+        stack=int(stack[1]) if stack else 0,
+    )
 
 
 def occupancy(arch: int, regs: int, num_warps: int, shared: int) -> int:
@@ -210,8 +241,24 @@ def occupancy(arch: int, regs: int, num_warps: int, shared: int) -> int:
 
 
 _LOAD = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld\.global[\w.]*|cp\.async\.(?:ca|cg)\.shared\.global[\w.]*)\s+(.*);")
-_WIDTH = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2, "b32": 4, "u32": 4, "s32": 4,
-          "f32": 4, "b64": 8, "u64": 8, "s64": 8, "f64": 8, "b128": 16}
+_WIDTH = {
+    "b8": 1,
+    "u8": 1,
+    "s8": 1,
+    "b16": 2,
+    "u16": 2,
+    "s16": 2,
+    "f16": 2,
+    "b32": 4,
+    "u32": 4,
+    "s32": 4,
+    "f32": 4,
+    "b64": 8,
+    "u64": 8,
+    "s64": 8,
+    "f64": 8,
+    "b128": 16,
+}
 
 
 def load_bytes(instr: str, operands: str) -> int:
@@ -231,7 +278,7 @@ def loops(ptx: str) -> list[list[str]]:
     for i, line in enumerate(lines):
         m = re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)
         if m and m[1] in labels and labels[m[1]] < i:
-            out.append((labels[m[1]], lines[labels[m[1]]:i + 1]))
+            out.append((labels[m[1]], lines[labels[m[1]] : i + 1]))
     return [body for _, body in sorted(out)]
 
 
@@ -254,11 +301,18 @@ def rows_of(arch: int, family: str, params: dict, compiled: list[Compiled]) -> l
     out = []
     for c in compiled:
         res = ptxas_resources(c.ptxas_log)
-        row = dict(arch=f"sm_{arch}", kernel=c.kernel.strip("_").removesuffix("_kernel"),
-                   **{k: params.get(k, "") for k in ("dtype", "D", "k_bits", "v_bits", "bits", "G", "g", "Lq", "keys")},
-                   BT=c.constexprs.get("BT", ""), num_warps=c.num_warps, num_stages=c.num_stages, **res,
-                   shared=c.shared, ctas_per_sm=occupancy(arch, res["regs"], c.num_warps, c.shared),
-                   fma_f32=len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", c.ptx)))
+        row = dict(
+            arch=f"sm_{arch}",
+            kernel=c.kernel.strip("_").removesuffix("_kernel"),
+            **{k: params.get(k, "") for k in ("dtype", "D", "k_bits", "v_bits", "bits", "G", "g", "Lq", "keys")},
+            BT=c.constexprs.get("BT", ""),
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+            **res,
+            shared=c.shared,
+            ctas_per_sm=occupancy(arch, res["regs"], c.num_warps, c.shared),
+            fma_f32=len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", c.ptx)),
+        )
         if family == "decode":
             issued = loop_load_bytes(c.ptx, 32 * c.num_warps)
             row["loop_load_bytes"] = issued
@@ -292,17 +346,49 @@ def byte_model(G: int = 32) -> list[dict]:
     for D, (kb, vb) in itertools.product((64, 128, 256), BIT_PAIRS):
         packed = D * (kb + vb) / 8 + 2 * 2 * D / G + 2 * 2 * (D // G)
         fp16 = 2 * D * 2
-        out.append(dict(D=D, k_bits=kb, v_bits=vb, G=G, packed_bytes_per_token=packed, fp16_bytes_per_token=fp16,
-                        fraction_of_fp16=round(packed / fp16, 4), speedup_bound=round(fp16 / packed, 2)))
+        out.append(
+            dict(
+                D=D,
+                k_bits=kb,
+                v_bits=vb,
+                G=G,
+                packed_bytes_per_token=packed,
+                fp16_bytes_per_token=fp16,
+                fraction_of_fp16=round(packed / fp16, 4),
+                speedup_bound=round(fp16 / packed, 2),
+            )
+        )
     return out
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["arch", "kernel", "dtype", "D", "k_bits", "v_bits", "bits", "keys", "G", "g", "Lq", "BT", "num_warps", "regs",
-            "spill_stores", "spill_loads", "shared", "ctas_per_sm", "loads_per_packed_byte"]
+    cols = [
+        "arch",
+        "kernel",
+        "dtype",
+        "D",
+        "k_bits",
+        "v_bits",
+        "bits",
+        "keys",
+        "G",
+        "g",
+        "Lq",
+        "BT",
+        "num_warps",
+        "regs",
+        "spill_stores",
+        "spill_loads",
+        "shared",
+        "ctas_per_sm",
+        "loads_per_packed_byte",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + f"\n\ntriton {triton.__version__}, torch {torch.__version__}; `python benchmarks/aot_check.py`\n"
+    return (
+        "\n".join(lines)
+        + f"\n\ntriton {triton.__version__}, torch {torch.__version__}; `python benchmarks/aot_check.py`\n"
+    )
 
 
 def summary(rows: list[dict]) -> str:
@@ -311,15 +397,20 @@ def summary(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["arch"], r["kernel"], r["dtype"], r["D"]), []).append(r)
-    lines = ["| arch | kernel | dtype | D | configs | regs | max spill st/ld (B/thread) | max shared (B) | min CTAs/SM "
-             "| max load B per packed B |", "|" + "---|" * 10]
+    lines = [
+        "| arch | kernel | dtype | D | configs | regs | max spill st/ld (B/thread) | max shared (B) | min CTAs/SM "
+        "| max load B per packed B |",
+        "|" + "---|" * 10,
+    ]
     for (arch, kernel, dtype, D), rs in groups.items():
         regs = sorted(int(r["regs"]) for r in rs)
         spill = max((int(r["spill_stores"]), int(r["spill_loads"])) for r in rs)
         loads = [float(r["loads_per_packed_byte"]) for r in rs if str(r.get("loads_per_packed_byte", "")) != ""]
-        lines.append(f"| {arch} | {kernel} | {dtype} | {D} | {len(rs)} | {regs[0]}-{regs[-1]} | {spill[0]}/{spill[1]} | "
-                     f"{max(int(r['shared']) for r in rs)} | {min(int(r['ctas_per_sm']) for r in rs)} | "
-                     f"{max(loads) if loads else ''} |")
+        lines.append(
+            f"| {arch} | {kernel} | {dtype} | {D} | {len(rs)} | {regs[0]}-{regs[-1]} | {spill[0]}/{spill[1]} | "
+            f"{max(int(r['shared']) for r in rs)} | {min(int(r['ctas_per_sm']) for r in rs)} | "
+            f"{max(loads) if loads else ''} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -333,9 +424,18 @@ def write(rows: list[dict], out: Path) -> None:
         w.writerows(rows)
     model = byte_model()
     cols = list(model[0])
-    text = "## Summary\n\n" + summary(rows) + "\n## Every configuration\n\n" + markdown(rows) + "\n## Byte model (per token and KV head, packed store vs fp16)\n\n" + "\n".join(
-        ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in model]) + "\n"
+    text = (
+        "## Summary\n\n"
+        + summary(rows)
+        + "\n## Every configuration\n\n"
+        + markdown(rows)
+        + "\n## Byte model (per token and KV head, packed store vs fp16)\n\n"
+        + "\n".join(
+            ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in model]
+        )
+        + "\n"
+    )
     out.with_suffix(".md").write_text(text)
     print(text)
 

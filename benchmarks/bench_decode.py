@@ -30,8 +30,15 @@ HBM_BYTES_PER_S = 3.0e12
 def make_store(B, Hkv, D, T, bits, G, R, dtype, device, k_bits=None):
     # the kernel alone: values at `bits`, keys at `k_bits` (default `bits`), no sinks, no rotation
     # (applied outside the kernel)
-    cfg = MiniKVConfig(bits=bits, k_bits=k_bits or bits, q_group_size=G, residual_length=R, sink_tokens=0, rotate="none",
-                       backend="auto")
+    cfg = MiniKVConfig(
+        bits=bits,
+        k_bits=k_bits or bits,
+        q_group_size=G,
+        residual_length=R,
+        sink_tokens=0,
+        rotate="none",
+        backend="auto",
+    )
     store = QuantizedStore(cfg, B, Hkv, D, T, dtype, device)
     k = torch.randn(B, Hkv, T, D, dtype=dtype, device=device)
     v = torch.randn(B, Hkv, T, D, dtype=dtype, device=device)
@@ -57,14 +64,24 @@ def run(cases, providers, device, bits, G, k_bits=None):
             if "minikv-triton" in providers and device.type == "cuda":
                 from minikv.kernels.triton_decode import decode_attention
 
-                fns["minikv-triton"] = (lambda: decode_attention(q, *store.buffers(), scale, 0.0, store.k_bits, store.v_bits, G), store_bytes(store, q))
+                fns["minikv-triton"] = (
+                    lambda: decode_attention(q, *store.buffers(), scale, 0.0, store.k_bits, store.v_bits, G),
+                    store_bytes(store, q),
+                )
             if "reference" in providers:
-                fns["reference"] = (lambda: reference.decode_attention(q, *store.buffers(), scale, 0.0, store.k_bits, store.v_bits, G), store_bytes(store, q))
+                fns["reference"] = (
+                    lambda: reference.decode_attention(q, *store.buffers(), scale, 0.0, store.k_bits, store.v_bits, G),
+                    store_bytes(store, q),
+                )
             for name, dt in (("sdpa_fp16", torch.float16), ("sdpa_bf16", torch.bfloat16)):
                 if name in providers:
                     kk, vv, qq = k.to(dt), v.to(dt), q.to(dt)
-                    fns[name] = (lambda kk=kk, vv=vv, qq=qq: torch.nn.functional.scaled_dot_product_attention(
-                        qq, kk, vv, scale=scale, enable_gqa=True), 2 * kk.numel() * kk.element_size())
+                    fns[name] = (
+                        lambda kk=kk, vv=vv, qq=qq: torch.nn.functional.scaled_dot_product_attention(
+                            qq, kk, vv, scale=scale, enable_gqa=True
+                        ),
+                        2 * kk.numel() * kk.element_size(),
+                    )
             if "hf_quantized" in providers:
                 try:
                     from optimum.quanto import MaxOptimizer, qint2, qint4, quantize_weight  # noqa: F401
@@ -73,21 +90,46 @@ def run(cases, providers, device, bits, G, k_bits=None):
                     layer = QuantoQuantizedLayer(nbits=bits, q_group_size=64, residual_length=128)
                     layer.update(k, v)
                     new_k = torch.randn(B, Hkv, 1, D, dtype=dtype, device=device)
-                    fns["hf_quantized"] = (lambda: torch.nn.functional.scaled_dot_product_attention(
-                        q, *layer.update(new_k, new_k), scale=scale, enable_gqa=True), store_bytes(store, q))
+                    fns["hf_quantized"] = (
+                        lambda: torch.nn.functional.scaled_dot_product_attention(
+                            q, *layer.update(new_k, new_k), scale=scale, enable_gqa=True
+                        ),
+                        store_bytes(store, q),
+                    )
                 except Exception as e:  # noqa: BLE001 - an optional peer
                     print(f"hf_quantized skipped: {e!r}", file=sys.stderr)
             sdpa_bytes = 2 * k.numel() * 2  # fp16 K and V (what the sdpa_fp16 row reads)
             for name, (fn, nbytes) in fns.items():
                 ms = bench(fn, device)
                 gbs = nbytes / (ms * 1e-3) / 1e9
-                rows.append({"provider": name, "B": B, "Hq": Hq, "Hkv": Hkv, "T": T, "D": D, "bits": bits,
-                             "k_bits": store.k_bits, "G": G, "dtype": dtype_name, "median_ms": ms, "bytes_read": nbytes,
-                             "bytes_vs_sdpa_fp16": nbytes / sdpa_bytes, "ms_at_3TBps": nbytes / HBM_BYTES_PER_S * 1e3,
-                             "speedup_at_3TBps": sdpa_bytes / nbytes, "GB_per_s": gbs,
-                             "fraction_of_copy_bw": gbs / bw, "copy_GB_per_s": bw, **info})
-                print(f"{name:14s} B={B} Hq={Hq} Hkv={Hkv} T={T} D={D}: {ms:.3f} ms, {gbs:.0f} GB/s; reads "
-                      f"{nbytes / sdpa_bytes:.3f} of SDPA fp16's bytes -> {sdpa_bytes / nbytes:.2f}x at 3.0 TB/s", flush=True)
+                rows.append(
+                    {
+                        "provider": name,
+                        "B": B,
+                        "Hq": Hq,
+                        "Hkv": Hkv,
+                        "T": T,
+                        "D": D,
+                        "bits": bits,
+                        "k_bits": store.k_bits,
+                        "G": G,
+                        "dtype": dtype_name,
+                        "median_ms": ms,
+                        "bytes_read": nbytes,
+                        "bytes_vs_sdpa_fp16": nbytes / sdpa_bytes,
+                        "ms_at_3TBps": nbytes / HBM_BYTES_PER_S * 1e3,
+                        "speedup_at_3TBps": sdpa_bytes / nbytes,
+                        "GB_per_s": gbs,
+                        "fraction_of_copy_bw": gbs / bw,
+                        "copy_GB_per_s": bw,
+                        **info,
+                    }
+                )
+                print(
+                    f"{name:14s} B={B} Hq={Hq} Hkv={Hkv} T={T} D={D}: {ms:.3f} ms, {gbs:.0f} GB/s; reads "
+                    f"{nbytes / sdpa_bytes:.3f} of SDPA fp16's bytes -> {sdpa_bytes / nbytes:.2f}x at 3.0 TB/s",
+                    flush=True,
+                )
     return rows
 
 
@@ -108,8 +150,20 @@ def main() -> int:
         cases = [(B, 32, 8, T, 128) for B in (1, 4, 8) for T in (4096, 16384, 32768)]
         cases += [(B, 4, 1, T, 256) for B in (1, 8) for T in (4096, 32768)]  # Gemma 3 270M's global layers: MQA, D 256
     rows = run(cases, args.providers.split(","), device, args.bits, args.group, args.k_bits)
-    print_table(rows, ["provider", "B", "D", "T", "median_ms", "GB_per_s", "fraction_of_copy_bw", "bytes_vs_sdpa_fp16",
-                       "speedup_at_3TBps"])
+    print_table(
+        rows,
+        [
+            "provider",
+            "B",
+            "D",
+            "T",
+            "median_ms",
+            "GB_per_s",
+            "fraction_of_copy_bw",
+            "bytes_vs_sdpa_fp16",
+            "speedup_at_3TBps",
+        ],
+    )
     write_csv(args.out, rows)
     return 0
 

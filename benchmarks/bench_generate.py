@@ -45,8 +45,16 @@ def load(args, device):
     if args.llama8b:  # Llama-3.1-8B shapes, random weights
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
+        cfg = LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+        )
         with torch.device(device):
             model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
         return model, "Llama-3.1-8B-shaped (random weights, bf16)"
@@ -74,8 +82,15 @@ class Stamps(LogitsProcessor):
 
 def _generate(model, ids, new, stamps, **kw):
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, logits_processor=[stamps],
-                             return_dict_in_generate=True, **kw)
+        out = model.generate(
+            ids,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            logits_processor=[stamps],
+            return_dict_in_generate=True,
+            **kw,
+        )
     return out.past_key_values
 
 
@@ -104,14 +119,16 @@ def run_provider(prov, model, ids, new, knobs, device):
                 cache = minikv.MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=new)
                 mode = "reduce-overhead" if prov == "minikv-cudagraphs" else None
                 _loop(model, ids, new, stamps, cache, _compiled_step(mode))
-            return stamps.times, start, cache.memory().used_bytes
+            return stamps.times, start, cache.memory("all").used_bytes  # sliding-window layers too
         finally:
             minikv.unpatch(model)
     if prov == "hf-dynamic":
         cache = _generate(model, ids, new, stamps)
         return stamps.times, start, _dense_bytes(cache)
     if prov == "hf-quantized":
-        _generate(model, ids, new, stamps, cache_implementation="quantized", cache_config={"backend": "quanto", "nbits": 2})
+        _generate(
+            model, ids, new, stamps, cache_implementation="quantized", cache_config={"backend": "quanto", "nbits": 2}
+        )
         return stamps.times, start, None
     if prov == "hf-static-compiled":
         from transformers import StaticCache
@@ -124,8 +141,12 @@ def run_provider(prov, model, ids, new, knobs, device):
 
 def _dense_bytes(cache) -> int | None:
     try:
-        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-                   if isinstance(t, torch.Tensor))
+        return sum(
+            t.numel() * t.element_size()
+            for layer in cache.layers
+            for t in (layer.keys, layer.values)
+            if isinstance(t, torch.Tensor)
+        )
     except AttributeError:
         return None
 
@@ -139,11 +160,22 @@ def measure(prov, model, B, T, new, knobs, device, seed=0):
     warm = min(WARM, max(len(times) - 2, 0))
     decode = B * (len(times) - 1 - warm) / max(times[-1] - times[warm], 1e-9)
     prefill = times[0] - start
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"provider": prov, "batch": B, "context": T, "new_tokens": new, "decode_tokens_per_s": decode,
-            "prefill_tokens_per_s": B * T / prefill, "prefill_s": prefill,
-            "kv_MiB": kv / 2**20 if kv else float("nan"), "peak_MiB": peak / 2**20}
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "provider": prov,
+        "batch": B,
+        "context": T,
+        "new_tokens": new,
+        "decode_tokens_per_s": decode,
+        "prefill_tokens_per_s": B * T / prefill,
+        "prefill_s": prefill,
+        "kv_MiB": kv / 2**20 if kv else float("nan"),
+        "peak_MiB": peak / 2**20,
+    }
 
 
 def worker(args) -> int:
@@ -159,8 +191,12 @@ def knobs_of(args) -> dict:
     knobs = {}
     if args.bits is not None:
         knobs["bits"] = args.bits
+    if args.backend is not None:
+        knobs["backend"] = args.backend
     if args.budget is not None:
-        knobs["budget"] = None if args.budget == "none" else float(args.budget) if "." in args.budget else int(args.budget)
+        knobs["budget"] = (
+            None if args.budget == "none" else float(args.budget) if "." in args.budget else int(args.budget)
+        )
     return knobs
 
 
@@ -175,6 +211,7 @@ def main() -> int:
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--bits", type=int, default=None, help="minikv's bits (default: the library's)")
     p.add_argument("--budget", default=None, help="minikv's budget (default: the library's)")
+    p.add_argument("--backend", default=None, help="minikv's backend: auto (default) or reference (PyTorch)")
     p.add_argument("--providers", default="minikv-eager,minikv-compiled,hf-dynamic,hf-static-compiled")
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="every provider in this process")
     p.add_argument("--out", default="benchmarks/results/generate.csv")
@@ -197,34 +234,71 @@ def main() -> int:
             cell = []
             for prov in wanted:
                 try:
-                    row = isolated(args, prov, B, T) if args.isolate else measure(prov, model, B, T, args.new,
-                                                                                  knobs_of(args), device)
+                    row = (
+                        isolated(args, prov, B, T)
+                        if args.isolate
+                        else measure(prov, model, B, T, args.new, knobs_of(args), device)
+                    )
                 except Exception as e:  # noqa: BLE001 - a provider may not exist here (quanto, CUDA graphs)
                     print(f"{prov}: skipped ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
                     continue
                 cell.append(row)
-                print(f"{prov:20s} B={B} T={T}: decode {row['decode_tokens_per_s']:.1f} tokens/s, prefill "
-                      f"{row['prefill_tokens_per_s']:.0f} tokens/s, peak {row['peak_MiB']:.0f} MiB", flush=True)
+                print(
+                    f"{prov:20s} B={B} T={T}: decode {row['decode_tokens_per_s']:.1f} tokens/s, prefill "
+                    f"{row['prefill_tokens_per_s']:.0f} tokens/s, peak {row['peak_MiB']:.0f} MiB",
+                    flush=True,
+                )
             base = next((r["decode_tokens_per_s"] for r in cell if r["provider"] == "hf-dynamic"), float("nan"))
             base_pre = next((r["prefill_tokens_per_s"] for r in cell if r["provider"] == "hf-dynamic"), float("nan"))
             label = "Llama-3.1-8B-shaped" if args.llama8b else name or args.model
             for r in cell:
-                r.update(vs_dynamic=r["decode_tokens_per_s"] / base, prefill_vs_dynamic=r["prefill_tokens_per_s"] / base_pre,
-                         model=label, **info)
+                r.update(
+                    vs_dynamic=r["decode_tokens_per_s"] / base,
+                    prefill_vs_dynamic=r["prefill_tokens_per_s"] / base_pre,
+                    model=label,
+                    **info,
+                )
             rows += cell
-    print_table(rows, ["provider", "batch", "context", "decode_tokens_per_s", "vs_dynamic", "prefill_tokens_per_s",
-                       "prefill_vs_dynamic", "kv_MiB", "peak_MiB"])
+    print_table(
+        rows,
+        [
+            "provider",
+            "batch",
+            "context",
+            "decode_tokens_per_s",
+            "vs_dynamic",
+            "prefill_tokens_per_s",
+            "prefill_vs_dynamic",
+            "kv_MiB",
+            "peak_MiB",
+        ],
+    )
     write_csv(args.out, rows)
     return 0
 
 
 def isolated(args, prov, B, T) -> dict:
-    cmd = [sys.executable, __file__, "--worker", prov, "--batch", str(B), "--context", str(T), "--new", str(args.new),
-           "--model", args.model, "--dtype", args.dtype]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        prov,
+        "--batch",
+        str(B),
+        "--context",
+        str(T),
+        "--new",
+        str(args.new),
+        "--model",
+        args.model,
+        "--dtype",
+        args.dtype,
+    ]
     cmd += ["--device", args.device] if args.device else []
     cmd += ["--llama8b"] if args.llama8b else []
     cmd += ["--bits", str(args.bits)] if args.bits is not None else []
     cmd += ["--budget", args.budget] if args.budget is not None else []
+    cmd += ["--backend", args.backend] if args.backend is not None else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")

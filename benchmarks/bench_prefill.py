@@ -47,7 +47,8 @@ def main() -> int:
             if name in providers:
                 qq, kk, vv = q.to(dt), k.to(dt), v.to(dt)
                 fns[name] = lambda qq=qq, kk=kk, vv=vv: torch.nn.functional.scaled_dot_product_attention(
-                    qq, kk, vv, is_causal=True, scale=D**-0.5, enable_gqa=True)
+                    qq, kk, vv, is_causal=True, scale=D**-0.5, enable_gqa=True
+                )
         base = None
         for name, fn in fns.items():
             ms = bench(fn, device, reps=3)

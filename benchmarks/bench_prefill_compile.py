@@ -65,12 +65,22 @@ def main() -> int:
         eager = min(seconds(prefill, ids) for _ in range(args.reps))
         first = seconds(compiled, ids)  # compiles when this shape is new to dynamo
         comp = min(seconds(compiled, ids) for _ in range(args.reps))
-        rows.append({"prompt_tokens": T, "eager_s": eager, "compiled_s": comp, "first_compiled_call_s": first,
-                     "graphs_so_far": int(counters["stats"]["unique_graphs"]),
-                     "graph_breaks_so_far": sum(counters["graph_break"].values()), **info})
+        rows.append(
+            {
+                "prompt_tokens": T,
+                "eager_s": eager,
+                "compiled_s": comp,
+                "first_compiled_call_s": first,
+                "graphs_so_far": int(counters["stats"]["unique_graphs"]),
+                "graph_breaks_so_far": sum(counters["graph_break"].values()),
+                **info,
+            }
+        )
         print(f"T={T}: eager {eager:.2f} s, compiled {comp:.2f} s, first compiled call {first:.1f} s", flush=True)
-    print_table(rows, ["prompt_tokens", "eager_s", "compiled_s", "first_compiled_call_s", "graphs_so_far",
-                       "graph_breaks_so_far"])
+    print_table(
+        rows,
+        ["prompt_tokens", "eager_s", "compiled_s", "first_compiled_call_s", "graphs_so_far", "graph_breaks_so_far"],
+    )
     write_csv(args.out, rows)
     return 0
 

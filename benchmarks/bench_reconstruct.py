@@ -72,7 +72,9 @@ def main() -> int:
                 minikv.patch(model, **knobs)
             best = float("inf")
             for _ in range(args.reps):
-                cache = None if knobs is None else MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8)
+                cache = (
+                    None if knobs is None else MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8)
+                )
                 kw = {} if cache is None else {cache_key(): cache}
                 t = time.perf_counter()
                 with torch.inference_mode():
@@ -82,12 +84,28 @@ def main() -> int:
                 chunk = model._minikv_patch.config.reconstruct_chunk
                 minikv.unpatch(model)
             seconds[label] = best
-            rows.append(dict(model=args.model, tokens=T, run=label, seconds=round(best, 2),
-                             tokens_per_s=round(T / best, 1), **info))
+            rows.append(
+                dict(
+                    model=args.model,
+                    tokens=T,
+                    run=label,
+                    seconds=round(best, 2),
+                    tokens_per_s=round(T / best, 1),
+                    **info,
+                )
+            )
             print(rows[-1], flush=True)
         pass_s = seconds["minikv kvzip"] - seconds["minikv defaults"]
-        rows.append(dict(model=args.model, tokens=T, run="the pass alone (kvzip - defaults)", seconds=round(pass_s, 2),
-                         tokens_per_s=round(T / pass_s, 1) if pass_s > 0 else float("nan"), **info))
+        rows.append(
+            dict(
+                model=args.model,
+                tokens=T,
+                run="the pass alone (kvzip - defaults)",
+                seconds=round(pass_s, 2),
+                tokens_per_s=round(T / pass_s, 1) if pass_s > 0 else float("nan"),
+                **info,
+            )
+        )
         rows[-1]["s_per_1k_tokens"] = round(1000 * pass_s / T, 2)
         rows[-1]["flops_vs_prefill"] = round(flops(model, T, chunk) / flops(model, T, None), 2)
         print(rows[-1], flush=True)

@@ -21,8 +21,17 @@ def stamp(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} ({os.cpu_count()} cpus)"
-    return {"device": name, "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__}
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()} ({os.cpu_count()} cpus)"
+    )
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+    }
 
 
 def bench(fn, device: torch.device, reps: int = 20) -> float:

@@ -27,8 +27,15 @@ def _one(model_dir: str, block_size: int) -> None:
     """In the subprocess: start the engine, print its capacity as JSON."""
     from vllm import LLM
 
-    llm = LLM(model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=4096, kv_cache_memory_bytes=MEMORY,
-              block_size=block_size, skip_tokenizer_init=True)
+    llm = LLM(
+        model_dir,
+        dtype="bfloat16",
+        enforce_eager=True,
+        max_model_len=4096,
+        kv_cache_memory_bytes=MEMORY,
+        block_size=block_size,
+        skip_tokenizer_init=True,
+    )
     cache = llm.llm_engine.vllm_config.cache_config
     print("RESULT", json.dumps({"blocks": cache.num_gpu_blocks, "tokens": cache.num_gpu_blocks * cache.block_size}))
 
@@ -38,8 +45,16 @@ def _llama128(path: str) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-                      num_key_value_heads=2, head_dim=128, max_position_embeddings=8192)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        max_position_embeddings=8192,
+    )
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
     return path
 
@@ -58,8 +73,10 @@ def main() -> None:
     from minikv.vllm.settings import parse
 
     tmp = tempfile.mkdtemp()
-    models = {"SmolLM2-135M (head_dim 64)": (save_dense("smollm2", os.path.join(tmp, "smollm2")), 64),
-              "random Llama (head_dim 128)": (_llama128(os.path.join(tmp, "llama128")), 128)}
+    models = {
+        "SmolLM2-135M (head_dim 64)": (save_dense("smollm2", os.path.join(tmp, "smollm2")), 64),
+        "random Llama (head_dim 128)": (_llama128(os.path.join(tmp, "llama128")), 128),
+    }
     rows = []
     for name, (path, head_dim) in models.items():
         for block_size in BLOCK_SIZES:
@@ -69,8 +86,9 @@ def main() -> None:
                 env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
                 if setting is not None:
                     env["MINIKV_VLLM"] = setting
-                proc = subprocess.run([sys.executable, __file__, "--one", path, str(block_size)], env=env,
-                                      capture_output=True, text=True)
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--one", path, str(block_size)], env=env, capture_output=True, text=True
+                )
                 line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
                 if proc.returncode or not line:
                     raise RuntimeError(f"{name} block {block_size} {setting}: {proc.stderr[-3000:]}")
@@ -78,23 +96,41 @@ def main() -> None:
                 own = own or got
                 s = parse(setting) if setting else None
                 lay = PageLayout(head_dim, block_size, torch.bfloat16, s.k_bits, s.v_bits, s.group_size) if s else None
-                row = {"model": name, "block_size": block_size, "setting": setting or "vLLM's own (bf16)",
-                       "bytes_per_token_head": lay.slot_bytes if lay else 4 * head_dim,
-                       "tokens": got["tokens"], "gain": round(got["tokens"] / own["tokens"], 3),
-                       "predicted": round(lay.dense_slot_bytes / lay.slot_bytes, 3) if lay else 1.0}
+                row = {
+                    "model": name,
+                    "block_size": block_size,
+                    "setting": setting or "vLLM's own (bf16)",
+                    "bytes_per_token_head": lay.slot_bytes if lay else 4 * head_dim,
+                    "tokens": got["tokens"],
+                    "gain": round(got["tokens"] / own["tokens"], 3),
+                    "predicted": round(lay.dense_slot_bytes / lay.slot_bytes, 3) if lay else 1.0,
+                }
                 rows.append(row)
                 print(row, flush=True)
-    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__,
-            "vllm": vllm.__version__, "transformers": transformers.__version__, "kv_cache_memory_bytes": MEMORY,
-            "group_size": 32, "note": "clip / rotate change no bytes"}
+    meta = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "torch": torch.__version__,
+        "vllm": vllm.__version__,
+        "transformers": transformers.__version__,
+        "kv_cache_memory_bytes": MEMORY,
+        "group_size": 32,
+        "note": "clip / rotate change no bytes",
+    }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"vLLM KV capacity at {MEMORY >> 20} MiB, {meta['machine']}, torch {meta['torch']}, vLLM {meta['vllm']}, "
-             f"transformers {meta['transformers']} (`benchmarks/vllm_capacity.py`)", "",
-             "| model | block | setting | bytes / token / KV head | tokens | gain | predicted |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['block_size']} | {r['setting']} | {r['bytes_per_token_head']} | {r['tokens']:,} | "
-              f"{r['gain']:.2f}x | {r['predicted']:.2f}x |" for r in rows]
+    lines = [
+        f"vLLM KV capacity at {MEMORY >> 20} MiB, {meta['machine']}, torch {meta['torch']}, vLLM {meta['vllm']}, "
+        f"transformers {meta['transformers']} (`benchmarks/vllm_capacity.py`)",
+        "",
+        "| model | block | setting | bytes / token / KV head | tokens | gain | predicted |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['block_size']} | {r['setting']} | {r['bytes_per_token_head']} | {r['tokens']:,} | "
+        f"{r['gain']:.2f}x | {r['predicted']:.2f}x |"
+        for r in rows
+    ]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -17,8 +17,11 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = [None, "1", "k_bits=2,v_bits=2", "bits=2,clip=0,rotate=none"]  # None: vLLM's own backend; 1: the defaults
-LABELS = {None: "vLLM's own (bf16)", "1": "MINIKV_VLLM=1 (K4 V2, clip, rotate kv)",
-          "bits=2,clip=0,rotate=none": "MINIKV_VLLM=bits=2,clip=0,rotate=none (plain KIVI-2)"}
+LABELS = {
+    None: "vLLM's own (bf16)",
+    "1": "MINIKV_VLLM=1 (K4 V2, clip, rotate kv)",
+    "bits=2,clip=0,rotate=none": "MINIKV_VLLM=bits=2,clip=0,rotate=none (plain KIVI-2)",
+}
 
 
 def main() -> None:
@@ -38,24 +41,43 @@ def main() -> None:
         if setting is not None:
             env["MINIKV_VLLM"] = setting
         out = os.path.join(tmp, "run.json")
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "vllm_engine", "engine.py"), "passkey", out, model_dir],
-                              env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tests", "vllm_engine", "engine.py"), "passkey", out, model_dir],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode:
             raise RuntimeError(proc.stderr[-3000:])
         run = json.load(open(out))
-        row = {"setting": LABELS.get(setting, f"MINIKV_VLLM={setting}"), "found": f"{sum(run['found'])}/{len(run['found'])}",
-               "prompt_tokens": min(run["prompt_tokens"]), "capacity_tokens": run["capacity_tokens"],
-               "generate_s": run["generate_s"], "answers": run["answers"]}
+        row = {
+            "setting": LABELS.get(setting, f"MINIKV_VLLM={setting}"),
+            "found": f"{sum(run['found'])}/{len(run['found'])}",
+            "prompt_tokens": min(run["prompt_tokens"]),
+            "capacity_tokens": run["capacity_tokens"],
+            "generate_s": run["generate_s"],
+            "answers": run["answers"],
+        }
         rows.append(row)
         print(row, flush=True)
-    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__, "vllm": vllm.__version__,
-            "transformers": transformers.__version__, "block_size": 256, "kv_cache_memory_bytes": 1 << 30}
+    meta = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "torch": torch.__version__,
+        "vllm": vllm.__version__,
+        "transformers": transformers.__version__,
+        "block_size": 256,
+        "kv_cache_memory_bytes": 1 << 30,
+    }
     path = os.path.join(ROOT, "benchmarks", "results", "vllm_passkey")
     with open(path + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"SmolLM2-135M through vllm.LLM, 5 pass-key prompts of {rows[0]['prompt_tokens']:,}+ tokens, block 256, 1 GiB of KV; "
-             f"{meta['machine']}, torch {meta['torch']}, vLLM {meta['vllm']} (`benchmarks/vllm_passkey.py`)", "",
-             "| backend | pass keys found | KV capacity (tokens) | generate (s, 5 prompts + 8 tokens each) |", "|---|---|---|---|"]
+    lines = [
+        f"SmolLM2-135M through vllm.LLM, 5 pass-key prompts of {rows[0]['prompt_tokens']:,}+ tokens, block 256, 1 GiB of KV; "
+        f"{meta['machine']}, torch {meta['torch']}, vLLM {meta['vllm']} (`benchmarks/vllm_passkey.py`)",
+        "",
+        "| backend | pass keys found | KV capacity (tokens) | generate (s, 5 prompts + 8 tokens each) |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['setting']} | {r['found']} | {r['capacity_tokens']:,} | {r['generate_s']} |" for r in rows]
     with open(path + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -75,10 +75,20 @@ def main() -> int:
             found += key in answers[-1]
             ratios.append(ratio)
             print(json.dumps(dict(config=label, seed=seed, key=key, answers=answers, kv=round(ratio, 4))), flush=True)
-        rows.append(dict(config=label, knobs=json.dumps(knobs), keys_found=found, seeds=args.seeds,
-                         kv_percent_of_fp16=round(100 * sum(ratios) / len(ratios), 1), doc_tokens=args.tokens,
-                         model=args.model, machine=f"{platform.machine()} {os.cpu_count()} CPUs",
-                         torch=torch.__version__, transformers=transformers.__version__))
+        rows.append(
+            dict(
+                config=label,
+                knobs=json.dumps(knobs),
+                keys_found=found,
+                seeds=args.seeds,
+                kv_percent_of_fp16=round(100 * sum(ratios) / len(ratios), 1),
+                doc_tokens=args.tokens,
+                model=args.model,
+                machine=f"{platform.machine()} {os.cpu_count()} CPUs",
+                torch=torch.__version__,
+                transformers=transformers.__version__,
+            )
+        )
     out = Path(args.out or HERE / "results" / f"chat_{args.model}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.only and out.exists():  # keep the other configurations' rows, replace the ones run now

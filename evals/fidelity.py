@@ -47,12 +47,11 @@ def build_prompts(tok, tokens: int, continuation: int, samples: int, seed: int =
     for row in minikv_data.reference_text(tokens=int(1.6 * tokens), samples=samples, seed=seed)["test"]:
         ids = tok(row["text"]).input_ids  # the model's own special tokens (Gemma's <bos>, none for SmolLM2)
         if len(ids) >= tokens + continuation:
-            prompts.append(("text", ids[:tokens], ids[tokens:tokens + continuation]))
+            prompts.append(("text", ids[:tokens], ids[tokens : tokens + continuation]))
     for name in RETRIEVAL:
         for row in getattr(minikv_data, name)(tokens=tokens, samples=samples, seed=seed)["test"]:
             answer = " " + " ".join(row["outputs"])
-            prompts.append(("retrieval", tok(row["input"]).input_ids,
-                            tok(answer, add_special_tokens=False).input_ids))
+            prompts.append(("retrieval", tok(row["input"]).input_ids, tok(answer, add_special_tokens=False).input_ids))
     return prompts
 
 
@@ -77,7 +76,7 @@ def compressed_logprobs(model, cfg, context, cont):
     ids = torch.tensor([context + cont[:-1]])
     with torch.inference_mode():
         model(ids[:, : len(context) - 1], use_cache=True, logits_to_keep=1, **{cache_key(): cache})
-        logits = model(ids[:, len(context) - 1:], use_cache=True, **{cache_key(): cache}).logits[0]
+        logits = model(ids[:, len(context) - 1 :], use_cache=True, **{cache_key(): cache}).logits[0]
     return torch.log_softmax(logits.double(), -1), cache.memory()
 
 
@@ -87,7 +86,9 @@ def measure(model, cfg, prompts, reference) -> dict:
 
     import minikv
 
-    stats = {kind: dict(kl=0.0, agree=0, n=0, nll_full=0.0, nll=0.0, correct=0, prompts=0) for kind in ("text", "retrieval")}
+    stats = {
+        kind: dict(kl=0.0, agree=0, n=0, nll_full=0.0, nll=0.0, correct=0, prompts=0) for kind in ("text", "retrieval")
+    }
     used = fp16 = 0
     minikv.patch(model, config=cfg)
     try:
@@ -107,8 +108,10 @@ def measure(model, cfg, prompts, reference) -> dict:
         minikv.unpatch(model)
     t, r = stats["text"], stats["retrieval"]
     return dict(
-        kl_text=t["kl"] / max(t["n"], 1), kl_answer=r["kl"] / max(r["n"], 1),
-        top1_text=t["agree"] / max(t["n"], 1), top1_answer=r["agree"] / max(r["n"], 1),
+        kl_text=t["kl"] / max(t["n"], 1),
+        kl_answer=r["kl"] / max(r["n"], 1),
+        top1_text=t["agree"] / max(t["n"], 1),
+        top1_answer=r["agree"] / max(r["n"], 1),
         ppl_ratio=math.exp((t["nll"] - t["nll_full"]) / max(t["n"], 1)),
         answers_correct=f"{r['correct']}/{r['prompts']}",
         kv_percent_of_fp16=100.0 * used / fp16 if fp16 else 0.0,
@@ -119,28 +122,53 @@ def full_cache_answers(prompts, reference) -> str:
     """Answers greedy-correct under teacher forcing with the full cache (the ceiling of the column)."""
     import torch
 
-    hits = [bool((ref.argmax(-1) == torch.tensor(c)).all()) for (k, _, c), ref in zip(prompts, reference) if k == "retrieval"]
+    hits = [
+        bool((ref.argmax(-1) == torch.tensor(c)).all())
+        for (k, _, c), ref in zip(prompts, reference)
+        if k == "retrieval"
+    ]
     return f"{sum(hits)}/{len(hits)}"
 
 
-FIELDS = ["model", "name", "knobs", "kv_percent_of_fp16", "kl_text", "kl_answer", "top1_text", "top1_answer",
-          "ppl_ratio", "answers_correct", "tokens", "seconds", "machine", "torch", "transformers"]
+FIELDS = [
+    "model",
+    "name",
+    "knobs",
+    "kv_percent_of_fp16",
+    "kl_text",
+    "kl_answer",
+    "top1_text",
+    "top1_answer",
+    "ppl_ratio",
+    "answers_correct",
+    "tokens",
+    "seconds",
+    "machine",
+    "torch",
+    "transformers",
+]
 
 
 def write_markdown(csv_path: Path) -> None:
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
-    lines = ["| config | knobs | KV % of fp16 | KL text | KL answer | top-1 text | top-1 answer | ppl ratio | answers |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | knobs | KV % of fp16 | KL text | KL answer | top-1 text | top-1 answer | ppl ratio | answers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         knobs = ", ".join(f"{k}={v}" for k, v in json.loads(r["knobs"]).items())
-        lines.append(f"| {r['name']} | {knobs} | {float(r['kv_percent_of_fp16']):.1f} | {float(r['kl_text']):.4f} | "
-                     f"{float(r['kl_answer']):.4f} | {float(r['top1_text']):.3f} | {float(r['top1_answer']):.3f} | "
-                     f"{float(r['ppl_ratio']):.4f} | {r['answers_correct']} |")
+        lines.append(
+            f"| {r['name']} | {knobs} | {float(r['kv_percent_of_fp16']):.1f} | {float(r['kl_text']):.4f} | "
+            f"{float(r['kl_answer']):.4f} | {float(r['top1_text']):.3f} | {float(r['top1_answer']):.3f} | "
+            f"{float(r['ppl_ratio']):.4f} | {r['answers_correct']} |"
+        )
     if rows:
         r = rows[-1]
-        lines.append(f"\n{r['model']}, ~{r['tokens']}-token contexts, {r['machine']}, torch {r['torch']}, "
-                     f"transformers {r['transformers']}.")
+        lines.append(
+            f"\n{r['model']}, ~{r['tokens']}-token contexts, {r['machine']}, torch {r['torch']}, "
+            f"transformers {r['transformers']}."
+        )
     csv_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -176,8 +204,13 @@ def main() -> int:
     out = Path(args.out or HERE / "results" / f"fidelity_{args.model}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     new_file = not out.exists()
-    meta = dict(model=args.model, tokens=args.tokens, machine=f"{platform.machine()} {os.cpu_count()} CPUs",
-                torch=torch.__version__, transformers=transformers.__version__)
+    meta = dict(
+        model=args.model,
+        tokens=args.tokens,
+        machine=f"{platform.machine()} {os.cpu_count()} CPUs",
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+    )
     done = set()
     if args.skip_done and out.exists():
         with open(out) as f:

@@ -15,8 +15,10 @@ GRIDS = {
         ("2-bit G64 + rotate kv", dict(Q64, clip=False, rotate="kv", sink_tokens=0, **ALL)),
         ("2-bit G64 + 4 sinks + clip + rotate kv", dict(Q64, clip=True, rotate="kv", **ALL)),
         ("K4 V2 G32", dict(bits=2, k_bits=4, q_group_size=32, clip=False, rotate="none", sink_tokens=0, **ALL)),
-        ("K4 V2 G32 + 4 sinks + clip + rotate kv", dict(bits=2, k_bits=4, q_group_size=32, clip=True, rotate="kv",
-                                                        **ALL)),
+        (
+            "K4 V2 G32 + 4 sinks + clip + rotate kv",
+            dict(bits=2, k_bits=4, q_group_size=32, clip=True, rotate="kv", **ALL),
+        ),
         ("4-bit G32", dict(bits=4, q_group_size=32, clip=False, rotate="none", sink_tokens=0, **ALL)),
     ],
 }
@@ -26,17 +28,31 @@ K4V2_G32 = dict(bits=2, k_bits=4, q_group_size=32)
 BEST_Q = dict(sink_tokens=4, clip=True, rotate="kv")
 GRIDS["select"] = [
     ("MiniKV paper recipe", dict(preset="paper")),
-    ("snapkv 50%, 2-bit", dict(bits=2, k_bits=2, budget=0.5, recent=0.5, scorer="snapkv", sink_tokens=0, clip=False,
-                               rotate="none")),
-    ("snapkv 50%, K4V2 G32 + sinks", dict(budget=0.5, recent=0.5, scorer="snapkv", sink_tokens=4, clip=False,
-                                          rotate="none", **K4V2_G32)),
-    ("snapkv 50%, 2-bit + sinks/clip/rot-kv", dict(bits=2, k_bits=2, budget=0.5, recent=0.5, scorer="snapkv", **BEST_Q)),
+    (
+        "snapkv 50%, 2-bit",
+        dict(bits=2, k_bits=2, budget=0.5, recent=0.5, scorer="snapkv", sink_tokens=0, clip=False, rotate="none"),
+    ),
+    (
+        "snapkv 50%, K4V2 G32 + sinks",
+        dict(budget=0.5, recent=0.5, scorer="snapkv", sink_tokens=4, clip=False, rotate="none", **K4V2_G32),
+    ),
+    (
+        "snapkv 50%, 2-bit + sinks/clip/rot-kv",
+        dict(bits=2, k_bits=2, budget=0.5, recent=0.5, scorer="snapkv", **BEST_Q),
+    ),
     ("snapkv 50%, K4V2 G32 + sinks/clip/rot-kv", dict(budget=0.5, recent=0.5, scorer="snapkv", **K4V2_G32, **BEST_Q)),
-    ("snapkv 50% recent 25%, K4V2 G32 + sinks/clip/rot-kv", dict(budget=0.5, recent=0.25, scorer="snapkv",
-                                                                   **K4V2_G32, **BEST_Q)),
-    ("pyramidkv 50%, K4V2 G32 + sinks/clip/rot-kv", dict(budget=0.5, recent=0.5, scorer="snapkv", schedule="pyramidkv",
-                                                          **K4V2_G32, **BEST_Q)),
-    ("minikv scorer 50%, K4V2 G32 + sinks/clip/rot-kv", dict(budget=0.5, recent=0.5, scorer="minikv", **K4V2_G32, **BEST_Q)),
+    (
+        "snapkv 50% recent 25%, K4V2 G32 + sinks/clip/rot-kv",
+        dict(budget=0.5, recent=0.25, scorer="snapkv", **K4V2_G32, **BEST_Q),
+    ),
+    (
+        "pyramidkv 50%, K4V2 G32 + sinks/clip/rot-kv",
+        dict(budget=0.5, recent=0.5, scorer="snapkv", schedule="pyramidkv", **K4V2_G32, **BEST_Q),
+    ),
+    (
+        "minikv scorer 50%, K4V2 G32 + sinks/clip/rot-kv",
+        dict(budget=0.5, recent=0.5, scorer="minikv", **K4V2_G32, **BEST_Q),
+    ),
     ("all tokens, K4V2 G32 + sinks/clip/rot-kv", dict(budget=None, **K4V2_G32, **BEST_Q)),
 ]
 
@@ -45,31 +61,53 @@ Q = dict(**K4V2_G32, **BEST_Q)
 GRIDS["split"] = [
     ("snapkv 50% recent 64, K4V2 G32 + sinks/clip/rot-kv", dict(budget=0.5, recent=64, scorer="snapkv", **Q)),
     ("snapkv 50% recent 10%, K4V2 G32 + sinks/clip/rot-kv", dict(budget=0.5, recent=0.1, scorer="snapkv", **Q)),
-    ("snapkv 55% recent 25%, K4V2 G64 + sinks/clip/rot-kv", dict(budget=0.55, recent=0.25, scorer="snapkv",
-                                                                  **{**Q, "q_group_size": 64})),
+    (
+        "snapkv 55% recent 25%, K4V2 G64 + sinks/clip/rot-kv",
+        dict(budget=0.55, recent=0.25, scorer="snapkv", **{**Q, "q_group_size": 64}),
+    ),
 ]
 
 # more tokens kept, at more bytes
 GRIDS["lowbits"] = [
-    ("snapkv 90% recent 25%, K4V2 G64 + sinks/clip/rot-kv", dict(budget=0.9, recent=0.25, scorer="snapkv", bits=2,
-                                                                  k_bits=4, q_group_size=64, **BEST_Q)),
-    ("snapkv 75% recent 25%, K4V2 G32 + sinks/clip/rot-kv", dict(budget=0.75, recent=0.25, scorer="snapkv", bits=2,
-                                                                  k_bits=4, q_group_size=32, **BEST_Q)),
-    ("snapkv 65% recent 25%, K4V2 G64 + sinks/clip/rot-kv", dict(budget=0.65, recent=0.25, scorer="snapkv", bits=2,
-                                                                  k_bits=4, q_group_size=64, **BEST_Q)),
+    (
+        "snapkv 90% recent 25%, K4V2 G64 + sinks/clip/rot-kv",
+        dict(budget=0.9, recent=0.25, scorer="snapkv", bits=2, k_bits=4, q_group_size=64, **BEST_Q),
+    ),
+    (
+        "snapkv 75% recent 25%, K4V2 G32 + sinks/clip/rot-kv",
+        dict(budget=0.75, recent=0.25, scorer="snapkv", bits=2, k_bits=4, q_group_size=32, **BEST_Q),
+    ),
+    (
+        "snapkv 65% recent 25%, K4V2 G64 + sinks/clip/rot-kv",
+        dict(budget=0.65, recent=0.25, scorer="snapkv", bits=2, k_bits=4, q_group_size=64, **BEST_Q),
+    ),
 ]
 
 # the 2-bit G64 / G32 formats at <= 15% of fp16 on ~4k-token prompts (the residual in fp32 included)
 GRIDS["lowbits2"] = [
-    ("snapkv 70% recent 25%, 2-bit G64 + sinks/clip/rot-kv", dict(budget=0.7, recent=0.25, scorer="snapkv", bits=2,
-                                                                   k_bits=2, q_group_size=64, **BEST_Q)),
-    ("snapkv 65% recent 25%, 2-bit G32 + sinks/clip/rot-kv", dict(budget=0.65, recent=0.25, scorer="snapkv", bits=2,
-                                                                   k_bits=2, q_group_size=32, **BEST_Q)),
+    (
+        "snapkv 70% recent 25%, 2-bit G64 + sinks/clip/rot-kv",
+        dict(budget=0.7, recent=0.25, scorer="snapkv", bits=2, k_bits=2, q_group_size=64, **BEST_Q),
+    ),
+    (
+        "snapkv 65% recent 25%, 2-bit G32 + sinks/clip/rot-kv",
+        dict(budget=0.65, recent=0.25, scorer="snapkv", bits=2, k_bits=2, q_group_size=32, **BEST_Q),
+    ),
 ]
 
 # the library's defaults, spelled out (so that a row keeps its meaning if the defaults change)
-DEFAULTS = dict(bits=2, k_bits=4, q_group_size=32, sink_tokens=4, clip=True, rotate="kv", budget=0.5, recent=0.25,
-                scorer="snapkv", schedule="uniform")
+DEFAULTS = dict(
+    bits=2,
+    k_bits=4,
+    q_group_size=32,
+    sink_tokens=4,
+    clip=True,
+    rotate="kv",
+    budget=0.5,
+    recent=0.25,
+    scorer="snapkv",
+    schedule="uniform",
+)
 GRIDS["defaults"] = [
     ("16-bit (no compression)", dict(bits=16, budget=None)),
     ("minikv defaults", DEFAULTS),
@@ -92,8 +130,10 @@ GRIDS["ablate"] = [
 # (~9.4% per token); the other rows spend more bytes, to see what the tier buys at all.
 DEFAULTS = dict(budget=0.5, recent=0.25, scorer="snapkv", **Q)
 GRIDS["mikv"] = [
-    ("MiKV: snapkv 20% K4V2 + evicted at 1 bit G64 (equal bytes)", dict(DEFAULTS, budget=0.2, evicted_bits=1,
-                                                                         evicted_group_size=64)),
+    (
+        "MiKV: snapkv 20% K4V2 + evicted at 1 bit G64 (equal bytes)",
+        dict(DEFAULTS, budget=0.2, evicted_bits=1, evicted_group_size=64),
+    ),
     ("MiKV: snapkv 30% K4V2 + evicted at 1 bit G64", dict(DEFAULTS, budget=0.3, evicted_bits=1, evicted_group_size=64)),
     ("MiKV: defaults (50% K4V2) + evicted at 1 bit G64", dict(DEFAULTS, evicted_bits=1, evicted_group_size=64)),
     ("MiKV: defaults (50% K4V2) + evicted at 2 bits G64", dict(DEFAULTS, evicted_bits=2, evicted_group_size=64)),

@@ -48,10 +48,11 @@ def run(model, tok, prompts, knobs):
                 cache = minikv.MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8)
             t = time.perf_counter()
             with torch.inference_mode():
-                out = model.generate(**inputs, max_new_tokens=8, do_sample=False, **{cache_key(): cache},
-                                     pad_token_id=tok.pad_token_id)
+                out = model.generate(
+                    **inputs, max_new_tokens=8, do_sample=False, **{cache_key(): cache}, pad_token_id=tok.pad_token_id
+                )
             seconds += time.perf_counter() - t
-            found += key in tok.decode(out[0, inputs.input_ids.shape[1]:])
+            found += key in tok.decode(out[0, inputs.input_ids.shape[1] :])
             ratios.append(cache.memory().ratio if cache is not None else 1.0)
     finally:
         if knobs is not None:
@@ -74,8 +75,16 @@ def main() -> int:
     print("| configuration | pass keys found | KV bytes (% of fp16) | s / prompt |\n|---|---|---|---|")
     for name, knobs in CONFIGS.items():
         found, ratio, sec = run(model, tok, prompts, knobs)
-        rows.append(dict(config=name, found=found, seeds=len(prompts), kv_percent_of_fp16=round(100 * ratio, 2),
-                         seconds_per_prompt=round(sec, 2), tokens=args.tokens))
+        rows.append(
+            dict(
+                config=name,
+                found=found,
+                seeds=len(prompts),
+                kv_percent_of_fp16=round(100 * ratio, 2),
+                seconds_per_prompt=round(sec, 2),
+                tokens=args.tokens,
+            )
+        )
         print(f"| {name} | {found}/{len(prompts)} | {100 * ratio:.1f}% | {sec:.1f} |", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", newline="") as f:
@@ -84,8 +93,14 @@ def main() -> int:
         import transformers
 
         for r in rows:
-            w.writerow({**r, "machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__,
-                        "transformers": transformers.__version__})
+            w.writerow(
+                {
+                    **r,
+                    "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                }
+            )
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

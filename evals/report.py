@@ -20,8 +20,11 @@ sys.path.insert(0, str(HERE))
 
 from sweep import MODEL_NAMES, write_outputs  # noqa: E402
 
-FROM_MAIN = {"full cache": "full cache", "minikv 2-bit, minikv scorer": "MiniKV / H2O (cumulative)",
-             "minikv 2-bit, snapkv scorer": "SnapKV (= KVCrush without its wrapper)"}
+FROM_MAIN = {
+    "full cache": "full cache",
+    "minikv 2-bit, minikv scorer": "MiniKV / H2O (cumulative)",
+    "minikv 2-bit, snapkv scorer": "SnapKV (= KVCrush without its wrapper)",
+}
 META = ("model", "prompt_tokens", "samples", "machine", "torch", "transformers", "lm_eval")
 
 

@@ -54,18 +54,26 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
         ("kvzip 50%, recent 32", dict(scorer="kvzip", recent=32)),
         ("kvzip 50%, global, whole groups", dict(scorer="kvzip", schedule="global")),
         ("kvzip 55%, global, whole groups", dict(scorer="kvzip", schedule="global", budget=0.55)),
-        ("kvzip 50%, global, repeat prefix", dict(scorer="kvzip", schedule="global",
-                                                  reconstruct_prefix="Repeat the previous context exactly.")),
+        (
+            "kvzip 50%, global, repeat prefix",
+            dict(scorer="kvzip", schedule="global", reconstruct_prefix="Repeat the previous context exactly."),
+        ),
         ("kvzip 57%, global, G64", dict(scorer="kvzip", schedule="global", budget=0.57, q_group_size=64)),
         ("kvzip 50%, global, 16 bits", dict(scorer="kvzip", schedule="global", bits=16)),
     ],
     "tiers": [
-        ("kvzip 40% + 2-bit G64 tier for 30% of the rest", dict(scorer="kvzip", budget=0.4, evicted_bits=2,
-                                                         evicted_group_size=64, evicted_share=0.3)),
-        ("kvzip 30% + 2-bit G64 tier for 60% of the rest", dict(scorer="kvzip", budget=0.3, evicted_bits=2,
-                                                         evicted_group_size=64, evicted_share=0.6)),
-        ("kvzip 20% + 2-bit G64 tier for the rest", dict(scorer="kvzip", budget=0.2, evicted_bits=2,
-                                                  evicted_group_size=64)),
+        (
+            "kvzip 40% + 2-bit G64 tier for 30% of the rest",
+            dict(scorer="kvzip", budget=0.4, evicted_bits=2, evicted_group_size=64, evicted_share=0.3),
+        ),
+        (
+            "kvzip 30% + 2-bit G64 tier for 60% of the rest",
+            dict(scorer="kvzip", budget=0.3, evicted_bits=2, evicted_group_size=64, evicted_share=0.6),
+        ),
+        (
+            "kvzip 20% + 2-bit G64 tier for the rest",
+            dict(scorer="kvzip", budget=0.2, evicted_bits=2, evicted_group_size=64),
+        ),
     ],
     "gemma": [
         ("full cache", None),
@@ -74,16 +82,22 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
         ("K4V2 every token", dict(budget=None)),
     ],
     "gemma_frontier": [
-        ("kvzip 90%, global, K2V2 G128", dict(scorer="kvzip", schedule="global", budget=0.9, k_bits=2, v_bits=2,
-                                               q_group_size=128)),
-        ("kvzip 85%, global, K2V2 G64", dict(scorer="kvzip", schedule="global", budget=0.85, k_bits=2, v_bits=2,
-                                              q_group_size=64)),
+        (
+            "kvzip 90%, global, K2V2 G128",
+            dict(scorer="kvzip", schedule="global", budget=0.9, k_bits=2, v_bits=2, q_group_size=128),
+        ),
+        (
+            "kvzip 85%, global, K2V2 G64",
+            dict(scorer="kvzip", schedule="global", budget=0.85, k_bits=2, v_bits=2, q_group_size=64),
+        ),
         ("kvzip 58%, global", dict(scorer="kvzip", schedule="global", budget=0.58)),
     ],
     "gemma2bit": [
         ("K2V2 G128 every token", dict(budget=None, k_bits=2, v_bits=2, q_group_size=128)),
-        ("kvzip 75%, global, K2V2 G128", dict(scorer="kvzip", schedule="global", budget=0.75, k_bits=2, v_bits=2,
-                                               q_group_size=128)),
+        (
+            "kvzip 75%, global, K2V2 G128",
+            dict(scorer="kvzip", schedule="global", budget=0.75, k_bits=2, v_bits=2, q_group_size=128),
+        ),
     ],
 }
 
@@ -99,14 +113,22 @@ def make_sample(tok, tokens: int, seed: int, index: int):
     needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)]
     needles.append(f"The pass key is {passkey}. Remember it. {passkey} is the pass key.")
     text = minikv_data.haystack(rng, int(tokens * minikv_data.CHARS_PER_TOKEN) - 150, needles)
-    sentences = [s for s in text.split(". ") if len(s.split()) > QUOTE_WORDS + 12 and "magic" not in s
-                 and "pass key" not in s]
-    sentence = rng.choice(sentences[len(sentences) // 10: -len(sentences) // 10 or None])
+    sentences = [
+        s for s in text.split(". ") if len(s.split()) > QUOTE_WORDS + 12 and "magic" not in s and "pass key" not in s
+    ]
+    sentence = rng.choice(sentences[len(sentences) // 10 : -len(sentences) // 10 or None])
     start, rest = " ".join(sentence.split()[:QUOTE_WORDS]), " " + " ".join(sentence.split()[QUOTE_WORDS:])
     rest = tok.decode(tok(rest, add_special_tokens=False).input_ids[:QUOTE_TOKENS])
     asked = rng.sample(range(4), 3)
-    turns = [(f"key{i + 1}", f"What is the special magic number for {keys[j]} mentioned in the document?",
-              f"The special magic number for {keys[j]} is: ", values[j]) for i, j in enumerate(asked)]
+    turns = [
+        (
+            f"key{i + 1}",
+            f"What is the special magic number for {keys[j]} mentioned in the document?",
+            f"The special magic number for {keys[j]} is: ",
+            values[j],
+        )
+        for i, j in enumerate(asked)
+    ]
     turns.append(("passkey", "What is the pass key in the document?", "The pass key is ", passkey))
     turns.append(("quote", f'Quote the sentence of the document that begins with "{start}".', f'"{start}', rest))
     shift = index % len(turns)
@@ -125,21 +147,24 @@ class Dialogue:
 
     def document(self, doc: str):
         if self.chat:
-            msgs = [{"role": "user", "content": f"Read this document. I will ask you questions about it.\n\n{doc}"},
-                    {"role": "assistant", "content": "I have read the document."}]
+            msgs = [
+                {"role": "user", "content": f"Read this document. I will ask you questions about it.\n\n{doc}"},
+                {"role": "assistant", "content": "I have read the document."},
+            ]
             return self.ids(self.tok.apply_chat_template(msgs, tokenize=False))
         return self.ids(f"Read this document. Questions about it follow.\n\n{doc}\n", special=True)
 
     def turn(self, question: str, prefix: str, answer: str):
         """``(ids, n_scored)``: the turn's ids, its last ``n_scored`` being the scored answer."""
         if self.chat:
-            head = self.tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                                add_generation_prompt=True)
-            head = head[head.index("<|im_start|>user"):] if "<|im_start|>user" in head else head
+            head = self.tok.apply_chat_template(
+                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            )
+            head = head[head.index("<|im_start|>user") :] if "<|im_start|>user" in head else head
         else:
             head = f"\nQuestion: {question}\nAnswer: "
         first = self.ids(head + prefix)
-        scored = self.ids(head + prefix + answer)[len(first):]
+        scored = self.ids(head + prefix + answer)[len(first) :]
         if self.ids(head + prefix + answer)[: len(first)] != first:  # tokenization merged across the cut
             scored = self.ids(answer)
         return first + scored, len(scored)
@@ -164,17 +189,23 @@ def run_sample(model, dialogue, knobs, doc, turns, max_new: int = 64):
         for ids in [doc_ids] + [None] * len(turns):
             if ids is None:
                 break
-            model(ids, position_ids=torch.arange(pos, pos + ids.shape[1])[None], use_cache=True,
-                  **{cache_key(): cache}, logits_to_keep=1)
+            model(
+                ids,
+                position_ids=torch.arange(pos, pos + ids.shape[1])[None],
+                use_cache=True,
+                **{cache_key(): cache},
+                logits_to_keep=1,
+            )
             pos += ids.shape[1]
         doc_ratio = cache.memory().ratio if knobs is not None else 1.0
         for task, question, prefix, answer in turns:
             ids, n = dialogue.turn(question, prefix, answer)
             ids = torch.tensor([ids])
-            logits = model(ids, position_ids=torch.arange(pos, pos + ids.shape[1])[None], use_cache=True,
-                           **{cache_key(): cache}).logits[0]
+            logits = model(
+                ids, position_ids=torch.arange(pos, pos + ids.shape[1])[None], use_cache=True, **{cache_key(): cache}
+            ).logits[0]
             pos += ids.shape[1]
-            pred = logits[-n - 1:-1].argmax(-1)
+            pred = logits[-n - 1 : -1].argmax(-1)
             hits = (pred == ids[0, -n:]).float()
             results.append((task, float(hits.mean()) if task == "quote" else float(hits.min())))
     ratio = cache.memory().ratio if knobs is not None else 1.0
@@ -227,15 +258,23 @@ def main() -> int:
             if knobs is not None:
                 minikv.unpatch(model)
         every = [x for xs in per_turn for x in xs]
-        row = dict(config=label, knobs=json.dumps(knobs), mean=round(sum(every) / len(every), 3),
-                   mean_ci="[%.3f, %.3f]" % wilson(sum(every) / len(every), len(every)),
-                   **{f"turn{i + 1}": round(sum(xs) / len(xs), 3) for i, xs in enumerate(per_turn)},
-                   **{t: round(sum(xs) / len(xs), 3) for t, xs in per_task.items()},
-                   kv_percent_of_fp16=round(100 * sum(r[0] for r in ratios) / len(ratios), 1),
-                   kv_percent_after_turns=round(100 * sum(r[1] for r in ratios) / len(ratios), 1), samples=args.samples,
-                   doc_tokens=round(sum(lengths) / len(lengths)), seconds=round(time.time() - t0),
-                   model=args.model, machine=f"{platform.machine()} {os.cpu_count()} CPUs",
-                   torch=torch.__version__, transformers=transformers.__version__)
+        row = dict(
+            config=label,
+            knobs=json.dumps(knobs),
+            mean=round(sum(every) / len(every), 3),
+            mean_ci="[%.3f, %.3f]" % wilson(sum(every) / len(every), len(every)),
+            **{f"turn{i + 1}": round(sum(xs) / len(xs), 3) for i, xs in enumerate(per_turn)},
+            **{t: round(sum(xs) / len(xs), 3) for t, xs in per_task.items()},
+            kv_percent_of_fp16=round(100 * sum(r[0] for r in ratios) / len(ratios), 1),
+            kv_percent_after_turns=round(100 * sum(r[1] for r in ratios) / len(ratios), 1),
+            samples=args.samples,
+            doc_tokens=round(sum(lengths) / len(lengths)),
+            seconds=round(time.time() - t0),
+            model=args.model,
+            machine=f"{platform.machine()} {os.cpu_count()} CPUs",
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+        )
         print(json.dumps(row), flush=True)
         append_row(out, row)
     return 0
@@ -250,7 +289,15 @@ def append_row(path: Path, row: dict) -> None:
         w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(rows)
-    cols = ["config", "kv_percent_of_fp16", "kv_percent_after_turns", "mean", "mean_ci", *[f"turn{i + 1}" for i in range(len(TASKS))], *TASKS]
+    cols = [
+        "config",
+        "kv_percent_of_fp16",
+        "kv_percent_after_turns",
+        "mean",
+        "mean_ci",
+        *[f"turn{i + 1}" for i in range(len(TASKS))],
+        *TASKS,
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")

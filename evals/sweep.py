@@ -93,9 +93,15 @@ def evaluate(model, tok, method: str, args: dict, tasks: list[str], metadata: di
             elif metric == "word_perplexity":
                 ppl = value
     kv = 100.0 if lm.cache_kind == "full" else 100.0 * lm.kv.ratio
-    return dict(method=method, args=json.dumps(args), kv_percent_of_fp16=round(kv, 2),
-                mean_score=round(sum(scores.values()) / len(scores), 4), word_perplexity=ppl and round(ppl, 3),
-                seconds=round(seconds, 1), **{t: round(v, 4) for t, v in sorted(scores.items())})
+    return dict(
+        method=method,
+        args=json.dumps(args),
+        kv_percent_of_fp16=round(kv, 2),
+        mean_score=round(sum(scores.values()) / len(scores), 4),
+        word_perplexity=ppl and round(ppl, 3),
+        seconds=round(seconds, 1),
+        **{t: round(v, 4) for t, v in sorted(scores.items())},
+    )
 
 
 def done_rows(path: Path, meta: dict) -> list[dict]:
@@ -151,8 +157,19 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
 def write_csv(rows: list[dict], tasks: list[str], path: Path, meta: dict) -> None:
     """One line per row, the run's ``meta`` repeated on each."""
     intervals = [f"{side}_{t}" for t in tasks for side in ("ci_low", "ci_high")]
-    fields = ["method", "args", "kv_percent_of_fp16", "mean_score", "ci_low", "ci_high", "word_perplexity",
-              *tasks, *intervals, "seconds", *meta]
+    fields = [
+        "method",
+        "args",
+        "kv_percent_of_fp16",
+        "mean_score",
+        "ci_low",
+        "ci_high",
+        "word_perplexity",
+        *tasks,
+        *intervals,
+        "seconds",
+        *meta,
+    ]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -164,18 +181,24 @@ def markdown(rows: list[dict], tasks: list[str], meta: dict) -> str:
     """The table: mean score with its interval, % of the full cache's mean score, every task score."""
     full = next((r["mean_score"] for r in rows if json.loads(r["args"]).get("cache") == "full"), None)
     short = [t.removeprefix("minikv_") for t in tasks]
-    lines = [f"| method | args | KV % of fp16 | mean score [95% CI] | % of full | ppl | {' | '.join(short)} |",
-             "|" + "---|" * (6 + len(tasks))]
+    lines = [
+        f"| method | args | KV % of fp16 | mean score [95% CI] | % of full | ppl | {' | '.join(short)} |",
+        "|" + "---|" * (6 + len(tasks)),
+    ]
     for r in sorted(rows, key=lambda r: (r["method"], -r["kv_percent_of_fp16"])):
         kept = f"{100 * r['mean_score'] / full:.1f}%" if full else "-"
         args = ", ".join(f"{k}={v}" for k, v in json.loads(r["args"]).items() if k != "cache")
         mean = f"{r['mean_score']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-        lines.append(f"| {r['method']} | {args} | {r['kv_percent_of_fp16']:.1f} | {mean} | {kept} | "
-                     f"{r['word_perplexity']} | " + " | ".join(f"{r.get(t, 0):.2f}" for t in tasks) + " |")
-    lines.append(f"\n{model_name(meta['model'])}, {meta['prompt_tokens']} tokens, {meta['samples']} samples per "
-                 f"task, {meta['machine']}, torch {meta['torch']}, transformers {meta['transformers']}, "
-                 f"lm-eval {meta['lm_eval']}. [95% CI]: Wilson interval over samples x tasks "
-                 f"(`evals/stats.py`); per-task intervals in the CSV.")
+        lines.append(
+            f"| {r['method']} | {args} | {r['kv_percent_of_fp16']:.1f} | {mean} | {kept} | "
+            f"{r['word_perplexity']} | " + " | ".join(f"{r.get(t, 0):.2f}" for t in tasks) + " |"
+        )
+    lines.append(
+        f"\n{model_name(meta['model'])}, {meta['prompt_tokens']} tokens, {meta['samples']} samples per "
+        f"task, {meta['machine']}, torch {meta['torch']}, transformers {meta['transformers']}, "
+        f"lm-eval {meta['lm_eval']}. [95% CI]: Wilson interval over samples x tasks "
+        f"(`evals/stats.py`); per-task intervals in the CSV."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -188,16 +211,19 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for method in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["kv_percent_of_fp16"], r["mean_score"], r["ci_low"], r["ci_high"])
-                     for r in rows if r["method"] == method)
+        pts = sorted(
+            (r["kv_percent_of_fp16"], r["mean_score"], r["ci_low"], r["ci_high"]) for r in rows if r["method"] == method
+        )
         x, y, lo, hi = zip(*pts)
         yerr = [[m - a for m, a in zip(y, lo)], [b - m for m, b in zip(y, hi)]]
         ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=method)
     ax.set_xscale("log")
     ax.set_xlabel("KV cache bytes, % of an fp16 cache (log)")
     ax.set_ylabel("mean score over the suite (95% CI)")
-    ax.set_title(f"{model_name(meta['model'])}, offline long-context suite "
-                 f"(~{meta['prompt_tokens']} tokens, {meta['samples']} samples per task)")
+    ax.set_title(
+        f"{model_name(meta['model'])}, offline long-context suite "
+        f"(~{meta['prompt_tokens']} tokens, {meta['samples']} samples per task)"
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -214,14 +240,20 @@ def parse_args() -> argparse.Namespace:
     """The command line; ``--smoke`` replaces configurations, sizes and tasks with the CI ones."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", choices=sorted(MODEL_NAMES), help="minikv.models.load_model name")
-    p.add_argument("--configs", default="baselines,minikv",
-                   help=f"GROUP[,GROUP...] of {sorted(GROUPS)}, FILE.py (its GROUPS) or FILE.py:GROUP[,GROUP...]")
+    p.add_argument(
+        "--configs",
+        default="baselines,minikv",
+        help=f"GROUP[,GROUP...] of {sorted(GROUPS)}, FILE.py (its GROUPS) or FILE.py:GROUP[,GROUP...]",
+    )
     p.add_argument("--tokens", type=int, default=2000)
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--tasks", default="minikv_long")
     p.add_argument("--out", help="output path without suffix (default evals/results/sweep_<model>)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the rows of <out>.csv measured with the same model, sizes and versions")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows of <out>.csv measured with the same model, sizes and versions",
+    )
     p.add_argument("--smoke", action="store_true", help="2 configurations, 1 sample of 300 tokens, 3 tasks (CI)")
     args = p.parse_args()
     args.out = Path(args.out or HERE / "results" / f"sweep_{args.model}")
@@ -244,9 +276,15 @@ def main() -> int:
     from minikv.models import load_model
 
     model, tok = load_model(args.model)
-    meta = dict(model=args.model, prompt_tokens=args.tokens, samples=args.samples,
-                machine=f"{platform.machine()} {os.cpu_count()} CPUs", torch=torch.__version__,
-                transformers=transformers.__version__, lm_eval=lm_eval.__version__)
+    meta = dict(
+        model=args.model,
+        prompt_tokens=args.tokens,
+        samples=args.samples,
+        machine=f"{platform.machine()} {os.cpu_count()} CPUs",
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        lm_eval=lm_eval.__version__,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = done_rows(args.out.with_suffix(".csv"), meta) if args.resume else []
     done = {(r["method"], r["args"]) for r in rows}

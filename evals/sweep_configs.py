@@ -23,8 +23,7 @@ GROUPS = {
         ("minikv 2-bit, snapkv scorer", dict(**OLD, bits=2, budget=0.75, scorer="snapkv")),
         ("minikv 2-bit, snapkv scorer", dict(**OLD, bits=2, budget=0.5, scorer="snapkv")),
         ("minikv 2-bit, snapkv scorer", dict(**OLD, bits=2, budget=0.25, scorer="snapkv")),
-        ("minikv 2-bit, snapkv scorer, pyramid", dict(OLD, bits=2, budget=0.5, scorer="snapkv",
-                                                      schedule="pyramid")),
+        ("minikv 2-bit, snapkv scorer, pyramid", dict(OLD, bits=2, budget=0.5, scorer="snapkv", schedule="pyramid")),
         ("minikv 2-bit, all tokens", dict(**OLD, bits=2, budget=None)),
         ("minikv 4-bit, snapkv scorer", dict(**OLD, bits=4, budget=0.5, scorer="snapkv")),
         ("minikv 4-bit, snapkv scorer", dict(**OLD, bits=4, budget=0.25, scorer="snapkv")),
@@ -69,9 +68,22 @@ GROUPS["frontier"] = [("minikv defaults, 75% kept", dict(cache="minikv", budget=
 
 # a KIVI-style baseline where HF's QuantizedCache cannot run (Gemma 3's sliding layers): minikv keeping every
 # token at plain 2-bit K and V, G 32, no sinks, no clipping, no rotation (KIVI-2 without its residual's size)
-GROUPS["kivi"] = [("KIVI-2 style (every token, K2 V2 G32, no fidelity knobs)",
-                   dict(cache="minikv", budget=None, bits=2, k_bits=2, v_bits=2, sink_tokens=0, clip=False,
-                        rotate="none", q_group_size=32))]
+GROUPS["kivi"] = [
+    (
+        "KIVI-2 style (every token, K2 V2 G32, no fidelity knobs)",
+        dict(
+            cache="minikv",
+            budget=None,
+            bits=2,
+            k_bits=2,
+            v_bits=2,
+            sink_tokens=0,
+            clip=False,
+            rotate="none",
+            q_group_size=32,
+        ),
+    )
+]
 
 # issue 20: the question-agnostic reconstruction scorer (KVzip-style) with the layers ranked together, at the
 # defaults' quantizer and budget (the shared-context suite, evals/shared_context.py, has it at 14.3% of fp16)

@@ -25,14 +25,18 @@ from .store import DenseStore, QuantizedStore
 from .view import MiniKVView, StaticLayer
 
 COMPRESSED_TYPES = ("full_attention",)
-EAGER_ONLY = ("a MiniKV prefill (the prompt, a new turn or a prefill chunk) runs eagerly: it selects tokens "
-              "and sizes buffers on the host. Compile the decode step only: minikv.generate(model, ..., "
-              "compile=True), or torch.compile(model.forward) without fullgraph=True (the prefill then runs "
-              "eagerly and the decode step compiles)")
+EAGER_ONLY = (
+    "a MiniKV prefill (the prompt, a new turn or a prefill chunk) runs eagerly: it selects tokens "
+    "and sizes buffers on the host. Compile the decode step only: minikv.generate(model, ..., "
+    "compile=True), or torch.compile(model.forward) without fullgraph=True (the prefill then runs "
+    "eagerly and the decode step compiles)"
+)
 
 
-EVICTED_EAGER = ("MiKV's evicted tier (evicted_bits) is read eagerly (dequantized, no fused kernel): "
-                 "a decode step that reads it does not compile; use evicted_bits=None to compile the decode step")
+EVICTED_EAGER = (
+    "MiKV's evicted tier (evicted_bits) is read eagerly (dequantized, no fused kernel): "
+    "a decode step that reads it does not compile; use evicted_bits=None to compile the decode step"
+)
 
 
 def eager_only(fn=None, *, reason: str = EAGER_ONLY):
@@ -44,6 +48,8 @@ def eager_only(fn=None, *, reason: str = EAGER_ONLY):
         return torch.compiler.disable(fn, reason=reason)
     except TypeError:  # a torch without ``reason``
         return torch.compiler.disable(fn)
+
+
 UNCOMPRESSED_TYPES = {"sliding_attention": SlidingLayer}  # kept whole, in static buffers
 
 
@@ -66,14 +72,22 @@ class KVMemory:
 
     def __str__(self) -> str:
         mib = 2**20
-        return (f"KV cache {self.used_bytes / mib:.2f} MiB held, {100 * self.ratio:.1f}% of fp16 "
-                f"({self.fp16_bytes / mib:.2f} MiB; {100 * self.compression:.1f}% saved), "
-                f"{self.allocated_bytes / mib:.2f} MiB allocated")
+        return (
+            f"KV cache {self.used_bytes / mib:.2f} MiB held, {100 * self.ratio:.1f}% of fp16 "
+            f"({self.fp16_bytes / mib:.2f} MiB; {100 * self.compression:.1f}% saved), "
+            f"{self.allocated_bytes / mib:.2f} MiB allocated"
+        )
 
     def __add__(self, other: "KVMemory") -> "KVMemory":
-        return KVMemory(*(a + b for a, b in zip(
-            (self.used_bytes, self.fp16_bytes, self.allocated_bytes),
-            (other.used_bytes, other.fp16_bytes, other.allocated_bytes))))
+        return KVMemory(
+            *(
+                a + b
+                for a, b in zip(
+                    (self.used_bytes, self.fp16_bytes, self.allocated_bytes),
+                    (other.used_bytes, other.fp16_bytes, other.allocated_bytes),
+                )
+            )
+        )
 
 
 @dataclass
@@ -121,9 +135,11 @@ class MiniKVLayer(StaticLayer):
         if not self.is_initialized:
             return self._begin_prefill(key_states, value_states)
         if self.pending is not None:
-            raise RuntimeError("this layer still holds tokens waiting for the reconstruction pass (scorer="
-                               f"{self.cfg.scorer!r}): the pass runs in a hook minikv.patch puts on the model's "
-                               "decoder; run the patched model's forward, not its layers")
+            raise RuntimeError(
+                "this layer still holds tokens waiting for the reconstruction pass (scorer="
+                f"{self.cfg.scorer!r}): the pass runs in a hook minikv.patch puts on the model's "
+                "decoder; run the patched model's forward, not its layers"
+            )
         Lq = key_states.shape[2]
         if not torch.compiler.is_compiling():
             if Lq > 1 or self.requested_len is not None and self.requested_len > self._capacity_tokens:
@@ -150,7 +166,6 @@ class MiniKVLayer(StaticLayer):
         self._seen = 0
         self.requested_len = None
         self.pending = None
-
 
     # -- prefill -----------------------------------------------------------------------------
     def new_token_capacity(self, prompt_len: int) -> int:
@@ -201,8 +216,18 @@ class MiniKVLayer(StaticLayer):
             self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
             self._set_store(store_cls(self.cfg, *shape[1:]), shape)
         self.n_max = kept
-        self.evicted = None if self.cfg.evicted_bits is None else EvictedStore(
-            self.cfg.evicted_bits, self.cfg.evicted_group, self.cfg.clips, self.store.rot_k, self.store.rot_v, self.dtype)
+        self.evicted = (
+            None
+            if self.cfg.evicted_bits is None
+            else EvictedStore(
+                self.cfg.evicted_bits,
+                self.cfg.evicted_group,
+                self.cfg.clips,
+                self.store.rot_k,
+                self.store.rot_v,
+                self.dtype,
+            )
+        )
         self._capacity_tokens = T + new
         self._prompt_T = self._seen = T
         self.cumulative_length.fill_(T)
@@ -270,8 +295,9 @@ class MiniKVLayer(StaticLayer):
         index = idx[..., None].expand(-1, -1, -1, k.shape[-1])  # [B, Hkv, n_max, D]
         kept = (torch.arange(self.n_max, device=k.device)[None] < n_keep[:, None])[:, None, :, None]
         zero = torch.zeros((), dtype=k.dtype, device=k.device)  # slots past n_keep[b] hold nothing
-        self.store.write_prompt(torch.where(kept, k.gather(2, index), zero),
-                                torch.where(kept, v.gather(2, index), zero), n_keep)
+        self.store.write_prompt(
+            torch.where(kept, k.gather(2, index), zero), torch.where(kept, v.gather(2, index), zero), n_keep
+        )
         if self.evicted is not None:
             self._keep_evicted(k, v, idx, n_keep, valid, scores)
 
@@ -283,8 +309,11 @@ class MiniKVLayer(StaticLayer):
         if p.context is None:
             if p.turn:
                 old_k, old_v, old_valid = self.held()
-                p.context = (torch.cat([old_k.to(p.k.dtype), p.k], 2), torch.cat([old_v.to(p.v.dtype), p.v], 2),
-                             torch.cat([old_valid, p.valid], 1))
+                p.context = (
+                    torch.cat([old_k.to(p.k.dtype), p.k], 2),
+                    torch.cat([old_v.to(p.v.dtype), p.v], 2),
+                    torch.cat([old_valid, p.valid], 1),
+                )
             else:
                 p.context = (p.k, p.v, p.valid)
         return p.context
@@ -292,7 +321,7 @@ class MiniKVLayer(StaticLayer):
     def add_scores(self, scores: torch.Tensor) -> None:
         """Fold a chunk's scores over :meth:`reconstruction_context` into the pending tokens' (max)."""
         p = self.pending
-        torch.maximum(p.scores, scores[..., scores.shape[-1] - p.k.shape[2]:], out=p.scores)
+        torch.maximum(p.scores, scores[..., scores.shape[-1] - p.k.shape[2] :], out=p.scores)
 
     def commit(self, counts=None) -> None:
         """Select and store the pending tokens by their reconstruction scores (after the pass)."""
@@ -327,7 +356,11 @@ class MiniKVLayer(StaticLayer):
         low = self.evicted.dense() if self.evicted is not None else None
         if low is None:
             return k, v, valid
-        return torch.cat([k, low[0].to(k.dtype)], 2), torch.cat([v, low[1].to(v.dtype)], 2), torch.cat([valid, low[2]], 1)
+        return (
+            torch.cat([k, low[0].to(k.dtype)], 2),
+            torch.cat([v, low[1].to(v.dtype)], 2),
+            torch.cat([valid, low[2]], 1),
+        )
 
     # -- later turns and prefill chunks -----------------------------------------------------
     @eager_only
@@ -356,8 +389,9 @@ class MiniKVLayer(StaticLayer):
         else:
             causal = torch.ones(N, N, dtype=torch.bool, device=k.device).tril()
             allowed = torch.cat([old_valid[:, None, None, :].expand(B, 1, N, S), causal.expand(B, 1, N, N)], -1)
-            out, weights = dense_attention(module, q, keys, values, mask_for(allowed, fallback, q.dtype),
-                                           scaling, softcap, fallback, **kwargs)
+            out, weights = dense_attention(
+                module, q, keys, values, mask_for(allowed, fallback, q.dtype), scaling, softcap, fallback, **kwargs
+            )
             scores = scorer.scores(k, new_valid, self.cfg) if self.cfg.selects and not pass_scored else None
         self._seen += N
         self._capacity_tokens = self._seen + room
@@ -424,8 +458,9 @@ class MiniKVCache(Cache):
     ``minikv.patch`` builds one automatically inside ``generate``.
     """
 
-    def __init__(self, cfg: MiniKVConfig, model_config, max_new_tokens: int | None = None,
-                 max_cache_len: int | None = None):
+    def __init__(
+        self, cfg: MiniKVConfig, model_config, max_new_tokens: int | None = None, max_cache_len: int | None = None
+    ):
         if max_new_tokens is not None:
             cfg = cfg.replace(max_new_tokens=max_new_tokens)
         text = model_config.get_text_config(decoder=True)
@@ -451,8 +486,9 @@ class MiniKVCache(Cache):
             layer.pending.scores = selection.scorer(self.cfg.scorer).finish(layer.pending.scores, self.cfg)
         if self.cfg.schedule == "global" and layers and not layers[0].pending.turn:
             group = self.cfg.q_group_size if self.cfg.quantized else None
-            counts = budget.across_layers(self.cfg, [layer.pending.scores for layer in layers], layers[0].pending.valid,
-                                          group)
+            counts = budget.across_layers(
+                self.cfg, [layer.pending.scores for layer in layers], layers[0].pending.valid, group
+            )
         else:
             counts = [None] * len(layers)
         for layer, c in zip(layers, counts):

@@ -44,7 +44,7 @@ class Conversation:
         end = full.rfind(answer, 0, len(full) - len(text))
         if not answer or end < 0:
             raise ValueError("the chat template does not reproduce the last answer: cannot extend the conversation")
-        return self.tokenizer(full[end + len(answer):], return_tensors="pt", add_special_tokens=False).input_ids
+        return self.tokenizer(full[end + len(answer) :], return_tensors="pt", add_special_tokens=False).input_ids
 
     @torch.inference_mode()
     def ask(self, text: str, max_new_tokens: int = 64, **generate_kwargs) -> str:
@@ -52,11 +52,18 @@ class Conversation:
         new = self._new_tokens(text).to(self.model.device)
         ids = new if self.ids is None else torch.cat([self._without_end(self.ids), new], 1)
         kwargs = {} if self.cache is None else {cache_key(): self.cache}
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
-                                  return_dict_in_generate=True, **kwargs, **generate_kwargs)
+        out = self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            **kwargs,
+            **generate_kwargs,
+        )
         self.ids, self.cache = out.sequences, getattr(out, cache_key())
-        answer = self.tokenizer.decode(self.ids[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        answer = self.tokenizer.decode(self.ids[0, ids.shape[1] :], skip_special_tokens=True).strip()
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         return answer
 

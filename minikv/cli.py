@@ -35,23 +35,27 @@ def parse_budget(text: str):
             return None
         return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be an int >= 1 (tokens), a float in (0, 1] (fraction of "
-                                         f"the prompt) or 'none', got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"budget must be an int >= 1 (tokens), a float in (0, 1] (fraction of the prompt) or 'none', got {text!r}"
+        ) from None
 
 
 def parse_recent(text: str):
     try:
         return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"recent must be an int >= 0 (tokens) or a float in [0, 1] (fraction "
-                                         f"of the budget), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"recent must be an int >= 0 (tokens) or a float in [0, 1] (fraction of the budget), got {text!r}"
+        ) from None
 
 
 def _token_ids(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"reconstruct_prefix must be comma-separated token ids, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"reconstruct_prefix must be comma-separated token ids, got {text!r}"
+        ) from None
 
 
 def _optional_bits(text: str):
@@ -95,27 +99,41 @@ def _knob_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per knob; a flag not given takes the preset's or MiniKVConfig's default (shown)."""
     d = MiniKVConfig()
     g = parser.add_argument_group("minikv knobs (MiniKVConfig; defaults in brackets)")
-    g.add_argument("--preset", choices=list(PRESETS), default=argparse.SUPPRESS,
-                   help="a named recipe (paper: MiniKV as published); the flags given override it")
+    g.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=argparse.SUPPRESS,
+        help="a named recipe (paper: MiniKV as published); the flags given override it",
+    )
     for name, (kind, choices, text) in KNOB_FLAGS.items():
         flag = "--" + name.replace("_", "-")
         help_text = f"{text} [{getattr(d, name)}]"
         if kind is argparse.BooleanOptionalAction:
             g.add_argument(flag, action=kind, default=argparse.SUPPRESS, help=help_text)
         else:
-            g.add_argument(flag, type=kind, choices=choices and list(choices), default=argparse.SUPPRESS,
-                           help=help_text)
+            g.add_argument(
+                flag, type=kind, choices=choices and list(choices), default=argparse.SUPPRESS, help=help_text
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minikv", description=__doc__.splitlines()[0],
-                                     epilog="every flag: minikv generate --help (or python -m minikv --help)")
+    parser = argparse.ArgumentParser(
+        prog="minikv",
+        description=__doc__.splitlines()[0],
+        epilog="every flag: minikv generate --help (or python -m minikv --help)",
+    )
     sub = parser.add_subparsers(dest="command")
-    gen = sub.add_parser("generate", help="generate with a MiniKV cache (the default command)",
-                         description=__doc__.split("\n\n")[1].replace("\n", " "))
-    gen.add_argument("--model", default=None,
-                     help=f"short name of an embedded model ({', '.join(EMBEDDED_MODELS)}; default "
-                          f"{DEFAULT_MODEL}), a .gguf file, a local directory or a hub id (owner/name)")
+    gen = sub.add_parser(
+        "generate",
+        help="generate with a MiniKV cache (the default command)",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+    )
+    gen.add_argument(
+        "--model",
+        default=None,
+        help=f"short name of an embedded model ({', '.join(EMBEDDED_MODELS)}; default "
+        f"{DEFAULT_MODEL}), a .gguf file, a local directory or a hub id (owner/name)",
+    )
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="prompt text (default: a generated pass-key prompt)")
     src.add_argument("--prompt-file", default=None, help="read the prompt from this file")
@@ -125,8 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--json", default=None, help="also write the results to this JSON file")
-    gen.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                     help="also time the same generation with the model's own uncompressed cache, for comparison")
+    gen.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the same generation with the model's own uncompressed cache, for comparison",
+    )
     _knob_flags(gen)
     return parser
 
@@ -183,8 +205,14 @@ def run_generate(args) -> dict:
     cache = minikv.MiniKVCache(cfg, model.config, max_new_tokens=args.max_new_tokens)
     clock = _Clock()
     with torch.inference_mode():
-        out = model.generate(**inputs, **{cache_key(): cache}, max_new_tokens=args.max_new_tokens,
-                             do_sample=False, streamer=clock, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **inputs,
+            **{cache_key(): cache},
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            streamer=clock,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     answer = tokenizer.decode(out[0, T:], skip_special_tokens=True)
     mem, every = cache.memory(), cache.memory("all")  # compressed layers; every layer
     new = out.shape[1] - T
@@ -226,8 +254,13 @@ def _timed(model, inputs, max_new_tokens: int, tokenizer) -> list[float]:
 
     clock = _Clock()
     with torch.inference_mode():
-        model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock,
-                       pad_token_id=tokenizer.pad_token_id)
+        model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            streamer=clock,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     return clock.times
 
 
@@ -238,19 +271,25 @@ def print_result(r: dict) -> None:
         print(f"pass key          : {r['pass_key']} ({'found' if r['pass_key_found'] else 'NOT found'})")
     print(f"prompt tokens     : {r['prompt_tokens']}  (+{r['new_tokens']} generated)")
     print(f"KV bytes fp16     : {r['kv_bytes_fp16']:>12,d}  ({r['kv_bytes_fp16'] / mib:.2f} MiB)")
-    print(f"KV bytes minikv   : {r['kv_bytes_minikv']:>12,d}  ({r['kv_bytes_minikv'] / mib:.2f} MiB, "
-          f"{100 * r['kv_ratio']:.1f}% of fp16)")
+    print(
+        f"KV bytes minikv   : {r['kv_bytes_minikv']:>12,d}  ({r['kv_bytes_minikv'] / mib:.2f} MiB, "
+        f"{100 * r['kv_ratio']:.1f}% of fp16)"
+    )
     print(f"compression       : {100 * r['compression']:.1f}% saved")
     if abs(r["kv_ratio_all_layers"] - r["kv_ratio"]) > 1e-9:  # layers left to transformers (sliding windows)
-        print(f"all layers        : {100 * r['kv_ratio_all_layers']:.1f}% of fp16 (uncompressed sliding-window "
-              f"layers included)")
+        print(
+            f"all layers        : {100 * r['kv_ratio_all_layers']:.1f}% of fp16 (uncompressed sliding-window "
+            f"layers included)"
+        )
     if r["prefill_s"] is not None:
         print(f"prefill           : {r['prefill_s']:.2f} s ({r['prompt_tokens'] / r['prefill_s']:.0f} tokens/s)")
     if r["decode_tokens_per_s"] is not None:
         print(f"decode            : {r['decode_tokens_per_s']:.1f} tokens/s on {r['device']}")
     if r.get("uncompressed_decode_tokens_per_s") is not None:
-        print(f"uncompressed cache: prefill {r['uncompressed_prefill_s']:.2f} s, decode "
-              f"{r['uncompressed_decode_tokens_per_s']:.1f} tokens/s (the model's own cache, same prompt, for comparison)")
+        print(
+            f"uncompressed cache: prefill {r['uncompressed_prefill_s']:.2f} s, decode "
+            f"{r['uncompressed_decode_tokens_per_s']:.1f} tokens/s (the model's own cache, same prompt, for comparison)"
+        )
 
 
 def main(argv=None) -> int:

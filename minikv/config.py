@@ -70,7 +70,9 @@ class MiniKVConfig:
         and ``residual_length``.
     residual_length: R, full-precision tokens buffered at decode before they are quantized.
     max_new_tokens: how many new tokens the cache must hold; ``None`` lets ``generate`` size it.
-    backend: kernel implementation, ``"auto"`` picks Triton on CUDA when available.
+    backend: kernel implementation, ``"auto"`` picks Triton on CUDA when available and the C++ kernels
+        on CPU (built on first use; the PyTorch references if they cannot be); ``"reference"``: the
+        PyTorch references everywhere.
     """
 
     bits: int = 2
@@ -110,21 +112,27 @@ class MiniKVConfig:
             if value is not None:
                 _check_choice(name, value, QUANT_BITS)
                 if not self.quantized:
-                    raise ValueError(f"{name}={value} needs a quantized store: bits=16 stores keys and values "
-                                     f"unquantized (use bits=2 or 4 with {name})")
+                    raise ValueError(
+                        f"{name}={value} needs a quantized store: bits=16 stores keys and values "
+                        f"unquantized (use bits=2 or 4 with {name})"
+                    )
         if self.clip is not None and not isinstance(self.clip, bool):
             raise ValueError(f"clip must be True, False or None (on when quantized), got {self.clip!r}")
         if self.rotate is not None:
             _check_choice("rotate", self.rotate, ROTATIONS)
         if not self.quantized and (self.clip or self.rotate not in (None, "none")):
-            raise ValueError("clip and rotate shape the quantizer: they need bits=2 or 4 (bits=16 stores "
-                             "keys and values unquantized)")
+            raise ValueError(
+                "clip and rotate shape the quantizer: they need bits=2 or 4 (bits=16 stores "
+                "keys and values unquantized)"
+            )
         _check_budget(self.budget)
         _check_recent(self.recent, self.budget)
         _check_int("sink_tokens", self.sink_tokens, low=0)
         if isinstance(self.budget, int) and self.sink_tokens > self.budget:
-            raise ValueError(f"sink_tokens={self.sink_tokens} is larger than budget={self.budget}: "
-                             f"sink_tokens must be in [0, {self.budget}]")
+            raise ValueError(
+                f"sink_tokens={self.sink_tokens} is larger than budget={self.budget}: "
+                f"sink_tokens must be in [0, {self.budget}]"
+            )
         _check_choice("scorer", self.scorer, SCORERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("pool", self.pool, POOLS)
@@ -132,12 +140,17 @@ class MiniKVConfig:
         _check_int("snap_window", self.snap_window, low=1)
         _check_int("reconstruct_chunk", self.reconstruct_chunk, low=1)
         if not isinstance(self.reconstruct_prefix, (tuple, list)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.reconstruct_prefix):
-            raise ValueError(f"reconstruct_prefix must be a sequence of token ids (ints >= 0), got {self.reconstruct_prefix!r}")
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.reconstruct_prefix
+        ):
+            raise ValueError(
+                f"reconstruct_prefix must be a sequence of token ids (ints >= 0), got {self.reconstruct_prefix!r}"
+            )
         object.__setattr__(self, "reconstruct_prefix", tuple(self.reconstruct_prefix))
         if self.schedule == "global" and self.scorer != "kvzip":
-            raise ValueError(f"schedule='global' ranks every layer's tokens together once all layers are scored: it "
-                             f"needs scorer='kvzip' (scored after the whole prompt), got scorer={self.scorer!r}")
+            raise ValueError(
+                f"schedule='global' ranks every layer's tokens together once all layers are scored: it "
+                f"needs scorer='kvzip' (scored after the whole prompt), got scorer={self.scorer!r}"
+            )
         _check_int("pool_kernel", self.pool_kernel, low=1)
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be odd (got {self.pool_kernel}) so the pool keeps positions")
@@ -145,8 +158,11 @@ class MiniKVConfig:
             raise ValueError(f"pyramid_delta must be a number >= 1, got {self.pyramid_delta!r}")
         if not isinstance(self.pyramid_beta, (int, float)) or self.pyramid_beta < 1:
             raise ValueError(f"pyramid_beta must be a number >= 1, got {self.pyramid_beta!r}")
-        if isinstance(self.a2sf_decay, bool) or not isinstance(self.a2sf_decay, (int, float)) \
-                or not 0.0 < self.a2sf_decay <= 1.0:
+        if (
+            isinstance(self.a2sf_decay, bool)
+            or not isinstance(self.a2sf_decay, (int, float))
+            or not 0.0 < self.a2sf_decay <= 1.0
+        ):
             raise ValueError(f"a2sf_decay must be in (0, 1], got {self.a2sf_decay!r}")
         _check_int("sinks", self.sinks, low=0)
         if isinstance(self.crush, bool) or not isinstance(self.crush, (int, float)) or not 0.0 <= self.crush < 1.0:
@@ -154,7 +170,9 @@ class MiniKVConfig:
         _check_choice("crush_anchor", self.crush_anchor, CRUSH_ANCHORS)
         _check_int("crush_seed", self.crush_seed, low=0)
         if self.scorer == "streaming" and isinstance(self.budget, int) and self.sinks > self.budget:
-            raise ValueError(f"sinks={self.sinks} is larger than budget={self.budget}: the sinks must fit in the budget")
+            raise ValueError(
+                f"sinks={self.sinks} is larger than budget={self.budget}: the sinks must fit in the budget"
+            )
         if self.q_group_size is not None:
             _check_int("q_group_size", self.q_group_size, low=1)
         _check_int("residual_length", self.residual_length, low=1)
@@ -173,15 +191,15 @@ class MiniKVConfig:
             group = self.q_group_size or AUTO_GROUP_SIZES[-1]  # auto: at least the smallest must fit
             if self.residual_length % group:
                 raise ValueError(
-                    f"residual_length must be a multiple of q_group_size={group}, "
-                    f"got {self.residual_length}"
+                    f"residual_length must be a multiple of q_group_size={group}, got {self.residual_length}"
                 )
 
     def _check_evicted(self) -> None:
         share = self.evicted_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
-            raise ValueError(f"evicted_share (the share of the evicted tokens kept in the low tier) must be in (0, 1], "
-                             f"got {share!r}")
+            raise ValueError(
+                f"evicted_share (the share of the evicted tokens kept in the low tier) must be in (0, 1], got {share!r}"
+            )
         if share < 1.0 and self.evicted_bits is None:
             raise ValueError("evicted_share needs evicted_bits (the width of the evicted tokens' tier)")
         if self.evicted_group_size is not None and self.evicted_bits is None:
@@ -190,15 +208,19 @@ class MiniKVConfig:
             return
         _check_choice("evicted_bits", self.evicted_bits, EVICTED_BITS)
         if not self.quantized or not self.selects:
-            raise ValueError(f"evicted_bits={self.evicted_bits} keeps the tokens that selection evicts at low "
-                             f"precision: it needs a quantized store (bits=2 or 4) and a budget (got bits="
-                             f"{self.bits}, budget={self.budget})")
+            raise ValueError(
+                f"evicted_bits={self.evicted_bits} keeps the tokens that selection evicts at low "
+                f"precision: it needs a quantized store (bits=2 or 4) and a budget (got bits="
+                f"{self.bits}, budget={self.budget})"
+            )
         if self.evicted_group_size is not None:
             _check_int("evicted_group_size", self.evicted_group_size, low=1)
             per_word = codes_per_word(self.evicted_bits)
             if self.evicted_group_size % per_word:
-                raise ValueError(f"evicted_group_size must be a multiple of {per_word} (the {self.evicted_bits}-bit "
-                                 f"codes packed in one int32 word), got {self.evicted_group_size}")
+                raise ValueError(
+                    f"evicted_group_size must be a multiple of {per_word} (the {self.evicted_bits}-bit "
+                    f"codes packed in one int32 word), got {self.evicted_group_size}"
+                )
 
     @property
     def evicted_group(self) -> int | None:
@@ -241,12 +263,15 @@ class MiniKVConfig:
         cfg = self
         if self.q_group_size is None:
             per_word = codes_per_word(min(self.key_bits, self.value_bits)) if self.quantized else 1
-            fits = [g for g in AUTO_GROUP_SIZES
-                    if head_dim % g == 0 and g % per_word == 0 and self.residual_length % g == 0]
+            fits = [
+                g for g in AUTO_GROUP_SIZES if head_dim % g == 0 and g % per_word == 0 and self.residual_length % g == 0
+            ]
             if self.quantized and not fits:
-                raise ValueError(f"no automatic q_group_size in {list(AUTO_GROUP_SIZES)} divides the model's "
-                                 f"head_dim={head_dim}: pass q_group_size (a divisor of {head_dim} that is a "
-                                 f"multiple of {per_word})")
+                raise ValueError(
+                    f"no automatic q_group_size in {list(AUTO_GROUP_SIZES)} divides the model's "
+                    f"head_dim={head_dim}: pass q_group_size (a divisor of {head_dim} that is a "
+                    f"multiple of {per_word})"
+                )
             cfg = self.replace(q_group_size=fits[0] if fits else AUTO_GROUP_SIZES[0])
         cfg.check_head_dim(head_dim)
         return cfg
@@ -254,12 +279,20 @@ class MiniKVConfig:
     def check_head_dim(self, head_dim: int) -> None:
         """Raise if the group size cannot tile a head of ``head_dim`` channels. (Any head a group tiles is
         even, which is all the rotation needs: its Hadamard blocks are the largest power of two dividing it.)"""
-        if self.evicted_bits is not None and self.evicted_group and self.evicted_group % codes_per_word(self.evicted_bits):
-            raise ValueError(f"the evicted tier's group ({self.evicted_group}) must be a multiple of "
-                             f"{codes_per_word(self.evicted_bits)} at evicted_bits={self.evicted_bits}: pass evicted_group_size")
+        if (
+            self.evicted_bits is not None
+            and self.evicted_group
+            and self.evicted_group % codes_per_word(self.evicted_bits)
+        ):
+            raise ValueError(
+                f"the evicted tier's group ({self.evicted_group}) must be a multiple of "
+                f"{codes_per_word(self.evicted_bits)} at evicted_bits={self.evicted_bits}: pass evicted_group_size"
+            )
         if self.evicted_bits is not None and self.evicted_group and head_dim % self.evicted_group:
-            raise ValueError(f"evicted_group_size={self.evicted_group} must divide the model's head_dim={head_dim} "
-                             f"(valid: divisors of {head_dim} that are multiples of {codes_per_word(self.evicted_bits)})")
+            raise ValueError(
+                f"evicted_group_size={self.evicted_group} must divide the model's head_dim={head_dim} "
+                f"(valid: divisors of {head_dim} that are multiples of {codes_per_word(self.evicted_bits)})"
+            )
         if self.quantized and self.q_group_size is not None and head_dim % self.q_group_size:
             per_word = codes_per_word(min(self.key_bits, self.value_bits))
             raise ValueError(
@@ -311,8 +344,20 @@ def _check_recent(recent, budget) -> None:
 # together (docs/shared-context.md: SmolLM2 keeps 72% of the full cache over five questions on one
 # compressed document where the defaults keep 15%, and 80.3% of it on the single-turn suite vs 61.6%).
 PRESETS = {
-    "paper": dict(bits=2, k_bits=2, v_bits=2, q_group_size=16, residual_length=128, budget=0.5, recent=0.5,
-                  scorer="minikv", schedule="pyramid", sink_tokens=0, clip=False, rotate="none"),
+    "paper": dict(
+        bits=2,
+        k_bits=2,
+        v_bits=2,
+        q_group_size=16,
+        residual_length=128,
+        budget=0.5,
+        recent=0.5,
+        scorer="minikv",
+        schedule="pyramid",
+        sink_tokens=0,
+        clip=False,
+        rotate="none",
+    ),
     "kvzip": dict(scorer="kvzip", schedule="global"),
 }
 
@@ -332,8 +377,9 @@ def from_preset(name: str, **overrides) -> MiniKVConfig:
 UNSET = object()  # a knob the caller did not give: the preset's or MiniKVConfig's default applies
 
 
-def build_config(bits=None, budget=UNSET, preset: str | None = None, config: MiniKVConfig | None = None,
-                 **knobs) -> MiniKVConfig:
+def build_config(
+    bits=None, budget=UNSET, preset: str | None = None, config: MiniKVConfig | None = None, **knobs
+) -> MiniKVConfig:
     """The configuration ``patch`` uses: ``config`` as given, or ``preset`` / the defaults plus the knobs given."""
     if bits is not None:
         knobs["bits"] = bits

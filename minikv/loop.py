@@ -26,9 +26,19 @@ def _compiled_step(mode: str | None):
 
 
 @torch.inference_mode()
-def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, *, compile: bool = False,
-             mode: str | None = None, cache: MiniKVCache | None = None, eos_token_id: int | None = None,
-             pad_token_id: int = 0, chunk_size: int | None = None) -> torch.Tensor:
+def generate(
+    model,
+    input_ids,
+    attention_mask=None,
+    max_new_tokens: int = 32,
+    *,
+    compile: bool = False,
+    mode: str | None = None,
+    cache: MiniKVCache | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """Greedy generation with a MiniKV cache; returns ``[B, T + max_new_tokens]`` token ids.
 
     ``compile=True`` compiles the decode step (``fullgraph=True``; ``mode="reduce-overhead"`` adds
@@ -49,17 +59,21 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     config = cache.cfg if cache is not None else state.config
     if compile and config.evicted_bits is not None:
-        raise ValueError(f"compile=True cannot compile a decode step that reads MiKV's evicted tier (evicted_bits="
-                         f"{config.evicted_bits}: dequantized eagerly, no fused kernel); use compile=False or "
-                         f"evicted_bits=None")
+        raise ValueError(
+            f"compile=True cannot compile a decode step that reads MiKV's evicted tier (evicted_bits="
+            f"{config.evicted_bits}: dequantized eagerly, no fused kernel); use compile=False or "
+            f"evicted_bits=None"
+        )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None: one pass), got {chunk_size}")
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if chunk_size is not None and T > chunk_size and not bool(attention_mask[:, chunk_size:].all()):
-        raise ValueError(f"left padding longer than chunk_size={chunk_size}: later chunks must hold real tokens "
-                         f"only; use a larger chunk_size or a batch of prompts of closer lengths")
+        raise ValueError(
+            f"left padding longer than chunk_size={chunk_size}: later chunks must hold real tokens "
+            f"only; use a larger chunk_size or a batch of prompts of closer lengths"
+        )
     if cache is None:
         cache = MiniKVCache(state.config, model.config, max_new_tokens=max_new_tokens)
     else:
@@ -72,9 +86,14 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # left padding
     for start in range(0, T, chunk_size or T):
         end = min(start + (chunk_size or T), T)
-        logits = model(input_ids[:, start:end], attention_mask=attention_mask[:, :end],
-                       position_ids=positions[:, start:end], use_cache=True,
-                       **{cache_key(): cache}, logits_to_keep=1).logits[:, -1]
+        logits = model(
+            input_ids[:, start:end],
+            attention_mask=attention_mask[:, :end],
+            position_ids=positions[:, start:end],
+            use_cache=True,
+            **{cache_key(): cache},
+            logits_to_keep=1,
+        ).logits[:, -1]
     step = _compiled_step(mode) if compile else _decode_step
     pos = positions[:, -1:]
     tokens = logits.argmax(-1, keepdim=True)

@@ -54,8 +54,17 @@ class ScoringLayer(StaticLayer):
     def attend(self, module, query, view: MiniKVView, mask, scaling: float, softcap, fallback: str, **kwargs):
         k_ctx, v_ctx, ctx_valid = self.layer.reconstruction_context()
         impl = implementation(self.layer.cfg.backend, query.device)
-        out, scores = impl.reconstruct_attention(query, k_ctx, v_ctx, ctx_valid, view.key.to(k_ctx.dtype),
-                                                 view.value.to(v_ctx.dtype), self.counted, scaling, softcap or 0.0)
+        out, scores = impl.reconstruct_attention(
+            query,
+            k_ctx,
+            v_ctx,
+            ctx_valid,
+            view.key.to(k_ctx.dtype),
+            view.value.to(v_ctx.dtype),
+            self.counted,
+            scaling,
+            softcap or 0.0,
+        )
         self.layer.add_scores(scores)
         return out.transpose(1, 2), None
 
@@ -65,8 +74,10 @@ class ScoringCache(Cache):
     ``layer.pending``), copies of the others (a sliding window attends to its ring, then forgets)."""
 
     def __init__(self, cache, counted: torch.Tensor):
-        layers = [ScoringLayer(layer, counted) if getattr(layer, "pending", None) is not None else copy.deepcopy(layer)
-                  for layer in cache.layers]
+        layers = [
+            ScoringLayer(layer, counted) if getattr(layer, "pending", None) is not None else copy.deepcopy(layer)
+            for layer in cache.layers
+        ]
         super().__init__(layers=layers)
 
 

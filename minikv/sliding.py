@@ -62,15 +62,14 @@ class SlidingLayer(StaticLayer):
     def reset(self) -> None:
         self.is_initialized = False
 
-
     # -- the ring ------------------------------------------------------------------------------
     def _write(self, k, v, valid) -> None:
         """Write ``k/v [B, H, N, D]`` (logical positions ``cumulative_length + arange(N)``; ``valid
         [B, N]``, None = all real) into their ring slots; only the last ``W`` can survive."""
         N = k.shape[2]
         if N > self.window:
-            k, v = k[:, :, -self.window:], v[:, :, -self.window:]
-            valid = None if valid is None else valid[:, -self.window:]
+            k, v = k[:, :, -self.window :], v[:, :, -self.window :]
+            valid = None if valid is None else valid[:, -self.window :]
         start = self.cumulative_length + (N - k.shape[2])
         pos = start + torch.arange(k.shape[2], device=k.device)  # [n]
         slots = pos % self.window
@@ -100,16 +99,37 @@ class SlidingLayer(StaticLayer):
             k, v = view.key, view.value
             q_pos = self.cumulative_length + torch.arange(Lq, device=k.device)
             key_pos = torch.cat([self.positions, q_pos[None].expand(k.shape[0], -1)], 1)
-            keys, values = torch.cat([self.keys, k.to(self.keys.dtype)], 2), torch.cat([self.values, v.to(self.values.dtype)], 2)
+            keys, values = (
+                torch.cat([self.keys, k.to(self.keys.dtype)], 2),
+                torch.cat([self.values, v.to(self.values.dtype)], 2),
+            )
             allowed = self._allowed(key_pos, q_pos)
-            out = dense_attention(module, query, keys, values, mask_for(allowed, fallback, query.dtype), scaling,
-                                  softcap, fallback, **kwargs)
+            out = dense_attention(
+                module,
+                query,
+                keys,
+                values,
+                mask_for(allowed, fallback, query.dtype),
+                scaling,
+                softcap,
+                fallback,
+                **kwargs,
+            )
             self._write(k, v, None)
             return out
         q_pos = self.cumulative_length - Lq + torch.arange(Lq, device=query.device)  # written already
         allowed = self._allowed(self.positions, q_pos)
-        return dense_attention(module, query, self.keys, self.values, mask_for(allowed, fallback, query.dtype),
-                               scaling, softcap, fallback, **kwargs)
+        return dense_attention(
+            module,
+            query,
+            self.keys,
+            self.values,
+            mask_for(allowed, fallback, query.dtype),
+            scaling,
+            softcap,
+            fallback,
+            **kwargs,
+        )
 
     # -- accounting ----------------------------------------------------------------------------
     def held_bytes(self) -> int:

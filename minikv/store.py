@@ -62,8 +62,18 @@ class QuantizedStore:
 
     def buffers(self) -> list[torch.Tensor]:
         """What the decode kernel reads (and, with ``n_sink``, what an append mutates)."""
-        return [self.k_codes, self.k_scale, self.k_mn, self.v_codes, self.v_scale, self.v_mn,
-                self.n_packed, self.res_k, self.res_v, self.res_len]
+        return [
+            self.k_codes,
+            self.k_scale,
+            self.k_mn,
+            self.v_codes,
+            self.v_scale,
+            self.v_mn,
+            self.n_packed,
+            self.res_k,
+            self.res_v,
+            self.res_len,
+        ]
 
     def state(self) -> list[torch.Tensor]:
         return [*self.buffers(), self.n_sink]
@@ -154,8 +164,9 @@ class QuantizedStore:
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(k, v [B, H, C + S + R, D], valid [B, C + S + R])``: every token held, dequantized and
         rotated back, in the store's dtype; ``valid`` marks the slots that hold one."""
-        keys = self.impl.unpack_dequantize(self.k_codes, self.k_scale, self.k_mn, self.k_bits, self.group,
-                                           self.dtype).transpose(-1, -2)
+        keys = self.impl.unpack_dequantize(
+            self.k_codes, self.k_scale, self.k_mn, self.k_bits, self.group, self.dtype
+        ).transpose(-1, -2)
         vals = self.impl.unpack_dequantize(self.v_codes, self.v_scale, self.v_mn, self.v_bits, self.group, self.dtype)
         k = unrotate(torch.cat([keys, self.res_k], 2), self.rot_k)
         v = unrotate(torch.cat([vals, self.res_v], 2), self.rot_v)
@@ -170,8 +181,9 @@ class QuantizedStore:
         return _copy_into(type(self)(self.cfg, B, H, D, tokens, self.dtype, self.k_codes.device), self)
 
     def attend(self, q: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
-        out = self.impl.decode_attention(rotate(q, self.rot_k), *self.buffers(), scale, softcap,
-                                         self.k_bits, self.v_bits, self.group)
+        out = self.impl.decode_attention(
+            rotate(q, self.rot_k), *self.buffers(), scale, softcap, self.k_bits, self.v_bits, self.group
+        )
         return unrotate(out, self.rot_v)
 
     def lengths(self) -> torch.Tensor:

@@ -7,13 +7,13 @@ import functools
 import torch
 
 COMMON = dict(
-    vocab_size=320,             # 32000-152000
-    hidden_size=64,             # 2048-4096
-    intermediate_size=128,      # 8192-14336
-    num_hidden_layers=3,        # 16-42
-    num_attention_heads=4,      # 32
-    num_key_value_heads=2,      # 8
-    head_dim=16,                # 64-256
+    vocab_size=320,  # 32000-152000
+    hidden_size=64,  # 2048-4096
+    intermediate_size=128,  # 8192-14336
+    num_hidden_layers=3,  # 16-42
+    num_attention_heads=4,  # 32
+    num_key_value_heads=2,  # 8
+    head_dim=16,  # 64-256
     max_position_embeddings=1024,
 )
 

@@ -20,8 +20,13 @@ pytest.importorskip("triton")
 def table(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "aot"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compile, not the interpreter
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aot_check.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "aot_check.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return list(csv.DictReader(out.with_suffix(".csv").open()))
 
@@ -35,8 +40,11 @@ def test_every_kernel_compiles_for_sm90_and_sm80(table):
 
 
 def test_no_spills_in_half_precision_attention(table):
-    spilled = [(r["arch"], r["kernel"], r["dtype"], r["D"], r["spill_stores"]) for r in table
-               if r["kernel"] != "quantize_pack" and (int(r["spill_stores"]) or int(r["spill_loads"]))]
+    spilled = [
+        (r["arch"], r["kernel"], r["dtype"], r["D"], r["spill_stores"])
+        for r in table
+        if r["kernel"] != "quantize_pack" and (int(r["spill_stores"]) or int(r["spill_loads"]))
+    ]
     assert not spilled
 
 
@@ -49,8 +57,11 @@ def test_quantizers_are_compiled_without_fma_contraction(table):
 
 
 def test_decode_main_loop_loads_each_packed_byte_about_once(table):
-    ratios = {(r["arch"], r["dtype"], r["D"], r["k_bits"], r["v_bits"]): float(r["loads_per_packed_byte"])
-              for r in table if r["kernel"] == "decode_attention"}
+    ratios = {
+        (r["arch"], r["dtype"], r["D"], r["k_bits"], r["v_bits"]): float(r["loads_per_packed_byte"])
+        for r in table
+        if r["kernel"] == "decode_attention"
+    }
     assert len(ratios) == 24 and max(ratios.values()) <= 1.25, ratios
 
 
@@ -85,8 +96,10 @@ def test_ptx_loops_and_load_widths():
 def test_ptxas_report_and_occupancy():
     import aot_check
 
-    log = ("ptxas info    : Function properties for k\n    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
-           "ptxas info    : Used 255 registers, used 1 barriers\n")
+    log = (
+        "ptxas info    : Function properties for k\n    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers\n"
+    )
     assert aot_check.ptxas_resources(log) == dict(regs=255, spill_stores=8, spill_loads=4, stack=8)
     assert aot_check.occupancy(90, regs=128, num_warps=4, shared=0) == 4  # 65536 / (128 * 128)
     assert aot_check.occupancy(90, regs=64, num_warps=4, shared=100_000) == 2  # shared memory bound

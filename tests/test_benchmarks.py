@@ -13,8 +13,12 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("script", ["bench_decode.py", "bench_prefill.py", "bench_quantize.py"])
 def test_benchmark_quick_run_writes_a_csv(script, tmp_path):
     out = tmp_path / "r.csv"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--device", "cpu", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--device", "cpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
     assert rows and {"provider", "median_ms", "device", "torch"} <= set(rows[0])
@@ -23,9 +27,23 @@ def test_benchmark_quick_run_writes_a_csv(script, tmp_path):
 
 def test_generate_benchmark_runs_on_smollm2(tmp_path):
     out = tmp_path / "g.csv"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_generate.py"), "--context", "64", "--new", "3",
-                           "--providers", "minikv-eager,hf-dynamic", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_generate.py"),
+            "--context",
+            "64",
+            "--new",
+            "3",
+            "--providers",
+            "minikv-eager,hf-dynamic",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["provider"]: r for r in csv.DictReader(out.open())}
     assert set(rows) == {"minikv-eager", "hf-dynamic"}

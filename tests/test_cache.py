@@ -28,8 +28,15 @@ def _layers(cache):
 
 
 def test_memory_accounting_matches_a_hand_computation():
-    model = minikv.patch(tiny_model("llama", dtype=torch.float32), bits=2, k_bits=2, budget=40, recent=8,
-                         residual_length=32, sink_tokens=0)  # (sinks and K4 V2: tests/test_fidelity_knobs.py)
+    model = minikv.patch(
+        tiny_model("llama", dtype=torch.float32),
+        bits=2,
+        k_bits=2,
+        budget=40,
+        recent=8,
+        residual_length=32,
+        sink_tokens=0,
+    )  # (sinks and K4 V2: tests/test_fidelity_knobs.py)
     cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8)
     _prefill_and_decode(model, cache, T=70, steps=5)
     L, H, D = 3, 2, 16

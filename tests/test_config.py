@@ -77,6 +77,17 @@ def test_the_evals_spell_out_the_defaults():
     from minikv.config import build_config
 
     spelled, actual = build_config(**DEFAULTS).for_head_dim(64), MiniKVConfig().for_head_dim(64)
-    effective = ("key_bits", "value_bits", "clips", "rotation", "sink_tokens", "budget", "recent", "scorer", "schedule",
-                 "q_group_size", "residual_length")
+    effective = (
+        "key_bits",
+        "value_bits",
+        "clips",
+        "rotation",
+        "sink_tokens",
+        "budget",
+        "recent",
+        "scorer",
+        "schedule",
+        "q_group_size",
+        "residual_length",
+    )
     assert [getattr(spelled, k) for k in effective] == [getattr(actual, k) for k in effective]

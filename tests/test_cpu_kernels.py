@@ -47,8 +47,13 @@ def _assert_same_quantization(x, bits, G, clip):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    rows=st.integers(1, 6), groups=st.integers(1, 5), bits=st.sampled_from([2, 4]), G=st.sampled_from([16, 32, 64]),
-    clip=st.booleans(), log_scale=st.floats(-7, 4), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    rows=st.integers(1, 6),
+    groups=st.integers(1, 5),
+    bits=st.sampled_from([2, 4]),
+    G=st.sampled_from([16, 32, 64]),
+    clip=st.booleans(),
+    log_scale=st.floats(-7, 4),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     seed=st.integers(0, 2**16),
 )
 def test_quantize_pack_codes_equal_the_reference(rows, groups, bits, G, clip, log_scale, dtype, seed):
@@ -165,10 +170,35 @@ def test_decode_attention_after_a_flush_inside_a_multi_token_append():
     assert torch.allclose(cpu_ops.decode_attention(*args).double(), want, atol=2e-5)
 
 
+# ---- the reconstruction pass's attention: fused attention + log-sum-exp maxima ----------------------
+def test_reconstruct_attention_runs_fused_attention_and_matches_the_reference():
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, S, M, D = 2, 9, 3, 300, 140, 64  # more queries than one block
+    q = torch.randn(B, Hq, M, D, generator=g)
+    k, v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    k_new, v_new = torch.randn(B, Hkv, M, D, generator=g), torch.randn(B, Hkv, M, D, generator=g)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[1, :37] = False  # left padding
+    counted = torch.rand(B, M, generator=g) < 0.8
+    args = (q, k, v, valid, k_new, v_new, counted, D**-0.5, 0.0)
+    with torch.profiler.profile() as prof:
+        out, scores = ops.reconstruct_attention(*args)
+    assert any("flash_attention" in e.key for e in prof.key_averages())
+    ref_out, ref_scores = reference.reconstruct_attention(*args)
+    assert torch.allclose(out, ref_out, atol=1e-5)
+    assert torch.allclose(scores, ref_scores, atol=1e-6, rtol=1e-4)
+    assert bool((scores[1, :, :37] == 0).all())
+
+
 # ---- append: the reference's buffers, quantized once per flush -----------------------------------
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**16), clip=st.booleans(), bits=st.sampled_from([(4, 2), (2, 2), (2, 4)]),
-       sinks=st.lists(st.integers(0, 4), min_size=3, max_size=3), steps=st.lists(st.integers(1, 5), min_size=1, max_size=12))
+@given(
+    seed=st.integers(0, 2**16),
+    clip=st.booleans(),
+    bits=st.sampled_from([(4, 2), (2, 2), (2, 4)]),
+    sinks=st.lists(st.integers(0, 4), min_size=3, max_size=3),
+    steps=st.lists(st.integers(1, 5), min_size=1, max_size=12),
+)
 def test_append_leaves_the_references_buffers(seed, clip, bits, sinks, steps):
     B, H, D, G, R, C = 3, 2, 32, 16, 32, 256
     k_bits, v_bits = bits
@@ -178,8 +208,12 @@ def test_append_leaves_the_references_buffers(seed, clip, bits, sinks, steps):
     state[3] = torch.zeros(B, H, C, D * v_bits // 32, dtype=torch.int32)
     state[0] = torch.zeros(B, H, D, C * k_bits // 32, dtype=torch.int32)
     fill = torch.randint(0, R, (B,), generator=g)
-    state += [torch.tensor([0, 16, 32]), torch.randn(B, H, 4 + R, D, generator=g), torch.randn(B, H, 4 + R, D, generator=g),
-              n_sink + fill]
+    state += [
+        torch.tensor([0, 16, 32]),
+        torch.randn(B, H, 4 + R, D, generator=g),
+        torch.randn(B, H, 4 + R, D, generator=g),
+        n_sink + fill,
+    ]
     fast = [t.clone() for t in state]
     for Lq in steps:
         k, v = torch.randn(B, H, Lq, D, generator=g), torch.randn(B, H, Lq, D, generator=g)
@@ -210,8 +244,21 @@ def test_append_refuses_to_overflow_the_store():
     n_packed, res_len = torch.tensor([16]), torch.tensor([R - 1])
     res = torch.zeros(B, H, R, D)
     with pytest.raises(RuntimeError, match="store of sequence 0 is full"):
-        cpu_ops.append_kv(torch.randn(1, 1, 1, D), torch.randn(1, 1, 1, D), *buf, n_packed, res, res.clone(), res_len,
-                          torch.zeros(1, dtype=torch.int64), 2, 2, G, R, False)
+        cpu_ops.append_kv(
+            torch.randn(1, 1, 1, D),
+            torch.randn(1, 1, 1, D),
+            *buf,
+            n_packed,
+            res,
+            res.clone(),
+            res_len,
+            torch.zeros(1, dtype=torch.int64),
+            2,
+            2,
+            G,
+            R,
+            False,
+        )
 
 
 def test_without_the_build_the_ops_fall_back_to_the_references(monkeypatch):

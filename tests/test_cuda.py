@@ -15,7 +15,8 @@ from minikv.kernels import ops, quant, reference
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-    reason="needs a GPU and MINIKV_TEST_CUDA=1 (the kernels compiled, not interpreted)")
+    reason="needs a GPU and MINIKV_TEST_CUDA=1 (the kernels compiled, not interpreted)",
+)
 EPS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
@@ -52,8 +53,9 @@ def test_decode_attention_error_budget(device, Hq, Hkv, D, k_bits, v_bits, dtype
     g = torch.Generator().manual_seed(D + Hq)
     C = max(n_packed) + R
     k, v = torch.randn(B, Hkv, C, D, generator=g), torch.randn(B, Hkv, C, D, generator=g)
-    buf = [t.to(device) for t in (*quant.quantize_pack(k.transpose(-1, -2), k_bits, G),
-                                  *quant.quantize_pack(v, v_bits, G))]
+    buf = [
+        t.to(device) for t in (*quant.quantize_pack(k.transpose(-1, -2), k_bits, G), *quant.quantize_pack(v, v_bits, G))
+    ]
     rk = torch.randn(B, Hkv, R, D, generator=g).to(device, dtype)
     rv = torch.randn(B, Hkv, R, D, generator=g).to(device, dtype)
     q = torch.randn(B, Hq, Lq, D, generator=g).to(device, dtype)

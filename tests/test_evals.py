@@ -17,9 +17,16 @@ import minikv_metrics  # noqa: E402
 import stats  # noqa: E402
 import sweep  # noqa: E402
 
-GENERATORS = [minikv_data.niah_single, minikv_data.niah_multikey, minikv_data.niah_multivalue,
-              minikv_data.niah_multiquery, minikv_data.passkey, minikv_data.variable_tracking,
-              minikv_data.common_words, minikv_data.frequent_words]
+GENERATORS = [
+    minikv_data.niah_single,
+    minikv_data.niah_multikey,
+    minikv_data.niah_multivalue,
+    minikv_data.niah_multiquery,
+    minikv_data.passkey,
+    minikv_data.variable_tracking,
+    minikv_data.common_words,
+    minikv_data.frequent_words,
+]
 
 
 @pytest.mark.parametrize("gen", GENERATORS, ids=lambda g: g.__name__)
@@ -46,13 +53,16 @@ def test_multiple_choice_and_perplexity_data():
     assert len({d["name"] for d in docs}) == 3 and all(len(d["text"]) == 4000 for d in docs)
 
 
-@pytest.mark.parametrize("p, n, expected", [
-    (0.5, 10, (0.2366, 0.7634)),  # center stays at 1/2: 1/2 -+ z sqrt(1/40 + z^2/400) / (1 + z^2/10)
-    (0.0, 10, (0.0, 0.2775)),     # z^2/10 / (1 + z^2/10)
-    (1.0, 10, (0.7225, 1.0)),
-    (0.0, 1, (0.0, 0.7935)),      # z^2 / (1 + z^2)
-    (0.25, 36, (0.1375, 0.4107)),
-])
+@pytest.mark.parametrize(
+    "p, n, expected",
+    [
+        (0.5, 10, (0.2366, 0.7634)),  # center stays at 1/2: 1/2 -+ z sqrt(1/40 + z^2/400) / (1 + z^2/10)
+        (0.0, 10, (0.0, 0.2775)),  # z^2/10 / (1 + z^2/10)
+        (1.0, 10, (0.7225, 1.0)),
+        (0.0, 1, (0.0, 0.7935)),  # z^2 / (1 + z^2)
+        (0.25, 36, (0.1375, 0.4107)),
+    ],
+)
 def test_wilson_interval_hand_checked(p, n, expected):
     assert stats.wilson(p, n) == pytest.approx(expected, abs=1e-4)
 
@@ -86,8 +96,18 @@ def test_config_specs_groups_files_and_unknown_names(tmp_path):
 
 def test_resume_reads_back_the_rows_it_wrote_with_the_same_meta_only(tmp_path):
     meta = dict(model="m", prompt_tokens=300, samples=2, machine="x", torch="t", transformers="tf", lm_eval="l")
-    rows = [dict(method="full cache", args='{"cache": "full"}', kv_percent_of_fp16=100.0, mean_score=0.5,
-                 word_perplexity=None, minikv_a=1.0, minikv_b=0.0, seconds=3.5)]
+    rows = [
+        dict(
+            method="full cache",
+            args='{"cache": "full"}',
+            kv_percent_of_fp16=100.0,
+            mean_score=0.5,
+            word_perplexity=None,
+            minikv_a=1.0,
+            minikv_b=0.0,
+            seconds=3.5,
+        )
+    ]
     sweep.write_outputs(rows, tmp_path / "s", meta)
     assert sweep.done_rows(tmp_path / "s.csv", meta) == rows
     assert sweep.done_rows(tmp_path / "s.csv", dict(meta, samples=10)) == []
@@ -103,8 +123,12 @@ def test_knobs_minikv_hf_would_drop_are_refused():
 @pytest.mark.slow
 def test_smoke_sweep_writes_csv_markdown_and_plot(tmp_path):
     out = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, str(ROOT / "evals" / "sweep.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "evals" / "sweep.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
     assert [r["method"] for r in rows] == ["full cache", "minikv 2-bit, minikv scorer"]
@@ -155,4 +179,6 @@ def test_shared_context_samples_hold_their_answers_and_score_the_answer_tokens(t
     out = tmp_path / "rows.csv"
     shared_context.append_row(out, dict(config="a", mean=0.5))
     shared_context.append_row(out, dict(config="b", mean=0.25, kv_percent_of_fp16=12.9))
-    assert [r["config"] for r in csv.DictReader(open(out))] == ["a", "b"] and "| b | 12.9 |" in out.with_suffix(".md").read_text()
+    assert [r["config"] for r in csv.DictReader(open(out))] == ["a", "b"] and "| b | 12.9 |" in out.with_suffix(
+        ".md"
+    ).read_text()

@@ -24,8 +24,13 @@ def _layers(cache):
 
 
 @settings(max_examples=25, deadline=None)
-@given(bits=st.sampled_from([1, 2]), G=st.sampled_from([32, 64]), n=st.integers(1, 150), short=st.integers(0, 40),
-       seed=st.integers(0, 2**16))
+@given(
+    bits=st.sampled_from([1, 2]),
+    G=st.sampled_from([32, 64]),
+    n=st.integers(1, 150),
+    short=st.integers(0, 40),
+    seed=st.integers(0, 2**16),
+)
 def test_the_tier_reconstructs_within_half_a_step_and_counts_its_padding(bits, G, n, short, seed):
     g = torch.Generator().manual_seed(seed)
     B, H, D = 2, 2, 64
@@ -59,8 +64,9 @@ def test_the_tiers_partition_the_prompt():
     valid[1, :6] = False  # left padding
     g = torch.Generator().manual_seed(0)
     n_keep = torch.tensor([15, 11])
-    idx = torch.stack([torch.stack([torch.randperm(T - 6 * b, generator=g)[:20] + 6 * b for _ in range(H)])
-                       for b in range(B)])  # [B, H, 20]: the first n_keep are kept, the rest ignored
+    idx = torch.stack(
+        [torch.stack([torch.randperm(T - 6 * b, generator=g)[:20] + 6 * b for _ in range(H)]) for b in range(B)]
+    )  # [B, H, 20]: the first n_keep are kept, the rest ignored
     seen = {}
     layer.evicted = EvictedStore(2, 32, False, None, None, torch.float32)
     layer.evicted.write = lambda kk, vv, counts: seen.update(k=kk, counts=counts)
@@ -102,15 +108,21 @@ def test_decode_and_later_turns_read_both_tiers_and_count_their_bytes(bits):
     mask[1, :11] = 0
     minikv.patch(model, bits=2, budget=0.5, evicted_bits=bits, evicted_group_size=64)
     try:
-        cache = MiniKVCache(MiniKVConfig(bits=2, budget=0.5, evicted_bits=bits, evicted_group_size=64),
-                            model.config, max_new_tokens=24)
+        cache = MiniKVCache(
+            MiniKVConfig(bits=2, budget=0.5, evicted_bits=bits, evicted_group_size=64), model.config, max_new_tokens=24
+        )
         out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **{KEY: cache})
         for layer in _layers(cache):  # the new tokens but the last are held: 5 of them, plus the prompt
             assert layer.held()[2].sum(-1).tolist() == [90 + 5, 79 + 5]
             assert layer.memory().used_bytes == layer.store.used_bytes() + layer.evicted.used_bytes()
         turn = torch.cat([out, torch.randint(0, 320, (2, 20))], 1)
-        model.generate(turn, attention_mask=torch.cat([mask, torch.ones(2, turn.shape[1] - 90, dtype=mask.dtype)], 1),
-                       max_new_tokens=2, do_sample=False, **{KEY: cache})
+        model.generate(
+            turn,
+            attention_mask=torch.cat([mask, torch.ones(2, turn.shape[1] - 90, dtype=mask.dtype)], 1),
+            max_new_tokens=2,
+            do_sample=False,
+            **{KEY: cache},
+        )
         for layer in _layers(cache):  # the turn's tokens the policy drops went to the tier too
             assert layer.held()[2].sum(-1).tolist() == [90 + 26 + 1, 79 + 26 + 1]
     finally:
@@ -144,17 +156,20 @@ def test_the_tier_brings_the_output_closer_to_the_full_cache():
     assert kl[2] < 0.5 * kl[None], kl
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(evicted_bits=3), "evicted_bits must be one of [1, 2]"),
-    (dict(evicted_bits=1, bits=16), "needs a quantized store"),
-    (dict(evicted_bits=1, budget=None), "and a budget"),
-    (dict(evicted_group_size=64), "evicted_group_size needs evicted_bits"),
-    (dict(evicted_bits=1, evicted_group_size=48), "evicted_group_size must be a multiple of 32"),
-    (dict(evicted_bits=2, evicted_group_size=0), "evicted_group_size must be an integer >= 1"),
-    (dict(evicted_bits=2, evicted_share=0.0), "the share of the evicted tokens kept in the low tier"),
-    (dict(evicted_bits=2, evicted_share=1.5), "the share of the evicted tokens kept in the low tier"),
-    (dict(evicted_share=0.5), "evicted_share needs evicted_bits"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(evicted_bits=3), "evicted_bits must be one of [1, 2]"),
+        (dict(evicted_bits=1, bits=16), "needs a quantized store"),
+        (dict(evicted_bits=1, budget=None), "and a budget"),
+        (dict(evicted_group_size=64), "evicted_group_size needs evicted_bits"),
+        (dict(evicted_bits=1, evicted_group_size=48), "evicted_group_size must be a multiple of 32"),
+        (dict(evicted_bits=2, evicted_group_size=0), "evicted_group_size must be an integer >= 1"),
+        (dict(evicted_bits=2, evicted_share=0.0), "the share of the evicted tokens kept in the low tier"),
+        (dict(evicted_bits=2, evicted_share=1.5), "the share of the evicted tokens kept in the low tier"),
+        (dict(evicted_share=0.5), "evicted_share needs evicted_bits"),
+    ],
+)
 def test_bad_evicted_knobs_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
         MiniKVConfig(**kwargs)
@@ -174,7 +189,9 @@ def test_compiling_a_decode_step_that_reads_the_tier_is_refused_before_any_work(
     model = tiny_model("llama", head_dim=64)
     minikv.patch(model, bits=2, budget=0.5, evicted_bits=2)
     try:
-        with pytest.raises(ValueError, match="compile=True cannot compile a decode step that reads MiKV's evicted tier"):
+        with pytest.raises(
+            ValueError, match="compile=True cannot compile a decode step that reads MiKV's evicted tier"
+        ):
             minikv.generate(model, torch.randint(0, 320, (1, 40)), max_new_tokens=4, compile=True)
     finally:
         minikv.unpatch(model)

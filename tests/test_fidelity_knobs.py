@@ -37,8 +37,14 @@ def _group_error(x, codes, scale, mn, bits, G):
 
 # ---- clipped scales -------------------------------------------------------------------------------
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 4), groups=st.integers(1, 4), bits=st.sampled_from([2, 4]), G=st.sampled_from([16, 32]),
-       seed=st.integers(0, 2**16), outliers=st.booleans())
+@given(
+    rows=st.integers(1, 4),
+    groups=st.integers(1, 4),
+    bits=st.sampled_from([2, 4]),
+    G=st.sampled_from([16, 32]),
+    seed=st.integers(0, 2**16),
+    outliers=st.booleans(),
+)
 def test_a_clipped_scale_never_reconstructs_worse_than_min_max(rows, groups, bits, G, seed, outliers):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, groups * G, generator=g)
@@ -95,11 +101,23 @@ def test_rotation_with_quantization_off_leaves_attention_unchanged():
 
 # ---- sinks ---------------------------------------------------------------------------------------------
 @settings(max_examples=12, deadline=None)
-@given(sinks=st.integers(1, 20), T=st.integers(10, 90), pad=st.integers(0, 8), budget=st.sampled_from([0.3, 0.5, None]),
-       steps=st.integers(0, 40), bits=st.sampled_from([2, 4]))
+@given(
+    sinks=st.integers(1, 20),
+    T=st.integers(10, 90),
+    pad=st.integers(0, 8),
+    budget=st.sampled_from([0.3, 0.5, None]),
+    steps=st.integers(0, 40),
+    bits=st.sampled_from([2, 4]),
+)
 def test_sinks_are_never_evicted_nor_quantized(sinks, T, pad, budget, steps, bits):
-    model = minikv.patch(tiny_model("llama", dtype=torch.float32), bits=bits, budget=budget, sink_tokens=sinks,
-                         residual_length=16, scorer="snapkv")
+    model = minikv.patch(
+        tiny_model("llama", dtype=torch.float32),
+        bits=bits,
+        budget=budget,
+        sink_tokens=sinks,
+        residual_length=16,
+        scorer="snapkv",
+    )
     try:
         g = torch.Generator().manual_seed(T)
         ids = torch.randint(1, 320, (2, T), generator=g)
@@ -128,8 +146,9 @@ def test_sinks_are_never_evicted_nor_quantized(sinks, T, pad, budget, steps, bit
 
 
 def test_sinks_hold_the_first_prompt_tokens_in_full_precision():
-    model = minikv.patch(tiny_model("llama", dtype=torch.float32), bits=2, budget=0.5, sink_tokens=4,
-                         residual_length=16, rotate="none")  # (stored as given: no rotation to undo here)
+    model = minikv.patch(
+        tiny_model("llama", dtype=torch.float32), bits=2, budget=0.5, sink_tokens=4, residual_length=16, rotate="none"
+    )  # (stored as given: no rotation to undo here)
     try:
         ids = torch.randint(1, 320, (1, 50), generator=torch.Generator().manual_seed(1))
         cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=1)
@@ -148,8 +167,16 @@ def test_sinks_hold_the_first_prompt_tokens_in_full_precision():
 # ---- separate key / value bits -------------------------------------------------------------------
 @pytest.mark.parametrize("k_bits,v_bits", [(4, 2), (2, 4)])
 def test_accounting_of_key_and_value_bits_and_sinks(k_bits, v_bits):
-    model = minikv.patch(tiny_model("llama", dtype=torch.float32), bits=2, k_bits=k_bits, v_bits=v_bits, budget=40,
-                         recent=8, residual_length=32, sink_tokens=3)
+    model = minikv.patch(
+        tiny_model("llama", dtype=torch.float32),
+        bits=2,
+        k_bits=k_bits,
+        v_bits=v_bits,
+        budget=40,
+        recent=8,
+        residual_length=32,
+        sink_tokens=3,
+    )
     try:
         cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8)
         ids = torch.randint(1, 320, (1, 70), generator=torch.Generator().manual_seed(0))
@@ -166,7 +193,11 @@ def test_accounting_of_key_and_value_bits_and_sinks(k_bits, v_bits):
     mem = cache.memory()
     assert mem.used_bytes == L * H * (32 * per_token + residual)
     for layer in _layers(cache):
-        assert (layer.store.n_packed.tolist(), layer.store.res_len.tolist(), layer.store.n_sink.tolist()) == ([32], [13], [3])
+        assert (layer.store.n_packed.tolist(), layer.store.res_len.tolist(), layer.store.n_sink.tolist()) == (
+            [32],
+            [13],
+            [3],
+        )
         assert layer.store.k_codes.shape[-1] == layer.store.capacity * k_bits // 32
         assert layer.store.v_codes.shape[-1] == D * v_bits // 32
 
@@ -196,8 +227,13 @@ def test_opcheck_of_the_changed_ops():
     opcheck(ops.quantize_pack, (x, 2, 16, True))
     B, H, D, G, S, R = 2, 2, 16, 16, 3, 32
     buf = _store(B, H, D, 96, 4, G)[:3] + _store(B, H, D, 96, 2, G)[3:]
-    state = (torch.tensor([0, 16]), torch.randn(B, H, S + R, D), torch.randn(B, H, S + R, D), torch.tensor([33, 5]),
-             torch.tensor([3, 2]))
+    state = (
+        torch.tensor([0, 16]),
+        torch.randn(B, H, S + R, D),
+        torch.randn(B, H, S + R, D),
+        torch.tensor([33, 5]),
+        torch.tensor([3, 2]),
+    )
     opcheck(ops.append_kv, (torch.randn(B, H, 2, D), torch.randn(B, H, 2, D), *buf, *state, 4, 2, G, R, True))
     opcheck(ops.decode_attention, (torch.randn(B, 4, 1, D), *buf, *state[:4], 0.25, 0.0, 4, 2, G))
 
@@ -236,8 +272,12 @@ def test_mixed_bit_decode_kernel_matches_the_reference(triton_on_cpu):
     k, v = torch.randn(B, Hkv, C, D, generator=g), torch.randn(B, Hkv, C, D, generator=g)
     for k_bits, v_bits in ((4, 2), (2, 4)):
         store = (*quant.quantize_pack(k.transpose(-1, -2), k_bits, G), *quant.quantize_pack(v, v_bits, G))
-        rest = (torch.tensor([96, 48]), torch.randn(B, Hkv, R, D, generator=g), torch.randn(B, Hkv, R, D, generator=g),
-                torch.tensor([7, 32]))
+        rest = (
+            torch.tensor([96, 48]),
+            torch.randn(B, Hkv, R, D, generator=g),
+            torch.randn(B, Hkv, R, D, generator=g),
+            torch.tensor([7, 32]),
+        )
         q = torch.randn(B, Hq, 2, D, generator=g)
         want = reference.decode_attention(q, *store, *rest, 0.125, 0.0, k_bits, v_bits, G)
         got = ops.decode_attention(q, *store, *rest, 0.125, 0.0, k_bits, v_bits, G)
@@ -250,8 +290,9 @@ def test_generation_with_every_knob_through_triton_equals_the_reference(triton_o
     ids = torch.randint(1, 320, (2, 70), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :9] = 0
-    knobs = dict(bits=2, k_bits=4, budget=0.5, residual_length=16, sink_tokens=4, clip=True, rotate="v",
-                 scorer="snapkv")
+    knobs = dict(
+        bits=2, k_bits=4, budget=0.5, residual_length=16, sink_tokens=4, clip=True, rotate="v", scorer="snapkv"
+    )
     outs = {}
     for backend in ("reference", "triton"):
         minikv.patch(model, backend=backend, **knobs)
@@ -265,7 +306,13 @@ def test_generation_with_every_knob_through_triton_equals_the_reference(triton_o
 # ---- presets and bad input ---------------------------------------------------------------------------
 def test_the_paper_preset_is_minikvs_published_recipe():
     cfg = from_preset("paper")
-    assert (cfg.bits, cfg.q_group_size, cfg.residual_length, cfg.scorer, cfg.schedule) == (2, 16, 128, "minikv", "pyramid")
+    assert (cfg.bits, cfg.q_group_size, cfg.residual_length, cfg.scorer, cfg.schedule) == (
+        2,
+        16,
+        128,
+        "minikv",
+        "pyramid",
+    )
     assert (cfg.budget, cfg.recent, cfg.sink_tokens, cfg.clips, cfg.rotation) == (0.5, 0.5, 0, False, "none")
     assert (cfg.key_bits, cfg.value_bits) == (2, 2)
     four, off = from_preset("paper", bits=4), from_preset("paper", bits=16)
@@ -280,17 +327,20 @@ def test_the_paper_preset_is_minikvs_published_recipe():
     assert CLIP_GRID[0] == 1.0
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(k_bits=3), "k_bits must be one of [2, 4]"),
-    (dict(v_bits=16), "v_bits must be one of [2, 4]"),
-    (dict(bits=16, k_bits=4), "k_bits=4 needs a quantized store"),
-    (dict(sink_tokens=-1), "sink_tokens must be an integer >= 0"),
-    (dict(sink_tokens=9, budget=8, recent=0), "sink_tokens must be in [0, 8]"),
-    (dict(clip="yes"), "clip must be True, False or None"),
-    (dict(rotate="q"), "rotate must be one of"),
-    (dict(bits=16, rotate="v"), "need bits=2 or 4"),
-    (dict(bits=16, clip=True), "need bits=2 or 4"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(k_bits=3), "k_bits must be one of [2, 4]"),
+        (dict(v_bits=16), "v_bits must be one of [2, 4]"),
+        (dict(bits=16, k_bits=4), "k_bits=4 needs a quantized store"),
+        (dict(sink_tokens=-1), "sink_tokens must be an integer >= 0"),
+        (dict(sink_tokens=9, budget=8, recent=0), "sink_tokens must be in [0, 8]"),
+        (dict(clip="yes"), "clip must be True, False or None"),
+        (dict(rotate="q"), "rotate must be one of"),
+        (dict(bits=16, rotate="v"), "need bits=2 or 4"),
+        (dict(bits=16, clip=True), "need bits=2 or 4"),
+    ],
+)
 def test_bad_fidelity_knobs_are_refused(kwargs, words):
     with pytest.raises(ValueError) as e:
         MiniKVConfig(**kwargs)

@@ -24,9 +24,8 @@ def _generate(model, tokenizer, text, n, cache=None):
     inputs = tokenizer(text, return_tensors="pt")
     kwargs = {cache_key(): cache} if cache is not None else {}
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             **kwargs)
-    return out[0, inputs.input_ids.shape[1]:]
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    return out[0, inputs.input_ids.shape[1] :]
 
 
 def _passkey_runs(model, tokenizer, prompts, knobs=None):

@@ -46,8 +46,9 @@ def _text(n_words, seed):
 
 def _ll_requests():
     ctx = _text(300, 0)
-    return [Instance("loglikelihood", {}, (ctx, c), i) for i, c in enumerate([" river stone", " seven", " north quiet"])] + [
-        Instance("loglikelihood", {}, (_text(150, 1), " cloud window market"), 3)]
+    return [
+        Instance("loglikelihood", {}, (ctx, c), i) for i, c in enumerate([" river stone", " seven", " north quiet"])
+    ] + [Instance("loglikelihood", {}, (_text(150, 1), " cloud window market"), 3)]
 
 
 def _lm(model, tok, **kw):
@@ -94,24 +95,32 @@ def test_choices_sharing_one_prefill_score_as_separate_prefills(model, tok, unpa
 
 
 def test_generate_until_with_left_padding_and_compression_off_matches_stock(model, tok, unpatch_after):
-    reqs = [Instance("generate_until", {}, (_text(n, n), {"until": ["\n\n"], "max_gen_toks": 6}), i)
-            for i, n in enumerate((120, 60, 90))]
+    reqs = [
+        Instance("generate_until", {}, (_text(n, n), {"until": ["\n\n"], "max_gen_toks": 6}), i)
+        for i, n in enumerate((120, 60, 90))
+    ]
     want = get_model("hf")(pretrained=model, tokenizer=tok, batch_size=3).generate_until(reqs)
     assert MiniKVLM(pretrained=model, tokenizer=tok, batch_size=3, bits=16, budget=None).generate_until(reqs) == want
     minikv.unpatch(model)
     # 2-bit keys and values, no sinks: the saving shows even on these short prompts (fp32 residual)
-    lm = MiniKVLM(pretrained=model, tokenizer=tok, batch_size=3, bits=2, k_bits=2, sink_tokens=0, budget=0.5,
-                  residual_length=16)
+    lm = MiniKVLM(
+        pretrained=model, tokenizer=tok, batch_size=3, bits=2, k_bits=2, sink_tokens=0, budget=0.5, residual_length=16
+    )
     got = lm.generate_until(reqs)
     assert len(got) == 3 and all(isinstance(g, str) for g in got)
     assert lm.kv.caches == 1 and lm.kv.ratio < 0.6
 
 
-@pytest.mark.parametrize("args, match", [
-    (dict(bits=3), "bits must be one of"), (dict(budget=-1), "budget must be at least 1 token"),
-    (dict(cache="dense"), "cache must be one of"), (dict(cache="quanto", budget=0.5), "only apply to cache=minikv"),
-    (dict(cache="quanto", bits=16), "with cache=quanto"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (dict(bits=3), "bits must be one of"),
+        (dict(budget=-1), "budget must be at least 1 token"),
+        (dict(cache="dense"), "cache must be one of"),
+        (dict(cache="quanto", budget=0.5), "only apply to cache=minikv"),
+        (dict(cache="quanto", bits=16), "with cache=quanto"),
+    ],
+)
 def test_bad_model_args_are_refused_before_loading(args, match):
     with pytest.raises(ValueError, match=match):
         MiniKVLM(pretrained="/nonexistent/never-loaded", **args)
@@ -125,9 +134,11 @@ def test_quanto_on_a_model_with_sliding_layers_is_refused_before_any_request(tok
 
 
 def test_registration_keeps_the_builtin_models_and_imports_nothing_at_startup():
-    code = ("import sys; assert 'torch' not in sys.modules and 'minikv' not in sys.modules; "
-            "from lm_eval.api.registry import get_model, model_registry; "
-            "print(get_model('minikv_hf').__name__, get_model('hf').__name__, 'vllm' in model_registry)")
+    code = (
+        "import sys; assert 'torch' not in sys.modules and 'minikv' not in sys.modules; "
+        "from lm_eval.api.registry import get_model, model_registry; "
+        "print(get_model('minikv_hf').__name__, get_model('hf').__name__, 'vllm' in model_registry)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["MiniKVLM", "HFLM", "True"]
@@ -138,10 +149,25 @@ def test_stock_lm_eval_command_line_resolves_minikv_hf(model, tok, tmp_path):
     model.to(torch.float64)
     tok.save_pretrained(tmp_path / "tiny")
     cli = Path(sys.executable).parent / "lm_eval"
-    cmd = [str(cli), "--model", "minikv_hf", "--model_args", f"pretrained={tmp_path / 'tiny'},bits=2,budget=0.5",
-           "--tasks", "minikv_passkey,minikv_passkey_choice", "--include_path", str(ROOT / "evals" / "tasks"),
-           "--metadata", json.dumps({"tokens": 200, "samples": 2}), "--device", "cpu", "--batch_size", "1",
-           "--output_path", str(tmp_path / "out")]
+    cmd = [
+        str(cli),
+        "--model",
+        "minikv_hf",
+        "--model_args",
+        f"pretrained={tmp_path / 'tiny'},bits=2,budget=0.5",
+        "--tasks",
+        "minikv_passkey,minikv_passkey_choice",
+        "--include_path",
+        str(ROOT / "evals" / "tasks"),
+        "--metadata",
+        json.dumps({"tokens": 200, "samples": 2}),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "1",
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "minikv_hf" in out.stdout and "minikv_passkey_choice" in out.stdout
@@ -157,8 +183,9 @@ def test_hf_arguments_map_short_names_and_gguf_paths_and_keep_the_rest():
     path = embedded_gguf()
     for name in ("smollm2", None, "SmolLM2-135M-Instruct", str(path)):
         args = hf_arguments(name, None, "cpu", {"revision": "main"})
-        assert args == dict(pretrained=str(path.parent), gguf_file=path.name, dtype="float32", device="cpu",
-                            revision="main")
+        assert args == dict(
+            pretrained=str(path.parent), gguf_file=path.name, dtype="float32", device="cpu", revision="main"
+        )
     given = hf_arguments("org/model", "bfloat16", None, {"trust_remote_code": True})
     assert given["pretrained"] == "org/model" and given["dtype"] == "bfloat16" and given["trust_remote_code"]
     assert hf_arguments("org/model", None, "cpu", {})["dtype"] == "auto"  # as lm-eval's hf model
@@ -173,11 +200,25 @@ def test_stock_lm_eval_loads_a_gguf_file_the_way_hf_does(tmp_path):
 
     path = embedded_gguf()
     cli = Path(sys.executable).parent / "lm_eval"
-    cmd = [str(cli), "--model", "minikv_hf", "--model_args",
-           f"pretrained={path.parent},gguf_file={path.name},bits=2",
-           "--tasks", "minikv_passkey_choice", "--include_path", str(ROOT / "evals" / "tasks"),
-           "--metadata", json.dumps({"tokens": 300, "samples": 2}), "--device", "cpu", "--batch_size", "1",
-           "--output_path", str(tmp_path / "out")]
+    cmd = [
+        str(cli),
+        "--model",
+        "minikv_hf",
+        "--model_args",
+        f"pretrained={path.parent},gguf_file={path.name},bits=2",
+        "--tasks",
+        "minikv_passkey_choice",
+        "--include_path",
+        str(ROOT / "evals" / "tasks"),
+        "--metadata",
+        json.dumps({"tokens": 300, "samples": 2}),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "1",
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())

@@ -51,7 +51,9 @@ def test_quantize_pack_is_bit_exact(shape, bits, G, dtype):
 def test_quantize_pack_keys_layout_and_constant_groups(bits):
     k = torch.randn(2, 3, 64, 16, dtype=torch.float16)  # [B, H, T, D] -> per channel along tokens
     k[0, 1, :16] = 0.25  # a constant group
-    for a, b in zip(quant.quantize_pack(k.transpose(-1, -2), bits, 16), ops.quantize_pack(k.transpose(-1, -2), bits, 16)):
+    for a, b in zip(
+        quant.quantize_pack(k.transpose(-1, -2), bits, 16), ops.quantize_pack(k.transpose(-1, -2), bits, 16)
+    ):
         assert torch.equal(a, b)
 
 
@@ -77,7 +79,8 @@ def _dense(q, K, V, n, r, Lq, dtype):
 # every (heads, lengths) pair once, bits and dtype alternating (the interpreter is slow)
 DECODE_CASES = [
     (*heads, lengths, (2, 4)[(i + j) % 2], (torch.float16, torch.bfloat16, torch.float32)[(i + j) % 3])
-    for i, heads in enumerate(HEADS) for j, lengths in enumerate(LENGTHS)
+    for i, heads in enumerate(HEADS)
+    for j, lengths in enumerate(LENGTHS)
 ]
 
 
@@ -139,8 +142,10 @@ def test_decode_tiles_of_every_head_dim_and_group_size(Hq, Hkv, D, G, k_bits, v_
 
 # ---- append + flush ---------------------------------------------------------------------------
 APPEND_CASES = [  # (k_bits, v_bits, G, D, R, clip, residual dtype)
-    (4, 2, 16, 64, 32, True, torch.float16), (2, 2, 32, 128, 64, False, torch.bfloat16),
-    (4, 4, 16, 32, 16, True, torch.float32), (2, 2, 16, 256, 32, True, torch.float16),
+    (4, 2, 16, 64, 32, True, torch.float16),
+    (2, 2, 32, 128, 64, False, torch.bfloat16),
+    (4, 4, 16, 32, 16, True, torch.float32),
+    (2, 2, 16, 256, 32, True, torch.float16),
 ]
 
 
@@ -185,7 +190,9 @@ def test_prefill_attention_and_scores(shape, softcap, dtype):
     B, Hq, Hkv, T, D = shape
     w = torch.rand(B, T, generator=torch.Generator().manual_seed(1))
     got, got_scores = ops.prefill_attention(q, k, v, valid, w, D**-0.5, softcap)
-    want, want_scores = reference.prefill_attention(q.double().float(), k.float(), v.float(), valid, w, D**-0.5, softcap)
+    want, want_scores = reference.prefill_attention(
+        q.double().float(), k.float(), v.float(), valid, w, D**-0.5, softcap
+    )
     exact, _ = reference.prefill_attention(q.double(), k.double(), v.double(), valid, w, D**-0.5, softcap)
     rows = valid[:, None, :, None]
     same = reference.prefill_attention(q, k, v, valid, w, D**-0.5, softcap)[0]  # fp32 math, output in dtype
@@ -224,8 +231,13 @@ def test_opcheck_with_triton_registered(case):
     elif case == "append":
         B, H, D, G, S, R = 2, 2, 16, 16, 3, 32
         buf = _store(B, H, D, 96, 4, G)[:3] + _store(B, H, D, 96, 2, G)[3:]
-        state = (torch.tensor([0, 16]), torch.randn(B, H, S + R, D), torch.randn(B, H, S + R, D),
-                 torch.tensor([33, 5]), torch.tensor([3, 2]))
+        state = (
+            torch.tensor([0, 16]),
+            torch.randn(B, H, S + R, D),
+            torch.randn(B, H, S + R, D),
+            torch.tensor([33, 5]),
+            torch.tensor([3, 2]),
+        )
         opcheck(ops.append_kv, (torch.randn(B, H, 2, D), torch.randn(B, H, 2, D), *buf, *state, 4, 2, G, R, True))
     elif case == "decode":
         buf, npk, rk, rv, rl = _filled_store(2, 2, 64, 2, 16, 32, [16, 0], [3, 9])
@@ -243,8 +255,15 @@ def test_backend_triton_is_refused_where_triton_does_not_run():
         implementation("triton", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("family, policy", [("llama", {}), ("gemma2", {}), ("llama", dict(scorer="a2sf", crush=0.25)),
-                                            ("llama", dict(scorer="keynorm", schedule="pyramidkv"))])
+@pytest.mark.parametrize(
+    "family, policy",
+    [
+        ("llama", {}),
+        ("gemma2", {}),
+        ("llama", dict(scorer="a2sf", crush=0.25)),
+        ("llama", dict(scorer="keynorm", schedule="pyramidkv")),
+    ],
+)
 def test_patched_generation_with_triton_equals_the_reference(family, policy):
     model = tiny_model(family, dtype=torch.float32, head_dim=64)
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,5 @@
-"""The code passes the linter configured in pyproject.toml (ruff: pyflakes, pycodestyle, import order)."""
+"""The code passes the linter and the formatter configured in pyproject.toml (ruff: pyflakes, pycodestyle,
+import order; ruff format, 120 columns)."""
 
 import shutil
 import subprocess
@@ -10,9 +11,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_ruff_finds_nothing():
+def _ruff():
     ruff = shutil.which("ruff") or shutil.which("ruff", path=str(Path(sys.executable).parent))
     if ruff is None:
         pytest.skip("ruff is not installed (pip install -e '.[test]' installs it)")
-    out = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    return ruff
+
+
+def test_ruff_finds_nothing():
+    out = subprocess.run([_ruff(), "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_code_is_formatted():
+    """`ruff format` leaves every file as it is (run it to fix)."""
+    out = subprocess.run(
+        [_ruff(), "format", "--check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -35,8 +35,9 @@ def test_a_missing_package_says_what_to_install(monkeypatch):
 
 
 def test_the_cli_refuses_an_unknown_model_before_loading():
-    proc = subprocess.run([sys.executable, "-m", "minikv", "--model", "gemma3"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "minikv", "--model", "gemma3"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "['smollm2', 'gemma3-270m']" in proc.stderr, proc.stderr[-2000:]
 
 

@@ -53,7 +53,8 @@ def test_prefill_attention_and_scores_match_fp64(shape, softcap):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
-def test_reconstruct_attention_and_its_maxima_match_fp64(shape, softcap):
+@pytest.mark.parametrize("impl", [ops, reference], ids=["op", "reference"])
+def test_reconstruct_attention_and_its_maxima_match_fp64(shape, softcap, impl):
     """Re-read queries over [held context (padded) ; themselves, causal]; the maxima over counted
     queries and the query heads of each KV head, per context token."""
     B, Hq, Hkv, S, D = shape
@@ -63,7 +64,7 @@ def test_reconstruct_attention_and_its_maxima_match_fp64(shape, softcap):
     q = torch.randn(B, Hq, M, D, generator=g)
     k_new, v_new = torch.randn(B, Hkv, M, D, generator=g), torch.randn(B, Hkv, M, D, generator=g)
     counted = torch.rand(B, M, generator=g) < 0.7
-    out, scores = ops.reconstruct_attention(q, k, v, valid, k_new, v_new, counted, D**-0.5, softcap)
+    out, scores = impl.reconstruct_attention(q, k, v, valid, k_new, v_new, counted, D**-0.5, softcap)
     causal = torch.ones(M, M, dtype=torch.bool).tril()
     allowed = torch.cat([valid[:, None, :].expand(B, M, S), causal.expand(B, M, M)], -1)[:, None]
     ref, p = _dense_fp64(q, torch.cat([k, k_new], 2), torch.cat([v, v_new], 2), allowed, D**-0.5, softcap)
@@ -161,11 +162,30 @@ def test_append_flushes_at_exactly_R():
     toks = torch.randn(B, H, 5, D)
     history = []
     for i in range(5):
-        ops.append_kv(toks[:, :, i : i + 1], toks[:, :, i : i + 1] * 2, *buf, n_packed, res_k, res_v, res_len,
-                      torch.zeros(B, dtype=torch.int64), bits, bits, G, R, False)
+        ops.append_kv(
+            toks[:, :, i : i + 1],
+            toks[:, :, i : i + 1] * 2,
+            *buf,
+            n_packed,
+            res_k,
+            res_v,
+            res_len,
+            torch.zeros(B, dtype=torch.int64),
+            bits,
+            bits,
+            G,
+            R,
+            False,
+        )
         history.append((n_packed.tolist(), res_len.tolist()))
     # sequence 0: 29 -> 30, 31, 32=R flush -> 0, 1, 2; sequence 1 never reaches R
-    assert history == [([0, 16], [30, 1]), ([0, 16], [31, 2]), ([32, 16], [0, 3]), ([32, 16], [1, 4]), ([32, 16], [2, 5])]
+    assert history == [
+        ([0, 16], [30, 1]),
+        ([0, 16], [31, 2]),
+        ([32, 16], [0, 3]),
+        ([32, 16], [1, 4]),
+        ([32, 16], [2, 5]),
+    ]
     # the flushed group of sequence 0 holds the residual as it was, quantized
     assert torch.equal(res_k[0, :, :2], toks[0, :, 3:5])
     assert torch.equal(res_k[1, :, :5], toks[1])
@@ -185,11 +205,39 @@ def _ops_cases():
     yield ops.unpack_dequantize, (codes, s, m, 2, 16, torch.float32)
     yield ops.prefill_attention, (q, k, v, valid, valid.float(), 0.25, 0.0)
     yield ops.select_tokens, (scores, valid, n_keep, n_recent, 10)
-    yield ops.append_kv, (torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16), *buf, n_packed, res_k, res_v, res_len,
-                           torch.zeros(2, dtype=torch.int64), 2, 2, 16, 32, False)
+    yield (
+        ops.append_kv,
+        (
+            torch.randn(2, 2, 2, 16),
+            torch.randn(2, 2, 2, 16),
+            *buf,
+            n_packed,
+            res_k,
+            res_v,
+            res_len,
+            torch.zeros(2, dtype=torch.int64),
+            2,
+            2,
+            16,
+            32,
+            False,
+        ),
+    )
     yield ops.decode_attention, (torch.randn(2, 4, 1, 16), *buf, n_packed, res_k, res_v, res_len, 0.25, 0.0, 2, 2, 16)
-    yield ops.reconstruct_attention, (torch.randn(2, 4, 5, 16), k, v, valid, torch.randn(2, 2, 5, 16),
-                                      torch.randn(2, 2, 5, 16), torch.rand(2, 5) < 0.5, 0.25, 0.0)
+    yield (
+        ops.reconstruct_attention,
+        (
+            torch.randn(2, 4, 5, 16),
+            k,
+            v,
+            valid,
+            torch.randn(2, 2, 5, 16),
+            torch.randn(2, 2, 5, 16),
+            torch.rand(2, 5) < 0.5,
+            0.25,
+            0.0,
+        ),
+    )
     # queries as transformers passes them: [B, T, H, D] transposed to [B, H, T, D] (the fakes must
     # give the kernels' contiguous strides, or inductor's stride asserts fail at run time)
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)

@@ -100,9 +100,15 @@ def test_kvcrush_hand_computed():
 
 
 @settings(max_examples=40, deadline=None)
-@given(B=st.integers(1, 3), H=st.integers(1, 4), T=st.integers(4, 90), frac=st.floats(0.1, 1.0),
-       crush=st.floats(0.0, 0.9), anchor=st.sampled_from(["alternate", "zeros", "ones", "mean", "random"]),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    B=st.integers(1, 3),
+    H=st.integers(1, 4),
+    T=st.integers(4, 90),
+    frac=st.floats(0.1, 1.0),
+    crush=st.floats(0.0, 0.9),
+    anchor=st.sampled_from(["alternate", "zeros", "ones", "mean", "random"]),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_kvcrush_invariants(B, H, T, frac, crush, anchor, seed):
     g = torch.Generator().manual_seed(seed)
     pad = torch.randint(0, T // 2, (B,), generator=g)
@@ -135,21 +141,31 @@ def test_kvcrush_with_no_share_is_the_base_selection():
 
 
 # ---- config -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bad, match", [
-    (dict(scorer="h3o"), "scorer must be one of"), (dict(schedule="cone"), "schedule must be one of"),
-    (dict(crush=1.0), r"crush .* must be in \[0, 1\)"), (dict(crush=-0.1), "crush"),
-    (dict(crush_anchor="median"), "crush_anchor must be one of"), (dict(a2sf_decay=0.0), r"a2sf_decay must be in \(0, 1\]"),
-    (dict(sinks=-1), "sinks must be an integer >= 0"), (dict(scorer="streaming", budget=3, sinks=4), "sinks=4 is larger"),
-    (dict(pyramid_beta=0.5), "pyramid_beta must be a number >= 1"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(scorer="h3o"), "scorer must be one of"),
+        (dict(schedule="cone"), "schedule must be one of"),
+        (dict(crush=1.0), r"crush .* must be in \[0, 1\)"),
+        (dict(crush=-0.1), "crush"),
+        (dict(crush_anchor="median"), "crush_anchor must be one of"),
+        (dict(a2sf_decay=0.0), r"a2sf_decay must be in \(0, 1\]"),
+        (dict(sinks=-1), "sinks must be an integer >= 0"),
+        (dict(scorer="streaming", budget=3, sinks=4), "sinks=4 is larger"),
+        (dict(pyramid_beta=0.5), "pyramid_beta must be a number >= 1"),
+    ],
+)
 def test_policy_knobs_are_validated(bad, match):
     with pytest.raises(ValueError, match=match):
         _config(**bad)
 
 
 # ---- end to end -----------------------------------------------------------------------------------------
-POLICIES = [dict(scorer=s) for s in SCORERS] + [dict(scorer="snapkv", schedule="pyramidkv"),
-                                                 dict(scorer="snapkv", crush=0.25), dict(scorer="minikv", crush=0.5)]
+POLICIES = [dict(scorer=s) for s in SCORERS] + [
+    dict(scorer="snapkv", schedule="pyramidkv"),
+    dict(scorer="snapkv", crush=0.25),
+    dict(scorer="minikv", crush=0.5),
+]
 
 
 @pytest.mark.parametrize("bits", [2, 4, 16])
@@ -162,8 +178,9 @@ def test_every_policy_generates_with_every_bit_width(policy, bits):
     minikv.patch(model, bits=bits, budget=0.5, residual_length=16, **policy)
     try:
         cache = minikv.MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=20)
-        out = model.generate(ids, attention_mask=mask, **{KEY: cache}, max_new_tokens=20, do_sample=False,
-                             pad_token_id=0)
+        out = model.generate(
+            ids, attention_mask=mask, **{KEY: cache}, max_new_tokens=20, do_sample=False, pad_token_id=0
+        )
     finally:
         minikv.unpatch(model)
     assert out.shape == (2, 68)

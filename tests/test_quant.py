@@ -17,8 +17,12 @@ def _codes(bits, lead, words, seed):
 
 
 @SETTINGS
-@given(bits=st.sampled_from([2, 4]), lead=st.lists(st.integers(1, 5), min_size=0, max_size=3),
-       words=st.integers(1, 9), seed=st.integers(0, 2**31 - 1))
+@given(
+    bits=st.sampled_from([2, 4]),
+    lead=st.lists(st.integers(1, 5), min_size=0, max_size=3),
+    words=st.integers(1, 9),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_pack_unpack_is_a_bijection_on_codes(bits, lead, words, seed):
     q = _codes(bits, lead, words, seed)
     packed = pack(q, bits)
@@ -36,9 +40,14 @@ def test_packing_layout_is_little_endian_kivi():
 
 
 @SETTINGS
-@given(bits=st.sampled_from([2, 4]), groups=st.integers(1, 6), lead=st.lists(st.integers(1, 7), max_size=3),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), scale=st.floats(1e-3, 1e3),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    bits=st.sampled_from([2, 4]),
+    groups=st.integers(1, 6),
+    lead=st.lists(st.integers(1, 7), max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    scale=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_every_element_is_within_half_a_step(bits, groups, lead, dtype, scale, seed):
     G = 16
     g = torch.Generator().manual_seed(seed)
@@ -54,8 +63,12 @@ def test_every_element_is_within_half_a_step(bits, groups, lead, dtype, scale, s
 
 
 @SETTINGS
-@given(bits=st.sampled_from([2, 4]), value=st.floats(-6e4, 6e4, allow_nan=False, allow_subnormal=False),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16]), n=st.integers(1, 4))
+@given(
+    bits=st.sampled_from([2, 4]),
+    value=st.floats(-6e4, 6e4, allow_nan=False, allow_subnormal=False),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    n=st.integers(1, 4),
+)
 def test_constant_groups_round_trip_exactly(bits, value, dtype, n):
     x = torch.full((3, n * 16), value, dtype=dtype)
     # the minimum is stored in fp16: bf16 values outside fp16's grid cannot be exact

@@ -45,7 +45,9 @@ def _eager_scores(model, ids, chunk, prefix=()):
         with torch.no_grad():
             att = model(seq, position_ids=pos, output_attentions=True).attentions  # [1, Hq, L, L] per layer
         for layer, a in enumerate(att):
-            rows = a[:, :, T + len(prefix) + (start - first):, :T].double()  # the counted queries, the prompt's columns
+            rows = a[
+                :, :, T + len(prefix) + (start - first) :, :T
+            ].double()  # the counted queries, the prompt's columns
             per_kv = rows.reshape(1, cfg.num_key_value_heads, g, -1, T).amax(dim=(2, 3))
             best[layer] = torch.maximum(best[layer], per_kv)
     return best
@@ -58,8 +60,15 @@ def test_scores_are_the_attention_of_the_re_read_prompt_in_the_unpatched_model(c
     model.set_attn_implementation("eager")
     expected = _eager_scores(model, ids, min(chunk, 60), prefix)
     model.set_attn_implementation("sdpa")
-    minikv.patch(model, bits=2, budget=0.5, residual_length=16, scorer="kvzip", reconstruct_chunk=chunk,
-                 reconstruct_prefix=prefix)
+    minikv.patch(
+        model,
+        bits=2,
+        budget=0.5,
+        residual_length=16,
+        scorer="kvzip",
+        reconstruct_chunk=chunk,
+        reconstruct_prefix=prefix,
+    )
     cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)
     with torch.no_grad():
         model(ids, **{KEY: cache}, use_cache=True)
@@ -84,24 +93,35 @@ def test_the_prompt_is_attended_in_full_precision_and_decode_reads_the_kept_toke
 
 
 def test_a_left_padded_sequence_keeps_what_it_keeps_alone(captured):
-    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5, residual_length=16, scorer="kvzip",
-                         reconstruct_chunk=16)
+    model = minikv.patch(
+        tiny_model("llama"), bits=2, budget=0.5, residual_length=16, scorer="kvzip", reconstruct_chunk=16
+    )
     ids = torch.randint(1, 320, (2, 50), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[0, :7] = 0
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
-        model(ids, attention_mask=mask, position_ids=pos, use_cache=True,
-              **{KEY: MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)})
+        model(
+            ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            **{KEY: MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)},
+        )
         batched = [s[0, :, 7:] for s in captured]
         captured.clear()
-        model(ids[:1, 7:], use_cache=True, **{KEY: MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)})
+        model(
+            ids[:1, 7:],
+            use_cache=True,
+            **{KEY: MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)},
+        )
     for a, b in zip(batched, captured):
         assert torch.allclose(a, b[0], atol=1e-9)
 
 
 def test_the_pass_never_builds_a_prompt_by_prompt_map(monkeypatch):
-    """Every attention map of the pass is at most QUERY_BLOCK queries by (prompt + chunk + overlap) keys."""
+    """Every attention map of the pass is at most QUERY_BLOCK queries by (prompt + chunk + overlap) keys
+    (the reference op, whose maps are spied on; the CPU kernel's blocks are as large, or smaller)."""
     shapes = []
     logits = reference._logits
 
@@ -111,11 +131,21 @@ def test_the_pass_never_builds_a_prompt_by_prompt_map(monkeypatch):
 
     monkeypatch.setattr(reference, "_logits", spy)
     T, chunk = 300, 32
-    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5, residual_length=16, scorer="kvzip",
-                         reconstruct_chunk=chunk)
+    model = minikv.patch(
+        tiny_model("llama"),
+        bits=2,
+        budget=0.5,
+        residual_length=16,
+        scorer="kvzip",
+        reconstruct_chunk=chunk,
+        backend="reference",
+    )
     with torch.no_grad():
-        model(torch.randint(1, 320, (1, T)), use_cache=True,
-              **{KEY: MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)})
+        model(
+            torch.randint(1, 320, (1, T)),
+            use_cache=True,
+            **{KEY: MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)},
+        )
     assert len(shapes) == 3 * -(-T // chunk)  # one map per layer per chunk
     assert max(q for q, _ in shapes) <= chunk + OVERLAP
     assert max(k for _, k in shapes) <= T + chunk + OVERLAP
@@ -129,8 +159,16 @@ def test_a_later_turn_is_scored_by_the_pass_and_the_tokens_held_stay(captured):
     layer = next(layer for layer in cache.layers if isinstance(layer, MiniKVLayer))
     st = layer.store
     p, G, kw = int(st.n_packed[0]), st.group, 32 // st.k_bits
-    held = [t.clone() for t in (st.k_codes[..., : p // kw], st.k_scale[..., : p // G], st.v_codes[:, :, :p],
-                                st.v_mn[:, :, :p], st.res_k[:, :, :4])]
+    held = [
+        t.clone()
+        for t in (
+            st.k_codes[..., : p // kw],
+            st.k_scale[..., : p // G],
+            st.v_codes[:, :, :p],
+            st.v_mn[:, :, :p],
+            st.res_k[:, :, :4],
+        )
+    ]
     n_before = int(st.lengths()[0])
     captured.clear()
     with torch.no_grad():
@@ -138,8 +176,13 @@ def test_a_later_turn_is_scored_by_the_pass_and_the_tokens_held_stay(captured):
     assert [s.shape[-1] for s in captured] == [40] * 3  # the turn's tokens only were scored
     st = layer.store
     assert int(st.lengths()[0]) == n_before + 20
-    after = (st.k_codes[..., : p // kw], st.k_scale[..., : p // G], st.v_codes[:, :, :p], st.v_mn[:, :, :p],
-             st.res_k[:, :, :4])
+    after = (
+        st.k_codes[..., : p // kw],
+        st.k_scale[..., : p // G],
+        st.v_codes[:, :, :p],
+        st.v_mn[:, :, :p],
+        st.res_k[:, :, :4],
+    )
     assert all(torch.equal(a, b) for a, b in zip(held, after))
 
 
@@ -199,7 +242,9 @@ def test_global_schedule_moves_tokens_to_the_layers_that_rank_highest_at_equal_t
     heavy = keep - recent
     for k, r in counts:
         assert torch.equal(r, recent)
-        assert bool(((k - r) >= (GLOBAL_SPAN[0] * heavy).floor()).all()) and bool(((k - r) <= GLOBAL_SPAN[1] * heavy).all())
+        assert bool(((k - r) >= (GLOBAL_SPAN[0] * heavy).floor()).all()) and bool(
+            ((k - r) <= GLOBAL_SPAN[1] * heavy).all()
+        )
     assert bool((counts[1][0] > keep).all()) and bool((counts[2][0] < keep).all())
 
 
@@ -236,8 +281,9 @@ def test_the_decode_step_with_the_hook_compiles_into_one_graph():
     """The pass's hook sits on the decoder: a decode step (nothing pending) still compiles whole, once."""
     import torch._dynamo as dynamo
 
-    model = minikv.patch(tiny_model("llama"), bits=2, budget=32, recent=8, residual_length=16, scorer="kvzip",
-                         schedule="global")
+    model = minikv.patch(
+        tiny_model("llama"), bits=2, budget=32, recent=8, residual_length=16, scorer="kvzip", schedule="global"
+    )
     ids = torch.randint(1, 320, (1, 50), generator=torch.Generator().manual_seed(5))
     eager = minikv.generate(model, ids, max_new_tokens=20)
     dynamo.reset()

@@ -18,8 +18,14 @@ def _config(**knobs) -> MiniKVConfig:
 
 
 @settings(max_examples=60, deadline=None)
-@given(B=st.integers(1, 3), H=st.integers(1, 4), T=st.integers(1, 90), frac=st.floats(0.01, 1.0),
-       recent=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
+@given(
+    B=st.integers(1, 3),
+    H=st.integers(1, 4),
+    T=st.integers(1, 90),
+    frac=st.floats(0.01, 1.0),
+    recent=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_kept_indices_sorted_unique_with_recent_window_and_exact_count(B, H, T, frac, recent, seed):
     g = torch.Generator().manual_seed(seed)
     pad = torch.randint(0, T, (B,), generator=g)

@@ -22,9 +22,10 @@ DEFAULTS = dict(config=minikv.MiniKVConfig())  # the library's defaults, nothing
 def _generate(model, tokenizer, text, n, cache=None):
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, **{KEY: cache},
-                             pad_token_id=tokenizer.pad_token_id)
-    return out[0, inputs.input_ids.shape[1]:]
+        out = model.generate(
+            **inputs, max_new_tokens=n, do_sample=False, **{KEY: cache}, pad_token_id=tokenizer.pad_token_id
+        )
+    return out[0, inputs.input_ids.shape[1] :]
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +43,18 @@ def prompts(lm):
 
 def test_no_compression_is_token_identical(lm, prompts):
     model, tok = lm
-    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                   tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     cases = ((chat, 24), (prompts[0][0], 12))
     assert_uncompressed_is_token_identical(model, lambda text, n: _generate(model, tok, text, n), cases)
 
 
 def test_answers_the_capital_of_france_with_the_default_cache(lm):
     model, tok = lm
-    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                   tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     minikv.patch(model)
     try:
         answer = tok.decode(_generate(model, tok, chat, 12))
@@ -99,11 +102,20 @@ def test_main_job_runs_end_to_end(tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, "-m", "minikv", "--prompt-tokens", "800", "--max-new-tokens", "6", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for words in ("answer", "prompt tokens", "KV bytes fp16", "KV bytes minikv", "compression", "tokens/s",
-                  "uncompressed cache"):
+    for words in (
+        "answer",
+        "prompt tokens",
+        "KV bytes fp16",
+        "KV bytes minikv",
+        "compression",
+        "tokens/s",
+        "uncompressed cache",
+    ):
         assert words in proc.stdout
     r = json.loads(out.read_text())
     # ~14% at 4k tokens; at 800 the fp32 residual (partial group + new tokens) weighs about 5 points more

@@ -26,8 +26,9 @@ def _live_tensors(*mine) -> tuple[int, int]:
 
 
 def test_thousands_of_steps_compiled_equal_eager_and_nothing_grows():
-    model = minikv.patch(tiny_model("llama", max_position_embeddings=4096), bits=2, budget=32, recent=8,
-                         residual_length=16)
+    model = minikv.patch(
+        tiny_model("llama", max_position_embeddings=4096), bits=2, budget=32, recent=8, residual_length=16
+    )
     key = cache_key()
 
     def step(tok, pos, cache):

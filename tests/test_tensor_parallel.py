@@ -31,17 +31,42 @@ def saved(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("knobs", [None, dict(bits=16, budget=None), dict(budget=0.5, residual_length=16),
-                                   dict(bits=4, budget=0.75, scorer="minikv", residual_length=16)])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        None,
+        dict(bits=16, budget=None),
+        dict(budget=0.5, residual_length=16),
+        dict(bits=4, budget=0.75, scorer="minikv", residual_length=16),
+    ],
+)
 def test_torchrun_two_ranks_generate_what_one_process_does(saved, tmp_path, knobs):
     from transformers import AutoModelForCausalLM
 
     one, heads = generate(AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float64).eval(), knobs)
     out = tmp_path / "tp.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-                           str(HERE / "tp_worker.py"), str(saved), str(out), json.dumps(knobs)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            str(HERE / "tp_worker.py"),
+            str(saved),
+            str(out),
+            json.dumps(knobs),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     tp = json.loads(out.read_text())
     assert tp["tokens"] == one.tolist()

@@ -25,8 +25,9 @@ def _chat(model, turns, new_tokens=6, cache=None):
     for t, turn in enumerate(turns):
         ids = turn if ids is None else torch.cat([ids, turn], 1)
         kw = {} if cache is None and not minikv.is_patched(model) else {cache_key(): cache}
-        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                             return_dict_in_generate=True, **kw)
+        out = model.generate(
+            ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, return_dict_in_generate=True, **kw
+        )
         if minikv.is_patched(model):
             cache = getattr(out, cache_key())
         ids = out.sequences
@@ -57,8 +58,13 @@ def test_compressed_turn_keeps_the_held_tokens_and_compresses_the_new_ones():
     layer = _layers(cache)[0]
     st = layer.store
     p, G, kw = int(st.n_packed[0]), st.group, 32 // st.k_bits
-    held = [st.k_codes[..., : p // kw], st.k_scale[..., : p // G], st.v_codes[:, :, :p], st.v_mn[:, :, :p],
-            st.res_k[:, :, :4]]  # the packed tokens and the sinks
+    held = [
+        st.k_codes[..., : p // kw],
+        st.k_scale[..., : p // G],
+        st.v_codes[:, :, :p],
+        st.v_mn[:, :, :p],
+        st.res_k[:, :, :4],
+    ]  # the packed tokens and the sinks
     held = [t.clone() for t in held]
     n_before = int(st.lengths()[0])
     with torch.no_grad():
@@ -66,8 +72,13 @@ def test_compressed_turn_keeps_the_held_tokens_and_compresses_the_new_ones():
     st = layer.store
     # 40 new tokens at budget 0.5: 20 kept (SnapKV's window and the top scored; no sinks in a turn)
     assert int(st.lengths()[0]) == n_before + 20
-    after = [st.k_codes[..., : p // kw], st.k_scale[..., : p // G], st.v_codes[:, :, :p], st.v_mn[:, :, :p],
-             st.res_k[:, :, :4]]
+    after = [
+        st.k_codes[..., : p // kw],
+        st.k_scale[..., : p // G],
+        st.v_codes[:, :, :p],
+        st.v_mn[:, :, :p],
+        st.res_k[:, :, :4],
+    ]
     assert all(torch.equal(a, b) for a, b in zip(held, after))
     assert int(cache.get_seq_length()) == 64 + 3 + 40
     assert cache.memory().fp16_bytes == 3 * (64 + 3 + 40) * 2 * 16 * 2 * 2  # every token seen, at fp16
@@ -76,8 +87,7 @@ def test_compressed_turn_keeps_the_held_tokens_and_compresses_the_new_ones():
 def test_extend_packs_whole_groups_with_the_codes_of_the_same_tokens():
     from minikv import MiniKVConfig
 
-    cfg = MiniKVConfig(bits=2, k_bits=4, q_group_size=16, residual_length=32, sink_tokens=2, clip=True,
-                       rotate="none")
+    cfg = MiniKVConfig(bits=2, k_bits=4, q_group_size=16, residual_length=32, sink_tokens=2, clip=True, rotate="none")
     B, H, D = 2, 2, 32
     g = torch.Generator().manual_seed(0)
     store = QuantizedStore(cfg, B, H, D, 96, torch.float32, "cpu")
@@ -136,8 +146,9 @@ def test_chunked_prefill_at_16_bits_equals_one_pass(family):
     mask[1, :9] = 0
     one = minikv.generate(model, ids, mask, max_new_tokens=10)
     assert torch.equal(minikv.generate(model, ids, mask, max_new_tokens=10, chunk_size=16), one)
-    hf = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
-                        prefill_chunk_size=16)
+    hf = model.generate(
+        ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, prefill_chunk_size=16
+    )
     assert torch.equal(hf, one)
 
 
@@ -171,8 +182,11 @@ def test_compiled_decode_recompiles_once_for_a_new_turn():
         cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=20)
         out, toks = [], []
         with torch.no_grad():
-            logits = model(torch.randint(1, 320, (1, 50), generator=torch.Generator().manual_seed(0)),
-                           use_cache=True, **{cache_key(): cache}).logits[:, -1]
+            logits = model(
+                torch.randint(1, 320, (1, 50), generator=torch.Generator().manual_seed(0)),
+                use_cache=True,
+                **{cache_key(): cache},
+            ).logits[:, -1]
             for turn in range(2):
                 for i in range(12):
                     tok = logits.argmax(-1, keepdim=True)

@@ -38,7 +38,11 @@ def _write_all(lay, views, tables, K, V, chunks, rot, clip):
                 ks.append(K[b][a:e]), vs.append(V[b][a:e]), slots.append(tables[b][p // N] * N + p % N)
                 pos[b] = e
         H, D = K[0].shape[1:]
-        ks.append(torch.full((1, H, D), float("nan"))), vs.append(torch.zeros(1, H, D)), slots.append(torch.tensor([-1]))
+        (
+            ks.append(torch.full((1, H, D), float("nan"))),
+            vs.append(torch.zeros(1, H, D)),
+            slots.append(torch.tensor([-1])),
+        )
         paged.write(views, lay, torch.cat(ks), torch.cat(vs), torch.cat(slots), rot, rot, clip)
 
 
@@ -56,11 +60,20 @@ def _split(total: int, cuts: list[int]) -> list[int]:
 
 
 @settings(max_examples=25, deadline=None)
-@given(k_bits=st.sampled_from([2, 4]), v_bits=st.sampled_from([2, 4]), G=st.sampled_from([16, 32]),
-       blocks_per=st.sampled_from([1, 2, 4]), lens=st.lists(st.integers(1, 200), min_size=1, max_size=3),
-       cuts=st.lists(st.integers(1, 90), max_size=3), rotate_kv=st.booleans(), clip=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_stored_codes_equal_quantize_pack_of_the_same_tokens(k_bits, v_bits, G, blocks_per, lens, cuts, rotate_kv, clip, seed):
+@given(
+    k_bits=st.sampled_from([2, 4]),
+    v_bits=st.sampled_from([2, 4]),
+    G=st.sampled_from([16, 32]),
+    blocks_per=st.sampled_from([1, 2, 4]),
+    lens=st.lists(st.integers(1, 200), min_size=1, max_size=3),
+    cuts=st.lists(st.integers(1, 90), max_size=3),
+    rotate_kv=st.booleans(),
+    clip=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_stored_codes_equal_quantize_pack_of_the_same_tokens(
+    k_bits, v_bits, G, blocks_per, lens, cuts, rotate_kv, clip, seed
+):
     g = torch.Generator().manual_seed(seed)
     H, D, N = 2, 32, G * blocks_per
     lay = PageLayout(D, N, torch.float32, k_bits, v_bits, G)
@@ -122,7 +135,11 @@ def test_decode_over_the_pages_equals_fp64_attention_over_the_stored_tokens(k_bi
 def test_the_new_tokens_attend_in_full_precision_over_the_stored_context():
     """A chunk of new tokens (prefill, a later turn): context as stored, new tokens as given, causal."""
     g = torch.Generator().manual_seed(1)
-    q, kc, vc = torch.randn(5, 4, 16, generator=g), torch.randn(7, 2, 16, generator=g), torch.randn(7, 2, 16, generator=g)
+    q, kc, vc = (
+        torch.randn(5, 4, 16, generator=g),
+        torch.randn(7, 2, 16, generator=g),
+        torch.randn(7, 2, 16, generator=g),
+    )
     kn, vn = torch.randn(5, 2, 16, generator=g), torch.randn(5, 2, 16, generator=g)
     out = paged.attend(q, kc, vc, kn, vn, 0.25, 0.0)
     keys, vals = torch.cat([kc, kn]).double(), torch.cat([vc, vn]).double()
@@ -140,11 +157,15 @@ def test_sixteen_bits_stores_every_token_exactly():
     k, v = torch.randn(40, 2, 32).bfloat16(), torch.randn(40, 2, 32).bfloat16()
     slots = torch.cat([torch.arange(32, 64), torch.arange(96, 104)])  # blocks 1 then 3
     paged.write(views, lay, k, v, slots)
-    assert torch.equal(views["k"][1].transpose(0, 1), k[:32]) and torch.equal(views["v"][3, :, :8].transpose(0, 1), v[32:])
+    assert torch.equal(views["k"][1].transpose(0, 1), k[:32]) and torch.equal(
+        views["v"][3, :, :8].transpose(0, 1), v[32:]
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("D,N,G,k_bits,v_bits", [(64, 128, 32, 4, 2), (64, 256, 32, 2, 2), (128, 256, 32, 4, 2), (32, 32, 16, 2, 4)])
+@pytest.mark.parametrize(
+    "D,N,G,k_bits,v_bits", [(64, 128, 32, 4, 2), (64, 256, 32, 2, 2), (128, 256, 32, 4, 2), (32, 32, 16, 2, 4)]
+)
 def test_the_regions_fit_the_declared_bytes(dtype, D, N, G, k_bits, v_bits):
     lay = PageLayout(D, N, dtype, k_bits, v_bits, G)
     spans = sorted((off, off + torch.Size(shape).numel() * dt.itemsize) for off, shape, dt in lay.regions().values())
@@ -166,12 +187,21 @@ def test_settings_parse_and_refuse_by_name():
     assert parse("1") == Settings()
     assert parse("bits=2,group_size=16,clip=0,rotate=v") == Settings(2, 2, 16, False, "v")
     assert parse("bits=16") == Settings(16, 16, 32, False, "none")
-    for text, name in [("bits=3", "k_bits"), ("k_bits=4,v_bits=16", "k_bits and v_bits"), ("group_size=48", "group_size"),
-                       ("rotate=q", "rotate"), ("clip=yes", "clip"), ("bits", "key=value"), ("budget=0.5", "key=value"),
-                       ("k_bits=four", "k_bits")]:
+    for text, name in [
+        ("bits=3", "k_bits"),
+        ("k_bits=4,v_bits=16", "k_bits and v_bits"),
+        ("group_size=48", "group_size"),
+        ("rotate=q", "rotate"),
+        ("clip=yes", "clip"),
+        ("bits", "key=value"),
+        ("budget=0.5", "key=value"),
+        ("k_bits=four", "k_bits"),
+    ]:
         with pytest.raises(ValueError, match=name):
             parse(text)
-    with pytest.raises(ValueError, match=r"group_size=64 must divide the model's head_dim=32 \(valid here: \[16, 32\]\)"):
+    with pytest.raises(
+        ValueError, match=r"group_size=64 must divide the model's head_dim=32 \(valid here: \[16, 32\]\)"
+    ):
         Settings(group_size=64).check_model(32, 128)
     with pytest.raises(ValueError, match="block size .* multiple of group_size=32"):
         Settings().check_model(64, 48)
@@ -191,7 +221,11 @@ def test_the_plugin_leaves_vllm_alone_unless_asked(monkeypatch):
 
 def test_softcapped_attention_caps_the_logits():
     g = torch.Generator().manual_seed(2)
-    q, kc, vc = torch.randn(3, 2, 8, generator=g) * 4, torch.randn(4, 1, 8, generator=g) * 4, torch.randn(4, 1, 8, generator=g)
+    q, kc, vc = (
+        torch.randn(3, 2, 8, generator=g) * 4,
+        torch.randn(4, 1, 8, generator=g) * 4,
+        torch.randn(4, 1, 8, generator=g),
+    )
     kn, vn = torch.randn(3, 1, 8, generator=g), torch.randn(3, 1, 8, generator=g)
     out = paged.attend(q, kc, vc, kn, vn, 0.5, 5.0)
     keys, vals = torch.cat([kc, kn])[:, 0].double(), torch.cat([vc, vn])[:, 0].double()

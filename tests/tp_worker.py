@@ -30,8 +30,9 @@ def generate(model, knobs: dict | None):
     minikv.patch(model, **knobs)
     try:
         cache = minikv.MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=NEW)
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
-                             **{cache_key(): cache})
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, **{cache_key(): cache}
+        )
         return out, [layer.num_heads for layer in cache.layers]
     finally:
         minikv.unpatch(model)

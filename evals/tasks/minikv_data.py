@@ -17,12 +17,14 @@ import re
 import string
 
 CHARS_PER_TOKEN = 4.0
-WORDS = ("apple amber anchor arrow autumn badge bamboo beacon birch bison blossom breeze bronze cactus candle canyon "
-         "cedar cherry cobalt comet coral cotton crystal dawn delta desert dolphin dragon eagle echo ember falcon "
-         "fern forest fossil galaxy garnet glacier granite harbor hazel heron horizon iris island ivory jade jasmine "
-         "jungle kettle lagoon lantern lemon lilac lotus maple marble meadow meteor mint nectar oasis ocean olive "
-         "onyx orchid otter panda pearl pepper pine planet plum quartz raven reef river ruby saffron salmon sapphire "
-         "shadow silver spruce summit sunset thistle thunder tiger topaz tulip velvet violet walnut willow zephyr").split()
+WORDS = (
+    "apple amber anchor arrow autumn badge bamboo beacon birch bison blossom breeze bronze cactus candle canyon "
+    "cedar cherry cobalt comet coral cotton crystal dawn delta desert dolphin dragon eagle echo ember falcon "
+    "fern forest fossil galaxy garnet glacier granite harbor hazel heron horizon iris island ivory jade jasmine "
+    "jungle kettle lagoon lantern lemon lilac lotus maple marble meadow meteor mint nectar oasis ocean olive "
+    "onyx orchid otter panda pearl pepper pine planet plum quartz raven reef river ruby saffron salmon sapphire "
+    "shadow silver spruce summit sunset thistle thunder tiger topaz tulip velvet violet walnut willow zephyr"
+).split()
 
 
 def _dataset(rows):
@@ -79,13 +81,22 @@ def _niah(tokens, samples, seed, n_keys, n_values, n_queries):
         text = haystack(rng, int(tokens * CHARS_PER_TOKEN) - 200, needles)
         what = ", ".join(queried[:-1]) + (" and " if len(queried) > 1 else "") + queried[-1]
         plural = n_values > 1 or n_queries > 1
-        question = (f"What {'are all the special magic numbers' if plural else 'is the special magic number'} "
-                    f"for {what} mentioned in the provided text?")
-        prefix = (f"The special magic {'numbers' if plural else 'number'} for {what} mentioned in the provided "
-                  f"text {'are' if plural else 'is'}")
-        rows.append(dict(input=f"Some special magic numbers are hidden within the following text. Make sure to "
-                               f"memorize it. I will quiz you about the numbers afterwards.\n{text}\n{question}\n"
-                               f"{prefix}", outputs=[v for k in queried for v in values[k]]))
+        question = (
+            f"What {'are all the special magic numbers' if plural else 'is the special magic number'} "
+            f"for {what} mentioned in the provided text?"
+        )
+        prefix = (
+            f"The special magic {'numbers' if plural else 'number'} for {what} mentioned in the provided "
+            f"text {'are' if plural else 'is'}"
+        )
+        rows.append(
+            dict(
+                input=f"Some special magic numbers are hidden within the following text. Make sure to "
+                f"memorize it. I will quiz you about the numbers afterwards.\n{text}\n{question}\n"
+                f"{prefix}",
+                outputs=[v for k in queried for v in values[k]],
+            )
+        )
     return _dataset(rows)
 
 
@@ -119,9 +130,14 @@ def passkey(tokens=1500, samples=10, seed=0, **_):
         n = max(1, int(tokens * CHARS_PER_TOKEN / len(filler)))
         at = rng.randint(int(0.2 * n), int(0.8 * n))
         body = filler * at + f"The pass key is {key}. Remember it. {key} is the pass key. " + filler * (n - at)
-        rows.append(dict(input=f"There is important info hidden inside a lot of irrelevant text. Find it and "
-                               f"memorize it. I will quiz you about the important information there.\n{body}\n"
-                               f"What is the pass key? The pass key is", outputs=[key]))
+        rows.append(
+            dict(
+                input=f"There is important info hidden inside a lot of irrelevant text. Find it and "
+                f"memorize it. I will quiz you about the important information there.\n{body}\n"
+                f"What is the pass key? The pass key is",
+                outputs=[key],
+            )
+        )
     return _dataset(rows)
 
 
@@ -138,11 +154,16 @@ def variable_tracking(tokens=1500, samples=10, seed=0, hops=3, **_):
         spots = sorted(rng.sample(range(len(parts)), len(chain)))
         for spot, stmt in zip(reversed(spots), reversed(chain)):  # keep the chain in order
             parts.insert(spot, stmt)
-        rows.append(dict(input=f"Memorize and track the chain(s) of variable assignment hidden in the following "
-                               f"text.\n{' '.join(parts)}\nQuestion: Find all variables that are assigned the value "
-                               f"{value} in the text above. Answer: According to the chain(s) of variable "
-                               f"assignment in the text above, {len(names)} variables are assigned the value "
-                               f"{value}, they are:", outputs=names))
+        rows.append(
+            dict(
+                input=f"Memorize and track the chain(s) of variable assignment hidden in the following "
+                f"text.\n{' '.join(parts)}\nQuestion: Find all variables that are assigned the value "
+                f"{value} in the text above. Answer: According to the chain(s) of variable "
+                f"assignment in the text above, {len(names)} variables are assigned the value "
+                f"{value}, they are:",
+                outputs=names,
+            )
+        )
     return _dataset(rows)
 
 
@@ -157,10 +178,15 @@ def common_words(tokens=1500, samples=10, seed=0, n_common=5, common_reps=12, **
         words = common * common_reps + [rng.choice(rare) for _ in range(n_words - n_common * common_reps)]
         rng.shuffle(words)
         listing = " ".join(f"{j + 1}. {w}" for j, w in enumerate(words))
-        rows.append(dict(input=f"Below is a numbered list of words. In these words, some appear more often than "
-                               f"others. Memorize the ones that appear most often.\n{listing}\nQuestion: What are "
-                               f"the {n_common} most common words in the above list? Answer: The top {n_common} "
-                               f"words that appear most often in the list are:", outputs=common))
+        rows.append(
+            dict(
+                input=f"Below is a numbered list of words. In these words, some appear more often than "
+                f"others. Memorize the ones that appear most often.\n{listing}\nQuestion: What are "
+                f"the {n_common} most common words in the above list? Answer: The top {n_common} "
+                f"words that appear most often in the list are:",
+                outputs=common,
+            )
+        )
     return _dataset(rows)
 
 
@@ -172,12 +198,16 @@ def frequent_words(tokens=1500, samples=10, seed=0, n_top=3, alpha=2.0, **_):
         vocab = ["".join(rng.choices(string.ascii_lowercase, k=5)) for _ in range(200)]
         weights = [1 / (r + 1) ** alpha for r in range(len(vocab))]
         words = rng.choices(vocab, weights=weights, k=max(int(tokens / 4), 50))  # a 5-letter code is ~4 tokens
-        rows.append(dict(input=f"Read the following coded text and track the frequency of each coded word. Find "
-                               f"the {n_top} most frequently appeared coded words.\n{' '.join(words)}\nQuestion: Do "
-                               f"not provide any explanation. Please ignore the dots '....'. What are the {n_top} "
-                               f"most frequently appeared words in the above coded text? Answer: According to the "
-                               f"coded text above, the {n_top} most frequently appeared words are:",
-                         outputs=vocab[:n_top]))
+        rows.append(
+            dict(
+                input=f"Read the following coded text and track the frequency of each coded word. Find "
+                f"the {n_top} most frequently appeared coded words.\n{' '.join(words)}\nQuestion: Do "
+                f"not provide any explanation. Please ignore the dots '....'. What are the {n_top} "
+                f"most frequently appeared words in the above coded text? Answer: According to the "
+                f"coded text above, the {n_top} most frequently appeared words are:",
+                outputs=vocab[:n_top],
+            )
+        )
     return _dataset(rows)
 
 

@@ -40,13 +40,22 @@ def check_quantized_cache_layers(model_config) -> None:
 
     other = sorted(set(layer_types_and_kwargs(model_config.get_text_config(decoder=True))[0]) - {"full_attention"})
     if other:
-        raise ValueError(f"cache=quanto: transformers' QuantizedCache supports only models whose every layer is "
-                         f"full attention; this one has {other} layers (use cache=minikv or cache=full)")
+        raise ValueError(
+            f"cache=quanto: transformers' QuantizedCache supports only models whose every layer is "
+            f"full attention; this one has {other} layers (use cache=minikv or cache=full)"
+        )
 
 
 class MiniKVLM(HFLM):
-    def __init__(self, pretrained=None, cache: str = "minikv", dtype: str | None = None, device: str | None = None,
-                 preset: str | None = None, **kwargs):
+    def __init__(
+        self,
+        pretrained=None,
+        cache: str = "minikv",
+        dtype: str | None = None,
+        device: str | None = None,
+        preset: str | None = None,
+        **kwargs,
+    ):
         if cache not in KINDS:
             raise ValueError(f"cache must be one of {list(KINDS)}, got {cache!r}")
         knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in KNOBS}
@@ -111,8 +120,9 @@ class MiniKVLM(HFLM):
         for context, idx in groups.items():
             conts = [requests[i][2] for i in idx]
             recorder = _Recorder(self)
-            scores = score_group(self.model, recorder.new_cache, self.cache_kind == "minikv", context, conts,
-                                 self.max_length)
+            scores = score_group(
+                self.model, recorder.new_cache, self.cache_kind == "minikv", context, conts, self.max_length
+            )
             recorder.flush()
             for i, answer in zip(idx, scores):
                 results[i] = answer

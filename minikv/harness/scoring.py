@@ -33,8 +33,14 @@ def split_point(n_context: int, n_inp: int) -> int:
 
 
 @torch.inference_mode()
-def score_group(model, new_cache: Callable[[int], object], forkable: bool, context: Sequence[int],
-                continuations: Sequence[Sequence[int]], max_length: int) -> list[tuple[float, bool]]:
+def score_group(
+    model,
+    new_cache: Callable[[int], object],
+    forkable: bool,
+    context: Sequence[int],
+    continuations: Sequence[Sequence[int]],
+    max_length: int,
+) -> list[tuple[float, bool]]:
     """``(sum of log-probs, greedy?)`` of each continuation after the same ``context``.
 
     ``new_cache(n_after)`` returns an empty cache that holds ``n_after`` tokens after its prompt. A
@@ -44,7 +50,7 @@ def score_group(model, new_cache: Callable[[int], object], forkable: bool, conte
     shared: dict[int, tuple] = {}  # split -> (prefilled cache, prefix logits)
     results = []
     for cont in continuations:
-        full = (list(context) + list(cont))[-(max_length + 1):]
+        full = (list(context) + list(cont))[-(max_length + 1) :]
         inp = torch.tensor([full[:-1]], dtype=torch.long, device=model.device)
         n_ctx = len(full) - len(cont)
         split = split_point(n_ctx, inp.shape[1])
@@ -61,7 +67,7 @@ def score_group(model, new_cache: Callable[[int], object], forkable: bool, conte
                     shared[split] = (copy.deepcopy(cache), head)
             tail = model(inp[:, split:], use_cache=True, **{cache_key(): cache}).logits
             logits = torch.cat([head, tail], dim=1)
-        logp = F.log_softmax(logits[0, -len(cont):].double(), dim=-1)
+        logp = F.log_softmax(logits[0, -len(cont) :].double(), dim=-1)
         target = torch.tensor(cont, device=model.device)
         results.append((float(logp.gather(-1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())))
     return results

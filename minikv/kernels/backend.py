@@ -39,8 +39,12 @@ REFERENCE = types.SimpleNamespace(
     decode_attention=reference.decode_attention,
 )
 
-CPU_KERNELS = {"quantize_pack": cpu_ops.quantize_pack, "decode_attention": cpu_ops.decode_attention,
-               "append_kv": cpu_ops.append_kv}
+CPU_KERNELS = {
+    "quantize_pack": cpu_ops.quantize_pack,
+    "decode_attention": cpu_ops.decode_attention,
+    "append_kv": cpu_ops.append_kv,
+    "reconstruct_attention": cpu_ops.reconstruct_attention,
+}
 
 _registered: set[str] = set()
 _cpu = {"enabled": False}
@@ -60,11 +64,15 @@ def _launcher(op_name: str, device_type: str):
 
 
 def register(device_type: str) -> None:
-    """Register the Triton launchers as the ``device_type`` kernels of the ops (idempotent)."""
+    """Register the Triton launchers as the ``device_type`` kernels of the ops (on CPU: with the CPU
+    kernels while Triton is off, and the CPU-only kernels; idempotent)."""
     if device_type in _registered:
         return
     for op_name in TRITON_LAUNCHERS:
         getattr(ops, op_name).register_kernel(device_type)(_launcher(op_name, device_type))
+    if device_type == "cpu":  # CPU kernels of ops that have no Triton kernel
+        for op_name in CPU_KERNELS.keys() - TRITON_LAUNCHERS.keys():
+            getattr(ops, op_name).register_kernel("cpu")(CPU_KERNELS[op_name])
     _registered.add(device_type)
 
 

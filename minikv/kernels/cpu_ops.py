@@ -22,17 +22,105 @@ def quantize_pack(x, bits: int, group_size: int, clip: bool = False):
     return quant.quantize_pack(x, bits, group_size, clip)
 
 
-def decode_attention(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
-                     scale: float, softcap: float, k_bits: int, v_bits: int, group_size: int):
-    args = (q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
-            scale, softcap, k_bits, v_bits, group_size)
+def reconstruct_attention(q, k_ctx, v_ctx, ctx_valid, k_new, v_new, q_valid, scale: float, softcap: float):
+    """:func:`minikv.kernels.reference.reconstruct_attention` from fused attention and its log-sum-exp.
+
+    The output is torch's fused CPU attention over ``[context ; new tokens]`` (which also returns each
+    query's log-sum-exp ``lse``); a context token's score is ``exp(max over counted queries and the
+    query heads of its KV head of (q . k * scale - lse))``: the largest probability, without forming
+    the probabilities (one batched matmul + max per block of ``QUERY_BLOCK`` queries). Soft-capped
+    logits, or a torch without that op, take the reference.
+    """
+    sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if softcap or sdpa is None:
+        return reference.reconstruct_attention(q, k_ctx, v_ctx, ctx_valid, k_new, v_new, q_valid, scale, softcap)
+    B, Hq, M, D = q.shape
+    Hkv, S = k_ctx.shape[1], k_ctx.shape[2]
+    g = Hq // Hkv
+    ctx = ctx_valid[:, None, :, None]
+    keys = torch.cat([torch.where(ctx, k_ctx.float(), 0.0), k_new.float()], 2)  # [B, Hkv, S + M, D]
+    vals = torch.cat([torch.where(ctx, v_ctx.float(), 0.0), v_new.float()], 2)
+    causal = torch.ones(M, M, dtype=torch.bool, device=q.device).tril()
+    allowed = torch.cat([ctx_valid[:, None, :].expand(B, M, S), causal.expand(B, M, M)], -1)[:, None]
+    mask = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))
+    qf = q.float()
+    out, lse = sdpa(
+        qf, keys.repeat_interleave(g, 1), vals.repeat_interleave(g, 1), 0.0, False, attn_mask=mask, scale=scale
+    )
+    lse = torch.where(q_valid[:, None, :], lse, float("inf")).reshape(B * Hkv, g, M)  # uncounted queries: -inf below
+    qg = qf.reshape(B * Hkv, g, M, D)
+    k_t = keys[:, :, :S].reshape(B * Hkv, S, D).transpose(1, 2)
+    best = torch.full((B * Hkv, S), float("-inf"), device=q.device)
+    for start in range(0, M, reference.QUERY_BLOCK):
+        end = min(start + reference.QUERY_BLOCK, M)
+        rows = qg[:, :, start:end].reshape(B * Hkv, -1, D)
+        log_p = torch.baddbmm(-lse[:, :, start:end].reshape(B * Hkv, -1, 1), rows, k_t, alpha=scale)
+        best = torch.maximum(best, log_p.amax(1))
+    scores = torch.where(ctx_valid[:, None, :], best.view(B, Hkv, S).exp(), 0.0)
+    return out.to(q.dtype), scores
+
+
+def decode_attention(
+    q,
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    n_packed,
+    res_k,
+    res_v,
+    res_len,
+    scale: float,
+    softcap: float,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
+):
+    args = (
+        q,
+        k_codes,
+        k_scale,
+        k_mn,
+        v_codes,
+        v_scale,
+        v_mn,
+        n_packed,
+        res_k,
+        res_v,
+        res_len,
+        scale,
+        softcap,
+        k_bits,
+        v_bits,
+        group_size,
+    )
     if native.available():
         return torch.ops.minikv_cpu.decode_attention(*args)
     return reference.decode_attention(*args)
 
 
-def append_kv(k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, n_sink,
-              k_bits: int, v_bits: int, group_size: int, residual_length: int, clip: bool = False) -> None:
+def append_kv(
+    k_new,
+    v_new,
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    n_packed,
+    res_k,
+    res_v,
+    res_len,
+    n_sink,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
+    residual_length: int,
+    clip: bool = False,
+) -> None:
     """:func:`minikv.kernels.reference.append_kv`, quantizing only the residuals that fill."""
     B, R = res_len.shape[0], residual_length
     rows = torch.arange(B, device=res_len.device)
@@ -49,8 +137,10 @@ def append_kv(k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_pa
         for b in full.nonzero()[:, 0].tolist():
             s, p = int(n_sink[b]), int(n_packed[b])
             if p + R > v_codes.shape[2]:
-                raise RuntimeError(f"the packed store of sequence {b} is full ({v_codes.shape[2]} tokens): "
-                                   f"the cache was built for fewer new tokens")
+                raise RuntimeError(
+                    f"the packed store of sequence {b} is full ({v_codes.shape[2]} tokens): "
+                    f"the cache was built for fewer new tokens"
+                )
             kc, ks, km = quantize_pack(res_k[b : b + 1, :, s : s + R].transpose(-1, -2), k_bits, group_size, clip)
             vc, vs, vm = quantize_pack(res_v[b : b + 1, :, s : s + R], v_bits, group_size, clip)
             k_codes[b, :, :, p // kw : (p + R) // kw] = kc[0]

@@ -59,15 +59,27 @@ def available() -> bool:
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / f"{name}.so").exists():
-        print(f"minikv: building the C++ CPU kernels in {directory} (once per machine and torch version)",
-              file=sys.stderr, flush=True)
+        print(
+            f"minikv: building the C++ CPU kernels in {directory} (once per machine and torch version)",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
-        cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], build_directory=str(directory),
-                           extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *flags], extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
+        cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in SOURCES],
+            build_directory=str(directory),
+            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *flags],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a broken toolchain: say so, use the reference
-        warnings.warn(f"minikv: the C++ CPU kernels did not build ({type(e).__name__}: {str(e)[:300]}); "
-                      f"CPU decoding runs the PyTorch reference (slower). Set {ENV_SWITCH}=0 to skip the build.",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"minikv: the C++ CPU kernels did not build ({type(e).__name__}: {str(e)[:300]}); "
+            f"CPU decoding runs the PyTorch reference (slower). Set {ENV_SWITCH}=0 to skip the build.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return False
     return True

@@ -59,8 +59,15 @@ def _(q, k, v, valid, query_weight, scale, softcap):
 
 @torch.library.custom_op("minikv::reconstruct_attention", mutates_args=())
 def reconstruct_attention(
-    q: Tensor, k_ctx: Tensor, v_ctx: Tensor, ctx_valid: Tensor, k_new: Tensor, v_new: Tensor, q_valid: Tensor,
-    scale: float, softcap: float,
+    q: Tensor,
+    k_ctx: Tensor,
+    v_ctx: Tensor,
+    ctx_valid: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    q_valid: Tensor,
+    scale: float,
+    softcap: float,
 ) -> tuple[Tensor, Tensor]:
     """Attention of new queries over a held context and themselves ``[B, Hq, M, D]``, plus the most
     attention each context token receives from a counted query, per KV head ``[B, Hkv, S]``."""
@@ -90,39 +97,129 @@ def _(scores, valid, n_keep, n_recent, n_max):
     mutates_args=("k_codes", "k_scale", "k_mn", "v_codes", "v_scale", "v_mn", "n_packed", "res_k", "res_v", "res_len"),
 )
 def append_kv(
-    k_new: Tensor, v_new: Tensor,
-    k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor,
-    n_packed: Tensor, res_k: Tensor, res_v: Tensor, res_len: Tensor, n_sink: Tensor,
-    k_bits: int, v_bits: int, group_size: int, residual_length: int, clip: bool,
+    k_new: Tensor,
+    v_new: Tensor,
+    k_codes: Tensor,
+    k_scale: Tensor,
+    k_mn: Tensor,
+    v_codes: Tensor,
+    v_scale: Tensor,
+    v_mn: Tensor,
+    n_packed: Tensor,
+    res_k: Tensor,
+    res_v: Tensor,
+    res_len: Tensor,
+    n_sink: Tensor,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
+    residual_length: int,
+    clip: bool,
 ) -> None:
     """Append new tokens to the residual and flush full residuals into the packed store, in place."""
     reference.append_kv(
-        k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, n_sink,
-        k_bits, v_bits, group_size, residual_length, clip,
+        k_new,
+        v_new,
+        k_codes,
+        k_scale,
+        k_mn,
+        v_codes,
+        v_scale,
+        v_mn,
+        n_packed,
+        res_k,
+        res_v,
+        res_len,
+        n_sink,
+        k_bits,
+        v_bits,
+        group_size,
+        residual_length,
+        clip,
     )
 
 
 @append_kv.register_fake
-def _(k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, n_sink,
-      k_bits, v_bits, group_size, residual_length, clip):
+def _(
+    k_new,
+    v_new,
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    n_packed,
+    res_k,
+    res_v,
+    res_len,
+    n_sink,
+    k_bits,
+    v_bits,
+    group_size,
+    residual_length,
+    clip,
+):
     return None
 
 
 @torch.library.custom_op("minikv::decode_attention", mutates_args=())
 def decode_attention(
     q: Tensor,
-    k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor,
-    n_packed: Tensor, res_k: Tensor, res_v: Tensor, res_len: Tensor,
-    scale: float, softcap: float, k_bits: int, v_bits: int, group_size: int,
+    k_codes: Tensor,
+    k_scale: Tensor,
+    k_mn: Tensor,
+    v_codes: Tensor,
+    v_scale: Tensor,
+    v_mn: Tensor,
+    n_packed: Tensor,
+    res_k: Tensor,
+    res_v: Tensor,
+    res_len: Tensor,
+    scale: float,
+    softcap: float,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
 ) -> Tensor:
     """One-softmax attention of new queries over ``[packed store ; residual]`` -> ``[B, Hq, Lq, D]``."""
     return reference.decode_attention(
-        q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
-        scale, softcap, k_bits, v_bits, group_size,
+        q,
+        k_codes,
+        k_scale,
+        k_mn,
+        v_codes,
+        v_scale,
+        v_mn,
+        n_packed,
+        res_k,
+        res_v,
+        res_len,
+        scale,
+        softcap,
+        k_bits,
+        v_bits,
+        group_size,
     )
 
 
 @decode_attention.register_fake
-def _(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, scale, softcap,
-      k_bits, v_bits, group_size):
+def _(
+    q,
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    n_packed,
+    res_k,
+    res_v,
+    res_len,
+    scale,
+    softcap,
+    k_bits,
+    v_bits,
+    group_size,
+):
     return q.new_empty(q.shape)  # contiguous, as the kernels

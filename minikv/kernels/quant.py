@@ -140,7 +140,9 @@ def unpack_dequantize(codes, scale, mn, bits: int, group_size: int, dtype: torch
     block = (1,) * (len(lead) + 1) + (group_size,)
     qg = q.reshape(*lead, n // group_size, group_size)
     zero = torch.zeros_like(scale, dtype=torch.int32)
-    deq = _torchao().dequantize_affine(qg, block, scale.float(), zero, torch.uint8, 0, 2**bits - 1, output_dtype=torch.float32)
+    deq = _torchao().dequantize_affine(
+        qg, block, scale.float(), zero, torch.uint8, 0, 2**bits - 1, output_dtype=torch.float32
+    )
     return (deq + mn.float().unsqueeze(-1)).reshape(*lead, n).to(dtype)
 
 

@@ -59,8 +59,9 @@ def prefill_attention(q, k, v, valid, query_weight, scale: float, softcap: float
     start = 0
     if softcap == 0 and first > 0 and bool(valid[:, :first].all()):  # SnapKV's early queries: one fused call
         qb = qf[:, :, :, :first].reshape(B, Hq, first, D)
-        o = F.scaled_dot_product_attention(qb, kf[:, :, :first], vf[:, :, :first], is_causal=True, scale=scale,
-                                           enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            qb, kf[:, :, :first], vf[:, :, :first], is_causal=True, scale=scale, enable_gqa=True
+        )
         out[:, :, :, :first] = o.view(B, Hkv, g, first, D)
         start = first
     for start in range(start, T, QUERY_BLOCK):
@@ -70,9 +71,13 @@ def prefill_attention(q, k, v, valid, query_weight, scale: float, softcap: float
         w = query_weight[:, start:end].float() * valid[:, start:end]  # [B, M]
         if softcap == 0 and not bool(w.any()):  # no score from this block (padded early queries): fused
             qb = qf[:, :, :, start:end].reshape(B, Hq, end - start, D)
-            o = F.scaled_dot_product_attention(qb, kf[:, :, :end].repeat_interleave(g, 1),
-                                               vf[:, :, :end].repeat_interleave(g, 1),
-                                               attn_mask=allowed[:, :, 0], scale=scale)
+            o = F.scaled_dot_product_attention(
+                qb,
+                kf[:, :, :end].repeat_interleave(g, 1),
+                vf[:, :, :end].repeat_interleave(g, 1),
+                attn_mask=allowed[:, :, 0],
+                scale=scale,
+            )
             out[:, :, :, start:end] = torch.nan_to_num(o, nan=0.0).view(B, Hkv, g, end - start, D)  # padded rows: 0
             continue
         s = _logits(qf[:, :, :, start:end], kf[:, :, :end], scale, softcap)  # [B, Hkv, g, M, end]
@@ -145,8 +150,22 @@ def _store_keys(k_codes, k_scale, k_mn, bits, group, dtype):
 
 
 def decode_attention(
-    q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
-    scale: float, softcap: float, k_bits: int, v_bits: int, group_size: int,
+    q,
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    n_packed,
+    res_k,
+    res_v,
+    res_len,
+    scale: float,
+    softcap: float,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
 ):
     """Attention of ``Lq`` new queries over ``[packed store ; residual]`` with one softmax.
 
@@ -193,8 +212,24 @@ def _masked_write(buf, dim: int, start, block, mask):
 
 
 def append_kv(
-    k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, n_sink,
-    k_bits: int, v_bits: int, group_size: int, residual_length: int, clip: bool = False,
+    k_new,
+    v_new,
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    n_packed,
+    res_k,
+    res_v,
+    res_len,
+    n_sink,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
+    residual_length: int,
+    clip: bool = False,
 ) -> None:
     """Append ``Lq`` tokens ``k_new/v_new [B, Hkv, Lq, D]`` to the residual, flushing at ``R``.
 
@@ -215,7 +250,9 @@ def append_kv(
         res_len.add_(1)
         full = res_len == n_sink + R  # [B]
         rk, rv = res_k.gather(2, index), res_v.gather(2, index)  # the R tokens after the sinks
-        kc, ks, km = quantize_pack(rk.transpose(-1, -2), k_bits, group_size, clip)  # [B, H, D, R*bits/32], [B, H, D, R/G]
+        kc, ks, km = quantize_pack(
+            rk.transpose(-1, -2), k_bits, group_size, clip
+        )  # [B, H, D, R*bits/32], [B, H, D, R/G]
         vc, vs, vm = quantize_pack(rv, v_bits, group_size, clip)  # [B, H, R, D*bits/32], [B, H, R, D/G]
         _masked_write(k_codes, 3, n_packed // (32 // k_bits), kc, full)
         _masked_write(k_scale, 3, n_packed // group_size, ks, full)

@@ -26,10 +26,31 @@ CHUNK = 1024  # elements quantized at once (BD * R keys or BR * D values): no sp
 
 @triton.jit
 def _append_kernel(
-    kn_ptr, vn_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, npk_ptr, rk_ptr, rv_ptr, rl_ptr, sink_ptr,
-    clip_ptr, Hkv, C, SR,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
-    BD: tl.constexpr, BR: tl.constexpr, N_CLIP: tl.constexpr,
+    kn_ptr,
+    vn_ptr,
+    kc_ptr,
+    ks_ptr,
+    km_ptr,
+    vc_ptr,
+    vs_ptr,
+    vm_ptr,
+    npk_ptr,
+    rk_ptr,
+    rv_ptr,
+    rl_ptr,
+    sink_ptr,
+    clip_ptr,
+    Hkv,
+    C,
+    SR,
+    K_BITS: tl.constexpr,
+    V_BITS: tl.constexpr,
+    G: tl.constexpr,
+    R: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BR: tl.constexpr,
+    N_CLIP: tl.constexpr,
 ):
     KPW: tl.constexpr = 32 // K_BITS
     VPW: tl.constexpr = 32 // V_BITS
@@ -54,8 +75,10 @@ def _append_kernel(
             x = tl.where(t[None, :] == slot, new[:, None], x)
             q, scale, mn = quantize_groups(tl.reshape(x, [BD * R // G, G]), clip_ptr, K_BITS, G, N_CLIP)
             w = tl.arange(0, BD * R // KPW)
-            tl.store(kc_ptr + (pid * D + d0 + w // (R // KPW)) * (C // KPW) + n_packed // KPW + w % (R // KPW),
-                     pack_words(q, BD * R, K_BITS))
+            tl.store(
+                kc_ptr + (pid * D + d0 + w // (R // KPW)) * (C // KPW) + n_packed // KPW + w % (R // KPW),
+                pack_words(q, BD * R, K_BITS),
+            )
             gi = tl.arange(0, BD * R // G)
             meta = (pid * D + d0 + gi // (R // G)) * (C // G) + n_packed // G + gi % (R // G)
             tl.store(ks_ptr + meta, scale)
@@ -81,15 +104,49 @@ def _power_of_two(n: int) -> bool:
 
 
 def append_kv(
-    k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, n_sink,
-    k_bits: int, v_bits: int, group_size: int, residual_length: int, clip: bool = False,
+    k_new,
+    v_new,
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    n_packed,
+    res_k,
+    res_v,
+    res_len,
+    n_sink,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
+    residual_length: int,
+    clip: bool = False,
 ) -> None:
     """Triton launcher of ``minikv::append_kv`` (same contract as the reference, in place)."""
     B, Hkv, Lq, D = k_new.shape
     R, G = residual_length, group_size
     if not (_power_of_two(D) and _power_of_two(R)) or B * Hkv == 0:  # tile shapes are powers of two
-        return reference.append_kv(k_new, v_new, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed,
-                                   res_k, res_v, res_len, n_sink, k_bits, v_bits, G, R, clip)
+        return reference.append_kv(
+            k_new,
+            v_new,
+            k_codes,
+            k_scale,
+            k_mn,
+            v_codes,
+            v_scale,
+            v_mn,
+            n_packed,
+            res_k,
+            res_v,
+            res_len,
+            n_sink,
+            k_bits,
+            v_bits,
+            G,
+            R,
+            clip,
+        )
     C, SR = v_codes.shape[2], res_k.shape[2]
     bd, br = max(1, min(D, CHUNK // R)), max(1, min(R, CHUNK // D))
     table = clip_table(k_new.device)
@@ -102,9 +159,33 @@ def append_kv(
         with torch.device(k_new.device):
             # no FMA contraction: the codes must follow the reference's fp32 roundings exactly
             _append_kernel[(B * Hkv,)](
-                kn, vn, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len, n_sink,
-                table, Hkv, C, SR, K_BITS=k_bits, V_BITS=v_bits, G=G, R=R, D=D, BD=bd, BR=br, N_CLIP=n_clip,
-                enable_fp_fusion=False)
+                kn,
+                vn,
+                k_codes,
+                k_scale,
+                k_mn,
+                v_codes,
+                v_scale,
+                v_mn,
+                n_packed,
+                res_k,
+                res_v,
+                res_len,
+                n_sink,
+                table,
+                Hkv,
+                C,
+                SR,
+                K_BITS=k_bits,
+                V_BITS=v_bits,
+                G=G,
+                R=R,
+                D=D,
+                BD=bd,
+                BR=br,
+                N_CLIP=n_clip,
+                enable_fp_fusion=False,
+            )
         filled = res_len + 1
         full = filled == n_sink + R
         n_packed.add_(full.to(n_packed.dtype) * R)

@@ -40,11 +40,36 @@ def _online_update(s, allowed, m, l):
 
 @triton.jit
 def _decode_attention_kernel(
-    q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, npk_ptr, rk_ptr, rv_ptr, rl_ptr,
-    acc_ptr, m_ptr, l_ptr,
-    scale, softcap, Hkv, C, R, Lq, split_tokens,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GQ: tl.constexpr, BQ: tl.constexpr,
-    BT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+    q_ptr,
+    kc_ptr,
+    ks_ptr,
+    km_ptr,
+    vc_ptr,
+    vs_ptr,
+    vm_ptr,
+    npk_ptr,
+    rk_ptr,
+    rv_ptr,
+    rl_ptr,
+    acc_ptr,
+    m_ptr,
+    l_ptr,
+    scale,
+    softcap,
+    Hkv,
+    C,
+    R,
+    Lq,
+    split_tokens,
+    K_BITS: tl.constexpr,
+    V_BITS: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    GQ: tl.constexpr,
+    BQ: tl.constexpr,
+    BT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     # constexpr: tile sizes (BQ query rows, BT tokens, D channels) and the bit layout fix the code
     KPW: tl.constexpr = 32 // K_BITS  # codes per int32 word
@@ -164,8 +189,24 @@ def _num_splits(bh: int, capacity: int, block: int, device: torch.device) -> int
     return max(1, min(blocks, triton.cdiv(2 * sms, bh)))
 
 
-def decode_attention(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
-                     scale: float, softcap: float, k_bits: int, v_bits: int, group_size: int):
+def decode_attention(
+    q,
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    n_packed,
+    res_k,
+    res_v,
+    res_len,
+    scale: float,
+    softcap: float,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
+):
     """Triton launcher of ``minikv::decode_attention`` (same contract as the reference)."""
     B, Hq, Lq, D = q.shape
     Hkv, R = res_k.shape[1], res_k.shape[2]
@@ -182,9 +223,36 @@ def decode_attention(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed
     dot_fp32 = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     with torch.device(q.device):
         _decode_attention_kernel[(B * Hkv, S)](
-            qg, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, n_packed, res_k, res_v, res_len,
-            acc, m, l, scale, softcap, Hkv, C, R, Lq, split_tokens,
-            K_BITS=k_bits, V_BITS=v_bits, G=group_size, D=D, GQ=GQ, BQ=BQ, BT=BT, SOFTCAP=softcap > 0, DOT_FP32=dot_fp32,
+            qg,
+            k_codes,
+            k_scale,
+            k_mn,
+            v_codes,
+            v_scale,
+            v_mn,
+            n_packed,
+            res_k,
+            res_v,
+            res_len,
+            acc,
+            m,
+            l,
+            scale,
+            softcap,
+            Hkv,
+            C,
+            R,
+            Lq,
+            split_tokens,
+            K_BITS=k_bits,
+            V_BITS=v_bits,
+            G=group_size,
+            D=D,
+            GQ=GQ,
+            BQ=BQ,
+            BT=BT,
+            SOFTCAP=softcap > 0,
+            DOT_FP32=dot_fp32,
             num_warps=warps,
         )
     # merge the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s

@@ -23,10 +23,34 @@ from .triton_decode import _online_update, _softcapped
 
 @triton.jit
 def _prefill_forward_kernel(
-    q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, lse_ptr,
-    scale, softcap, T, Hq, Hkv,
-    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    valid_ptr,
+    o_ptr,
+    lse_ptr,
+    scale,
+    softcap,
+    T,
+    Hq,
+    Hkv,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     mb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -47,12 +71,16 @@ def _prefill_forward_kernel(
         cols = n0 + tl.arange(0, BN)
         col_ok = cols < T
         valid = tl.load(valid_ptr + b * T + cols, mask=col_ok, other=0) != 0
-        k = tl.load(k_ptr + b * skb + hk * skh + cols[None, :] * skt + d[:, None] * skd, mask=col_ok[None, :], other=0.0)
+        k = tl.load(
+            k_ptr + b * skb + hk * skh + cols[None, :] * skt + d[:, None] * skd, mask=col_ok[None, :], other=0.0
+        )
         s = tl.dot(q, k.to(dot_dtype), input_precision="ieee") * scale
         s = _softcapped(s, softcap, SOFTCAP)
         allowed = row_ok[:, None] & (valid & col_ok)[None, :] & (cols[None, :] <= rows[:, None])
         p, alpha, m, l = _online_update(s, allowed, m, l)
-        v = tl.load(v_ptr + b * svb + hk * svh + cols[:, None] * svt + d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        v = tl.load(
+            v_ptr + b * svb + hk * svh + cols[:, None] * svt + d[None, :] * svd, mask=col_ok[:, None], other=0.0
+        )
         v = tl.where(valid[:, None], v.to(tl.float32), 0.0)  # padding may hold anything, even NaN
         acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype), input_precision="ieee")
     has = l > 0
@@ -64,10 +92,30 @@ def _prefill_forward_kernel(
 
 @triton.jit
 def _prefill_scores_kernel(
-    q_ptr, k_ptr, valid_ptr, w_ptr, lse_ptr, scores_ptr,
-    scale, softcap, T, Hq, Hkv,
-    sqb, sqh, sqt, sqd, skb, skh, skt, skd,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    valid_ptr,
+    w_ptr,
+    lse_ptr,
+    scores_ptr,
+    scale,
+    softcap,
+    T,
+    Hq,
+    Hkv,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     nb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -88,13 +136,19 @@ def _prefill_scores_kernel(
         for m0 in range(first, T, BM):
             rows = m0 + tl.arange(0, BM)
             row_ok = rows < T
-            q = tl.load(q_ptr + b * sqb + hq * sqh + rows[:, None] * sqt + d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+            q = tl.load(
+                q_ptr + b * sqb + hq * sqh + rows[:, None] * sqt + d[None, :] * sqd, mask=row_ok[:, None], other=0.0
+            )
             lse = tl.load(lse_ptr + (b * Hq + hq) * T + rows, mask=row_ok, other=float("-inf"))
             w = tl.load(w_ptr + b * T + rows, mask=row_ok, other=0.0)
             w = tl.where(tl.load(valid_ptr + b * T + rows, mask=row_ok, other=0) != 0, w, 0.0)
             s = tl.dot(q.to(dot_dtype), k, input_precision="ieee") * scale
             s = _softcapped(s, softcap, SOFTCAP)
-            allowed = (row_ok & (lse > float("-inf")))[:, None] & (valid_col & col_ok)[None, :] & (cols[None, :] <= rows[:, None])
+            allowed = (
+                (row_ok & (lse > float("-inf")))[:, None]
+                & (valid_col & col_ok)[None, :]
+                & (cols[None, :] <= rows[:, None])
+            )
             p = tl.where(allowed, tl.exp(s - tl.where(lse > float("-inf"), lse, 0.0)[:, None]), 0.0)
             colsum += tl.sum(p * w[:, None], axis=0)
     tl.store(scores_ptr + bh * T + cols, colsum, mask=col_ok)
@@ -110,12 +164,18 @@ def prefill_attention(q, k, v, valid, query_weight, scale: float, softcap: float
     scores = torch.empty(B, Hkv, T, dtype=torch.float32, device=q.device)
     valid8 = valid.to(torch.int8).contiguous()
     w = query_weight.to(torch.float32).contiguous()
-    flags = dict(D=D, BM=BM, BN=BN, SOFTCAP=softcap > 0,
-                 DOT_FP32=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1")
+    flags = dict(
+        D=D,
+        BM=BM,
+        BN=BN,
+        SOFTCAP=softcap > 0,
+        DOT_FP32=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+    )
     with torch.device(q.device):
         _prefill_forward_kernel[(triton.cdiv(T, BM), B * Hq)](
-            q, k, v, valid8, out, lse, scale, softcap, T, Hq, Hkv, *q.stride(), *k.stride(), *v.stride(), **flags)
+            q, k, v, valid8, out, lse, scale, softcap, T, Hq, Hkv, *q.stride(), *k.stride(), *v.stride(), **flags
+        )
         _prefill_scores_kernel[(triton.cdiv(T, BN), B * Hkv)](
-            q, k, valid8, w, lse, scores, scale, softcap, T, Hq, Hkv, *q.stride(), *k.stride(), **flags,
-            num_stages=2)  # 3 stages spill at head_dim 128 on sm_90 (benchmarks/aot_check.py)
+            q, k, valid8, w, lse, scores, scale, softcap, T, Hq, Hkv, *q.stride(), *k.stride(), **flags, num_stages=2
+        )  # 3 stages spill at head_dim 128 on sm_90 (benchmarks/aot_check.py)
     return out, scores

@@ -101,9 +101,18 @@ def pack_words(q, N: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _quantize_pack_kernel(
-    x_ptr, codes_ptr, scale_ptr, mn_ptr, clip_ptr,
-    N, stride_xm, stride_xn,
-    BITS: tl.constexpr, G: tl.constexpr, GROUPS: tl.constexpr, N_CLIP: tl.constexpr,
+    x_ptr,
+    codes_ptr,
+    scale_ptr,
+    mn_ptr,
+    clip_ptr,
+    N,
+    stride_xm,
+    stride_xn,
+    BITS: tl.constexpr,
+    G: tl.constexpr,
+    GROUPS: tl.constexpr,
+    N_CLIP: tl.constexpr,
 ):
     # BITS, G, GROUPS are constexpr: they fix the tile shapes [GROUPS, G] and the unrolled packing;
     # N_CLIP (1 = no clipping) unrolls the clip-ratio search
@@ -135,7 +144,19 @@ def quantize_pack(x: torch.Tensor, bits: int, group_size: int, clip: bool = Fals
     if M and n:
         with torch.device(x.device):
             # no FMA contraction: the codes must follow the reference's fp32 roundings exactly
-            _quantize_pack_kernel[grid](x2, codes, scale, mn, clip_table(x.device), n, x2.stride(0), x2.stride(1),
-                                        BITS=bits, G=group_size, GROUPS=groups, N_CLIP=len(CLIP_GRID) if clip else 1,
-                                        enable_fp_fusion=False)
+            _quantize_pack_kernel[grid](
+                x2,
+                codes,
+                scale,
+                mn,
+                clip_table(x.device),
+                n,
+                x2.stride(0),
+                x2.stride(1),
+                BITS=bits,
+                G=group_size,
+                GROUPS=groups,
+                N_CLIP=len(CLIP_GRID) if clip else 1,
+                enable_fp_fusion=False,
+            )
     return codes.view(*lead, -1), scale.view(*lead, -1), mn.view(*lead, -1)

@@ -18,8 +18,9 @@ from ..view import MiniKVView
 IMPLEMENTATIONS = {"sdpa": "minikv", "eager": "minikv_eager"}
 
 
-def minikv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                     *, fallback: str, **kwargs):
+def minikv_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, *, fallback: str, **kwargs
+):
     """``fn(module, q [B, Hq, Lq, D], k, v, mask, ...) -> (out [B, Lq, Hq, D], weights)``.
 
     ``key`` is a :class:`MiniKVView` for layers stored by a MiniKV cache, a dense tensor otherwise.

@@ -28,7 +28,11 @@ def make_prepare_cache(model, original):
         check_generation_mode(generation_mode, generation_config)
         key = cache_key()
         cache = model_kwargs.get(key)
-        if cache is None and generation_config.use_cache is not False and generation_config.cache_implementation is None:
+        if (
+            cache is None
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation is None
+        ):
             cfg = model._minikv_patch.config
             model_kwargs[key] = cache = MiniKVCache(cfg, model.config)  # no max_cache_len: grows by turn
             cache.request(max_cache_length)

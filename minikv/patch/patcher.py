@@ -34,9 +34,7 @@ def check_model(model, cfg: MiniKVConfig) -> None:
         raise ValueError(f"minikv.patch needs a Hugging Face causal LM, got {type(model).__name__}")
     text = config.get_text_config(decoder=True)
     if text.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"unsupported model family {text.model_type!r}: supported are {list(SUPPORTED_MODEL_TYPES)}"
-        )
+        raise ValueError(f"unsupported model family {text.model_type!r}: supported are {list(SUPPORTED_MODEL_TYPES)}")
     check_layer_types(layer_types_and_kwargs(text)[0])
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     cfg.for_head_dim(head_dim)
@@ -80,4 +78,3 @@ def unpatch(model):
         model.__dict__[_PREPARE] = state.prepare_override
     del model._minikv_patch
     return model
-

@@ -27,8 +27,14 @@ from . import a2sf, cumulative, keynorm, reconstruction, snapkv, streaming
 from .kvcrush import rescore as crush
 from .positions import protect_sinks
 
-SCORERS = {"minikv": cumulative, "snapkv": snapkv, "a2sf": a2sf, "keynorm": keynorm, "streaming": streaming,
-           "kvzip": reconstruction}
+SCORERS = {
+    "minikv": cumulative,
+    "snapkv": snapkv,
+    "a2sf": a2sf,
+    "keynorm": keynorm,
+    "streaming": streaming,
+    "kvzip": reconstruction,
+}
 
 
 def scorer(name: str):

@@ -101,8 +101,9 @@ class MiniKVMetadataBuilder(AttentionMetadataBuilder[MiniKVMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:  # the base's is abstract
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
-    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> MiniKVMetadata:
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
+    ) -> MiniKVMetadata:
         m = common_attn_metadata
         start = m.query_start_loc_cpu[: m.num_reqs + 1].tolist()
         lens = [b - a for a, b in zip(start, start[1:])]
@@ -118,16 +119,30 @@ class MiniKVMetadataBuilder(AttentionMetadataBuilder[MiniKVMetadata]):
 
 
 class MiniKVAttentionImpl(AttentionImpl):
-    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, alibi_slopes,
-                 sliding_window, kv_cache_dtype: str, logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
-                 kv_sharing_target_layer_name=None, sinks=None) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes,
+        sliding_window,
+        kv_cache_dtype: str,
+        logits_soft_cap=None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name=None,
+        sinks=None,
+    ) -> None:
         refused = {
             "attn_type": (attn_type != AttentionType.DECODER, f"{attn_type} (only decoder attention)"),
             "sliding_window": (sliding_window is not None, f"{sliding_window} (only full attention layers)"),
             "alibi_slopes": (alibi_slopes is not None, "set (ALiBi is not supported)"),
             "sinks": (sinks is not None, "set (learned attention sinks are not supported)"),
             "kv_cache_dtype": (kv_cache_dtype != "auto", f"{kv_cache_dtype!r} (only 'auto': minikv quantizes)"),
-            "kv_sharing_target_layer_name": (kv_sharing_target_layer_name is not None, "set (no cross-layer KV sharing)"),
+            "kv_sharing_target_layer_name": (
+                kv_sharing_target_layer_name is not None,
+                "set (no cross-layer KV sharing)",
+            ),
         }
         for name, (bad, what) in refused.items():
             if bad:
@@ -149,8 +164,15 @@ class MiniKVAttentionImpl(AttentionImpl):
             lay = layout_for(self.head_size, kv_cache.shape[2], kv_cache.dtype)
             R = hadamard(self.head_size, kv_cache.device)
             s = self.settings
-            self._views = (key, (lay, lay.views(kv_cache), R if s.rotate in ("k", "kv") else None,
-                                 R if s.rotate in ("v", "kv") else None))
+            self._views = (
+                key,
+                (
+                    lay,
+                    lay.views(kv_cache),
+                    R if s.rotate in ("k", "kv") else None,
+                    R if s.rotate in ("v", "kv") else None,
+                ),
+            )
         return self._views[1]
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -158,8 +180,9 @@ class MiniKVAttentionImpl(AttentionImpl):
         n = slot_mapping.shape[0]
         paged.write(views, lay, key[:n], value[:n], slot_mapping, rot_k, rot_v, self.settings.clip)
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
-                output_block_scale=None):
+    def forward(
+        self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None
+    ):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("the minikv backend does not fuse output quantization")
         if attn_metadata is None:  # profiling run
@@ -170,10 +193,14 @@ class MiniKVAttentionImpl(AttentionImpl):
         if batched:  # one new token each: the whole stored sequence through minikv::decode_attention
             rows, tokens = m.decode_rows, m.decode_tokens
             store = paged.gather(views, lay, m.block_table[rows], m.seq_lens[rows])
-            output[tokens] = paged.decode(query[tokens], store, lay, self.scale, self.softcap, rot_k, rot_v).to(output.dtype)
+            output[tokens] = paged.decode(query[tokens], store, lay, self.scale, self.softcap, rot_k, rot_v).to(
+                output.dtype
+            )
         for r, (a, b) in enumerate(zip(m.query_start, m.query_start[1:])):
             if b > a and not (batched and b - a == 1):
-                output[a:b] = self._extend(views, lay, m, r, query[a:b], key[a:b], value[a:b], rot_k, rot_v).to(output.dtype)
+                output[a:b] = self._extend(views, lay, m, r, query[a:b], key[a:b], value[a:b], rot_k, rot_v).to(
+                    output.dtype
+                )
         return output
 
     def _extend(self, views, lay, m: MiniKVMetadata, r: int, q, k_new, v_new, rot_k, rot_v):

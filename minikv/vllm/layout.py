@@ -96,8 +96,10 @@ class PageLayout:
         nb, H = kv_cache.shape[:2]
         pages = kv_cache.view(torch.uint8).view(nb, H, -1)  # raises (never copies) if a page is not contiguous
         if pages.shape[-1] != self.block_size * self.slot_bytes:
-            raise ValueError(f"a KV cache page holds {pages.shape[-1]} bytes, the layout expects "
-                             f"{self.block_size} x {self.slot_bytes}")
+            raise ValueError(
+                f"a KV cache page holds {pages.shape[-1]} bytes, the layout expects "
+                f"{self.block_size} x {self.slot_bytes}"
+            )
         out = {}
         for name, (offset, shape, dtype) in self.regions().items():
             out[name] = pages[..., offset : offset + _nbytes(shape, dtype)].view(dtype).view(nb, H, *shape)

@@ -16,7 +16,9 @@ from ..rotation import rotate, unrotate
 from .layout import PageLayout
 
 
-def write(views: dict, layout: PageLayout, key, value, slot_mapping, rot_k=None, rot_v=None, clip: bool = False) -> None:
+def write(
+    views: dict, layout: PageLayout, key, value, slot_mapping, rot_k=None, rot_v=None, clip: bool = False
+) -> None:
     """Store ``key/value [T, H, D]`` at ``slot_mapping [T]``, in place."""
     keep = slot_mapping >= 0
     if not bool(keep.all()):
@@ -50,10 +52,14 @@ def write(views: dict, layout: PageLayout, key, value, slot_mapping, rot_k=None,
         here = (member >= 0) & (slot[src] == slot[last][:, None] - (G - 1) + torch.arange(G, device=slot.device)[None])
         res = views["k_res"][block[last]].transpose(1, 2)  # [n, G, H, D]
         group = torch.where(here[..., None, None], key[src], res)  # [n, G, H, D]
-        kc, ks, km = ops.quantize_pack(group.permute(0, 2, 3, 1), layout.k_bits, G, clip)  # [n, H, D, G*b/32], [n, H, D, 1]
+        kc, ks, km = ops.quantize_pack(
+            group.permute(0, 2, 3, 1), layout.k_bits, G, clip
+        )  # [n, H, D, G*b/32], [n, H, D, 1]
         g = offset[last] // G
         words = g[:, None] * kc.shape[-1] + torch.arange(kc.shape[-1], device=slot.device)[None]  # [n, W]
-        views["k_codes"][block[last][:, None], :, :, words] = kc.permute(0, 3, 1, 2)  # advanced dims first: [n, W, H, D]
+        views["k_codes"][block[last][:, None], :, :, words] = kc.permute(
+            0, 3, 1, 2
+        )  # advanced dims first: [n, W, H, D]
         views["k_scale"][block[last], :, :, g] = ks[..., 0]
         views["k_mn"][block[last], :, :, g] = km[..., 0]
     pending = ~completed_here  # the tail of each request's last group waits in the residual
@@ -82,8 +88,9 @@ def gather(views: dict, layout: PageLayout, block_table, seq_lens) -> dict:
     res_k = views["k_res"][res_block]  # [B, H, G, D]
     rows = (n_packed[:, None] + torch.arange(G, device=bt.device)[None]).clamp_max(nb * N - 1)  # [B, G]
     take = lambda x: x.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))  # noqa: E731
-    res_v = ops.unpack_dequantize(take(store["v_codes"]), take(store["v_scale"]), take(store["v_mn"]),
-                                  layout.v_bits, G, layout.dtype)
+    res_v = ops.unpack_dequantize(
+        take(store["v_codes"]), take(store["v_scale"]), take(store["v_mn"]), layout.v_bits, G, layout.dtype
+    )
     store.update(n_packed=n_packed, res_k=res_k, res_v=res_v, res_len=seq_lens - n_packed)
     return store
 
@@ -108,9 +115,22 @@ def decode(q, store: dict, layout: PageLayout, scale: float, softcap: float, rot
     """One new token per sequence, ``q [B, Hq, D]``, over each whole stored sequence (its own token
     included) with ``minikv::decode_attention`` -> ``[B, Hq, D]``."""
     out = ops.decode_attention(
-        rotate(q, rot_k)[:, :, None], store["k_codes"], store["k_scale"], store["k_mn"],
-        store["v_codes"], store["v_scale"], store["v_mn"], store["n_packed"], store["res_k"], store["res_v"],
-        store["res_len"], scale, softcap, layout.k_bits, layout.v_bits, layout.group_size,
+        rotate(q, rot_k)[:, :, None],
+        store["k_codes"],
+        store["k_scale"],
+        store["k_mn"],
+        store["v_codes"],
+        store["v_scale"],
+        store["v_mn"],
+        store["n_packed"],
+        store["res_k"],
+        store["res_v"],
+        store["res_len"],
+        scale,
+        softcap,
+        layout.k_bits,
+        layout.v_bits,
+        layout.group_size,
     )
     return unrotate(out[:, :, 0], rot_v)
 
@@ -124,9 +144,14 @@ def attend(q, k_ctx, v_ctx, k_new, v_new, scale: float, softcap: float):
     H, L = keys.shape[0], keys.shape[1]
     qf = q.float().transpose(0, 1)  # [Hq, Lq, D]
     if softcap == 0:  # fused (flash) attention; a causal mask aligned to the last key when there is a context
-        mask = None if L == Lq else torch.arange(L, device=q.device)[None] <= (L - Lq + torch.arange(Lq, device=q.device))[:, None]
-        out = F.scaled_dot_product_attention(qf[None], keys[None], vals[None], attn_mask=mask, is_causal=mask is None,
-                                             scale=scale, enable_gqa=Hq != H)[0]
+        mask = (
+            None
+            if L == Lq
+            else torch.arange(L, device=q.device)[None] <= (L - Lq + torch.arange(Lq, device=q.device))[:, None]
+        )
+        out = F.scaled_dot_product_attention(
+            qf[None], keys[None], vals[None], attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=Hq != H
+        )[0]
         return out.transpose(0, 1)
     # soft-capped logits: the reference's own logits and masked softmax (batch of one)
     allowed = torch.arange(L, device=q.device)[None] <= (L - Lq + torch.arange(Lq, device=q.device))[:, None]  # [Lq, L]

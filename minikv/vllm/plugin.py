@@ -17,8 +17,10 @@ BACKEND = "minikv.vllm.backend:MiniKVAttentionBackend"
 def check_version(version: str) -> None:
     minor = ".".join(version.split(".")[:2])
     if minor not in VLLM_VERSIONS:
-        raise RuntimeError(f"{ENV}: minikv's vLLM backend supports vLLM {', '.join(v + '.x' for v in VLLM_VERSIONS)}, "
-                           f"found vLLM {version} (pip install \"minikv[vllm]\" installs a supported one)")
+        raise RuntimeError(
+            f"{ENV}: minikv's vLLM backend supports vLLM {', '.join(v + '.x' for v in VLLM_VERSIONS)}, "
+            f'found vLLM {version} (pip install "minikv[vllm]" installs a supported one)'
+        )
 
 
 def register() -> None:

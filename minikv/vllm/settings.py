@@ -34,8 +34,10 @@ class Settings:
 
     def __post_init__(self) -> None:
         if (self.k_bits == 16) != (self.v_bits == 16):
-            raise ValueError(f"{ENV}: k_bits and v_bits are both 16 (no quantization) or both in {list(QUANT_BITS)}, "
-                             f"got k_bits={self.k_bits}, v_bits={self.v_bits}")
+            raise ValueError(
+                f"{ENV}: k_bits and v_bits are both 16 (no quantization) or both in {list(QUANT_BITS)}, "
+                f"got k_bits={self.k_bits}, v_bits={self.v_bits}"
+            )
         for name in ("k_bits", "v_bits"):
             value = getattr(self, name)
             if value not in (*QUANT_BITS, 16):
@@ -58,11 +60,15 @@ class Settings:
             return
         if head_size % self.group_size:
             valid = [g for g in GROUP_SIZES if head_size % g == 0]
-            raise ValueError(f"{ENV}: group_size={self.group_size} must divide the model's head_dim={head_size} "
-                             f"(valid here: {valid})")
+            raise ValueError(
+                f"{ENV}: group_size={self.group_size} must divide the model's head_dim={head_size} "
+                f"(valid here: {valid})"
+            )
         if block_size % self.group_size:
-            raise ValueError(f"{ENV}: vLLM's block size ({block_size}) must be a multiple of group_size={self.group_size}: "
-                             f"pass --block-size 256 (or another multiple of {self.group_size}; larger blocks hold more, docs/serving.md)")
+            raise ValueError(
+                f"{ENV}: vLLM's block size ({block_size}) must be a multiple of group_size={self.group_size}: "
+                f"pass --block-size 256 (or another multiple of {self.group_size}; larger blocks hold more, docs/serving.md)"
+            )
 
 
 _FIELDS = {"k_bits": int, "v_bits": int, "bits": int, "group_size": int, "clip": bool, "rotate": str}
@@ -80,8 +86,10 @@ def parse(text: str | None) -> Settings | None:
         key, sep, raw = item.partition("=")
         key, raw = key.strip(), raw.strip()
         if not sep or key not in _FIELDS:
-            raise ValueError(f"{ENV}: expected comma-separated key=value pairs with keys in {sorted(_FIELDS)} "
-                             f"(or 1 for the defaults), got {item.strip()!r}")
+            raise ValueError(
+                f"{ENV}: expected comma-separated key=value pairs with keys in {sorted(_FIELDS)} "
+                f"(or 1 for the defaults), got {item.strip()!r}"
+            )
         kind = _FIELDS[key]
         try:
             if kind is bool:

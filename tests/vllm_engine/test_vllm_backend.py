@@ -60,7 +60,9 @@ def test_sixteen_bits_gives_vllms_own_greedy_tokens(runs):
     own, ours = runs[None], runs["bits=16"]
     assert ours["tokens"] == own["tokens"] and len(own["tokens"]) == 3
     assert ours["capacity_tokens"] == own["capacity_tokens"]
-    assert ours["checks"][0]["requests"] == 3 and ours["checks"][0]["residual_mismatch"] == 0  # pages hold the tokens as given
+    assert (
+        ours["checks"][0]["requests"] == 3 and ours["checks"][0]["residual_mismatch"] == 0
+    )  # pages hold the tokens as given
 
 
 @pytest.mark.parametrize("setting", QUANTIZED)
@@ -83,11 +85,14 @@ def test_vllms_capacity_grows_by_the_byte_ratio(runs, setting):
     assert ratio > 3  # float32 head_dim 32: 4.0x to 4.6x here
 
 
-@pytest.mark.parametrize("value,message", [
-    ("group_size=64", r"group_size=64 must divide the model's head_dim=32 \(valid here: \[16, 32\]\)"),
-    ("bits=3", r"k_bits must be one of \[2, 4, 16\], got 3"),
-    ("budget=0.5", r"expected comma-separated key=value pairs"),
-])
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("group_size=64", r"group_size=64 must divide the model's head_dim=32 \(valid here: \[16, 32\]\)"),
+        ("bits=3", r"k_bits must be one of \[2, 4, 16\], got 3"),
+        ("budget=0.5", r"expected comma-separated key=value pairs"),
+    ],
+)
 def test_bad_settings_stop_the_engine_at_start(tmp_path, value, message):
     import re
 
@@ -105,10 +110,17 @@ def test_a_model_with_sliding_window_layers_is_refused_at_start(tmp_path):
 
 def test_tensor_parallel_2_gives_one_process_tokens_each_rank_storing_its_own_head(tmp_path, runs):
     """TP 2 on CPU (gloo): each rank's backend holds 1 of the 2 KV heads in the same memory per rank."""
-    tp = _engine(tmp_path, "1", extra_env={
-        "TP": "2", "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1",
-        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # collective_rpc ships the check functions to the workers by pickle
-        "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    tp = _engine(
+        tmp_path,
+        "1",
+        extra_env={
+            "TP": "2",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": "0|1",
+            "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # collective_rpc ships the check functions to the workers by pickle
+            "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        },
+    )
     assert tp["tokens"] == runs["1"]["tokens"]
     assert tp["capacity_tokens"] == 2 * runs["1"]["capacity_tokens"]
     assert len(tp["checks"]) == 2
@@ -149,9 +161,27 @@ def test_the_openai_server_answers_through_the_plugin(tmp_path, smollm2_dir, smo
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env["MINIKV_VLLM"] = "1"
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_dir),
-                               "--block-size", "256", "--max-model-len", "4096", "--kv-cache-memory-bytes", str(1 << 30),
-                               "--enforce-eager", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(smollm2_dir),
+            "--block-size",
+            "256",
+            "--max-model-len",
+            "4096",
+            "--kv-cache-memory-bytes",
+            str(1 << 30),
+            "--enforce-eager",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         url = f"http://127.0.0.1:{port}/v1"
         for _ in range(180):
@@ -161,8 +191,9 @@ def test_the_openai_server_answers_through_the_plugin(tmp_path, smollm2_dir, smo
                 break
             except OSError:
                 time.sleep(1)
-        body = json.dumps({"model": str(smollm2_dir), "prompt": "The capital of France is", "max_tokens": 8,
-                           "temperature": 0}).encode()
+        body = json.dumps(
+            {"model": str(smollm2_dir), "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+        ).encode()
         request = urllib.request.Request(url + "/completions", body, {"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=120).read())["choices"][0]["text"]
     finally:

@@ -36,8 +36,12 @@ def install(worker) -> str:
                 RECORD["keys"][s], RECORD["values"][s] = key[i].clone(), value[i].clone()
         meta = fc.attn_metadata[name] if isinstance(fc.attn_metadata, dict) else fc.attn_metadata
         # the block table and lengths live in the runner's persistent buffers, rewritten by later steps: copy them
-        snapshot = SimpleNamespace(query_start=list(meta.query_start), seq_lens_host=list(meta.seq_lens_host),
-                                   seq_lens=meta.seq_lens.clone(), block_table=meta.block_table.clone())
+        snapshot = SimpleNamespace(
+            query_start=list(meta.query_start),
+            seq_lens_host=list(meta.seq_lens_host),
+            seq_lens=meta.seq_lens.clone(),
+            block_table=meta.block_table.clone(),
+        )
         RECORD["pending"] = (args[0].clone(), snapshot)
 
     def post(module, args, output):
@@ -62,8 +66,17 @@ def check(worker) -> dict:
     lay, views, rot_k, rot_v = impl._setup(kv_cache)
     q, out, meta = RECORD["last"]
     N, G, H, D = lay.block_size, lay.group_size, attn.num_kv_heads, attn.head_size
-    result = {"block_size": N, "requests": 0, "groups": 0, "key_code_mismatch": 0, "value_code_mismatch": 0,
-              "residual_mismatch": 0, "attention_max_err": 0.0, "attention_ref_max": 0.0, "decode_rows": 0}
+    result = {
+        "block_size": N,
+        "requests": 0,
+        "groups": 0,
+        "key_code_mismatch": 0,
+        "value_code_mismatch": 0,
+        "residual_mismatch": 0,
+        "attention_max_err": 0.0,
+        "attention_ref_max": 0.0,
+        "decode_rows": 0,
+    }
     for r, L in enumerate(meta.seq_lens_host):
         bt = meta.block_table[r]
         pos = torch.arange(L)
@@ -83,14 +96,18 @@ def check(worker) -> dict:
         for j in range(L // G):
             codes, scale, mn = ops.quantize_pack(k[j * G : (j + 1) * G].permute(1, 2, 0), lay.k_bits, G, clip)
             stored = store["k_codes"][0, :, :, j * W : (j + 1) * W]
-            result["key_code_mismatch"] += int((stored != codes).sum()) + int((store["k_scale"][0, :, :, j] != scale[..., 0]).sum())
+            result["key_code_mismatch"] += int((stored != codes).sum()) + int(
+                (store["k_scale"][0, :, :, j] != scale[..., 0]).sum()
+            )
             result["groups"] += 1
         vc, vs, vm = ops.quantize_pack(v, lay.v_bits, G, clip)
         result["value_code_mismatch"] += int((store["v_codes"][0, :, :L] != vc.transpose(0, 1)).sum())
         n_packed = L // G * G
         diff = store["res_k"][0, :, : L - n_packed] - k[n_packed:].transpose(0, 1)
         result["residual_mismatch"] += int((diff != 0).sum())
-        result["residual_max_err"] = max(result.get("residual_max_err", 0.0), float(diff.abs().max()) if diff.numel() else 0.0)
+        result["residual_max_err"] = max(
+            result.get("residual_max_err", 0.0), float(diff.abs().max()) if diff.numel() else 0.0
+        )
         # the output of a decode step against fp64 attention over the stored tokens
         a, b = meta.query_start[r], meta.query_start[r + 1]
         if b - a == 1:
