@@ -269,3 +269,14 @@ def test_without_the_build_the_ops_fall_back_to_the_references(monkeypatch):
     buf, npk, res_k, res_v, rl = _filled_store(1, 2, 16, 2, 16, 32, [32], [3])
     args = (torch.randn(1, 4, 1, 16), *buf, npk, res_k, res_v, rl, 0.25, 0.0, 2, 2, 16)
     assert torch.equal(ops.decode_attention(*args), reference.decode_attention(*args))
+
+
+def test_the_build_finds_the_ninja_pip_installed(monkeypatch):
+    """An unactivated venv leaves its bin folder (where pip puts ninja) off PATH: the build adds it."""
+    import ninja
+
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    before = os.environ["PATH"]
+    with native._ninja_on_path():
+        assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+    assert os.environ["PATH"] == before

@@ -8,10 +8,12 @@ A build that fails warns once and falls back to the references too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -44,6 +46,25 @@ def build_directory() -> Path:
     return root / build_name()
 
 
+@contextlib.contextmanager
+def _ninja_on_path():
+    """torch's loader runs ``ninja`` from PATH: add the one pip installed (the ``ninja`` dependency, in the
+    environment's bin folder, which an unactivated venv leaves off PATH) for the build."""
+    path = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            extra = ninja.BIN_DIR
+        except (ImportError, AttributeError):
+            extra = str(Path(sys.executable).parent)
+        os.environ["PATH"] = extra + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
 def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1") != "0"
 
@@ -65,15 +86,16 @@ def available() -> bool:
             flush=True,
         )
     try:
-        cpp_extension.load(
-            name=name,
-            sources=[str(s) for s in SOURCES],
-            build_directory=str(directory),
-            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *flags],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        with _ninja_on_path():
+            cpp_extension.load(
+                name=name,
+                sources=[str(s) for s in SOURCES],
+                build_directory=str(directory),
+                extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *flags],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a broken toolchain: say so, use the reference
         warnings.warn(
             f"minikv: the C++ CPU kernels did not build ({type(e).__name__}: {str(e)[:300]}); "
