@@ -280,3 +280,10 @@ def test_the_build_finds_the_ninja_pip_installed(monkeypatch):
     with native._ninja_on_path():
         assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
     assert os.environ["PATH"] == before
+
+
+def test_a_store_in_another_layout_takes_the_reference():
+    buf, npk, res_k, res_v, rl = _filled_store(1, 2, 16, 2, 16, 32, [32], [3])
+    strided = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in buf]  # same values, other strides
+    args = (torch.randn(1, 4, 1, 16), *strided, npk, res_k, res_v, rl, 0.25, 0.0, 2, 2, 16)
+    assert torch.equal(cpu_ops.decode_attention(*args), reference.decode_attention(*args))

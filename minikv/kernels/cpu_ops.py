@@ -96,9 +96,20 @@ def decode_attention(
         v_bits,
         group_size,
     )
-    if native.available():
+    if native.available() and _packed_as_stored(k_codes, v_codes, k_scale, k_mn, v_scale, v_mn):
         return torch.ops.minikv_cpu.decode_attention(*args)
     return reference.decode_attention(*args)
+
+
+def _packed_as_stored(*tensors) -> bool:
+    """The C++ kernel reads the store's own layout: contiguous int32 codes and fp16 scales and minimums
+    (views of another layout, e.g. strided pages, take the reference)."""
+    codes, meta = tensors[:2], tensors[2:]
+    return (
+        all(t.is_contiguous() for t in tensors)
+        and all(t.dtype == torch.int32 for t in codes)
+        and all(t.dtype == torch.float16 for t in meta)
+    )
 
 
 def append_kv(
