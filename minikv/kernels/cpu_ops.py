@@ -60,42 +60,9 @@ def reconstruct_attention(q, k_ctx, v_ctx, ctx_valid, k_new, v_new, q_valid, sca
     return out.to(q.dtype), scores
 
 
-def decode_attention(
-    q,
-    k_codes,
-    k_scale,
-    k_mn,
-    v_codes,
-    v_scale,
-    v_mn,
-    n_packed,
-    res_k,
-    res_v,
-    res_len,
-    scale: float,
-    softcap: float,
-    k_bits: int,
-    v_bits: int,
-    group_size: int,
-):
-    args = (
-        q,
-        k_codes,
-        k_scale,
-        k_mn,
-        v_codes,
-        v_scale,
-        v_mn,
-        n_packed,
-        res_k,
-        res_v,
-        res_len,
-        scale,
-        softcap,
-        k_bits,
-        v_bits,
-        group_size,
-    )
+def decode_attention(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, *rest):
+    """:func:`minikv.kernels.reference.decode_attention`'s contract; the C++ kernel when the store is in its own layout."""
+    args = (q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, *rest)
     if native.available() and _packed_as_stored(k_codes, v_codes, k_scale, k_mn, v_scale, v_mn):
         return torch.ops.minikv_cpu.decode_attention(*args)
     return reference.decode_attention(*args)
