@@ -142,7 +142,8 @@ def decode_case(
     )
     n = torch.zeros(B, dtype=torch.int64)
     res = torch.zeros(B, Hkv, S + R, D, dtype=dt)
-    triton_decode.decode_attention(q, *k, *v, n, res, res, n, 0.1, 0.0, k_bits, v_bits, G)
+    n_packed = torch.zeros(B, Hkv, dtype=torch.int64)  # per KV head
+    triton_decode.decode_attention(q, *k, *v, n_packed, res, res, n, 0.1, 0.0, k_bits, v_bits, G)
 
 
 def prefill_case(dtype: str, D: int, g: int = 4, T: int = 512, Hkv: int = 2):
@@ -173,7 +174,8 @@ def append_case(
     )
     res = torch.zeros(1, Hkv, S + R, D, dtype=dt)
     n = torch.zeros(1, dtype=torch.int64)
-    triton_append.append_kv(k, k, *store, n, res, res.clone(), n.clone(), n.clone(), k_bits, v_bits, G, R, True)
+    n_packed = torch.zeros(1, Hkv, dtype=torch.int64)  # per KV head
+    triton_append.append_kv(k, k, *store, n_packed, res, res.clone(), n.clone(), n.clone(), k_bits, v_bits, G, R, True)
 
 
 BIT_PAIRS = [(2, 2), (4, 2), (4, 4)]

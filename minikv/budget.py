@@ -47,65 +47,73 @@ GLOBAL_SPAN = (0.25, 2.0)  # schedule="global": a layer's scored tokens stay in 
 
 
 def across_layers(cfg: MiniKVConfig, scores: list[torch.Tensor], valid: torch.Tensor, group: int | None = None):
-    """``schedule="global"``: one ranking of every layer's scored tokens (KVzip's ``layerwise=False``).
+    """One ranking of the scored tokens of several layers (KVzip's ``layerwise=False``), or of one
+    layer's heads (AdaKV).
 
-    scores ``[B, H, T]`` per compressed layer (comparable across layers: the reconstruction pass's
+    scores ``[B, H, T]`` per layer (comparable across layers and heads: the reconstruction pass's
     attention maxima), valid ``[B, T]``. Each sequence keeps, over all layers, as many scored tokens as
-    the uniform schedule does (equal bytes), given to the layers whose tokens rank highest: the largest
-    prefix of the joint ranking (every head of every layer) whose per-layer counts, averaged over the
-    layer's heads and clamped to ``GLOBAL_SPAN`` times the uniform count, fit the total. The recent window
-    and the sinks are every layer's, as in the uniform schedule. With ``group`` (a quantized store's G),
-    each layer's tokens after the sinks are a whole number of groups: none waits in the full-precision
-    residual, whose bytes go to more packed tokens elsewhere (at most the total). Returns
-    ``(n_keep, n_recent)`` ``[B]`` per layer. Prefill-time code (a host loop over the batch).
+    the uniform schedule does (equal bytes), given to the units whose tokens rank highest: the largest
+    prefix of the joint ranking (every head of every layer) whose per-unit counts, clamped to a range of
+    the uniform count, fit the total. A unit is a layer (its count averaged over its heads, clamped to
+    ``GLOBAL_SPAN``) or, with ``head_budgets="adaptive"``, a (layer, KV head) pair (clamped to
+    ``[head_floor, GLOBAL_SPAN[1]]``). The recent window and the sinks are every unit's, as in the uniform
+    schedule. With ``group`` (a quantized store's G), each unit's tokens after the sinks are a whole
+    number of groups: none waits in the full-precision residual, whose bytes go to more packed tokens
+    elsewhere (at most the total). Returns ``(n_keep, n_recent)`` per layer: ``n_keep [B]`` per layer, or
+    ``[B, H]`` per head; ``n_recent [B]``. Prefill-time code (a host loop over the batch).
     """
     from .selection import protect_sinks
     from .selection.positions import rank_from_end
 
-    L = len(scores)
+    L, (B, H, _) = len(scores), scores[0].shape
+    per_head = cfg.head_budgets == "adaptive"
+    U = L * H if per_head else L  # ranked units
     lengths = valid.sum(-1)
     keep, recent = keep_counts(cfg.replace(schedule="uniform"), 0, L, lengths)
     heavy = (keep - recent).tolist()
     candidate = valid & (rank_from_end(valid) > recent[:, None])  # [B, T]
-    out = [torch.zeros_like(keep) for _ in range(L)]
-    for b in range(valid.shape[0]):
+    out = torch.zeros(L, B, H if per_head else 1, dtype=torch.int64)
+    for b in range(B):
         per_layer = []
         for s in scores:
             s = protect_sinks(s[b : b + 1], valid[b : b + 1], cfg.sink_tokens)[0] if cfg.sink_tokens else s[b]
             per_layer.append(s.float().masked_fill(~candidate[b], float("-inf")))  # [H, T]
-        H = per_layer[0].shape[0]
         room = int(candidate[b].sum())
-        low = min(room, max(int(GLOBAL_SPAN[0] * heavy[b]), min(cfg.sink_tokens, heavy[b])))
+        least = cfg.head_floor if per_head else GLOBAL_SPAN[0]
+        low = min(room, max(int(least * heavy[b]), min(cfg.sink_tokens, heavy[b])))
         high = min(room, int(GLOBAL_SPAN[1] * heavy[b]))
         flat = torch.cat([s.reshape(-1) for s in per_layer])
-        layer_of = torch.arange(L).repeat_interleave(per_layer[0].numel())
+        T = per_layer[0].shape[1]
+        unit_of = torch.arange(L * H).repeat_interleave(T) // (1 if per_head else H)
         order = torch.sort(flat, descending=True, stable=True).indices
         order = order[torch.isfinite(flat[order]) | (flat[order] > 0)]  # candidates only (sinks are +inf)
-        ranked = layer_of[order]
+        ranked = unit_of[order]
+        per_unit = 1 if per_head else H
 
         def counts(k: int) -> torch.Tensor:
-            return torch.bincount(ranked[:k], minlength=L).float().div(H).clamp(low, high)
+            return torch.bincount(ranked[:k], minlength=U).float().div(per_unit).clamp(low, high)
 
         lo, hi = 0, ranked.numel()
         while lo < hi:  # the longest prefix of the ranking whose clamped counts fit the total
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if counts(mid).floor().sum() <= L * heavy[b] else (lo, mid - 1)
-        n = counts(lo).floor().long()
+            lo, hi = (mid, hi) if counts(mid).floor().sum() <= U * heavy[b] else (lo, mid - 1)
+        best = counts(lo)
+        n = best.floor().long()
         step = group or 1
-        if group:  # whole groups after the sinks: round each layer down, then hand out groups again
+        if group:  # whole groups after the sinks: round each unit down, then hand out groups again
             sinks = min(cfg.sink_tokens, int(lengths[b]))
             n = n - (n + int(recent[b]) - sinks) % group
             n = torch.where(n < 0, n + group, n).clamp(max=high)
-        spare = L * heavy[b] - int(n.sum())
-        for layer in torch.argsort(counts(lo) - n, descending=True).tolist():  # rounding: largest remainders
+        spare = U * heavy[b] - int(n.sum())
+        for unit in torch.argsort(best - n, descending=True).tolist():  # rounding: largest remainders
             if spare < step:
                 break
-            if n[layer] + step <= high:
-                n[layer] += step
+            if n[unit] + step <= high:
+                n[unit] += step
                 spare -= step
-        for layer in range(L):
-            out[layer][b] = int(n[layer]) + int(recent[b])
-    return [(k, recent.clone()) for k in out]
+        out[:, b] = n.view(L, -1) + int(recent[b])
+    device = lengths.device
+    return [((k if per_head else k[:, 0]).to(device), recent.clone()) for k in out]
 
 
 def schedule(cfg: MiniKVConfig, rank: int, num_layers: int, heavy: torch.Tensor, room: torch.Tensor):
@@ -134,7 +142,7 @@ def schedule(cfg: MiniKVConfig, rank: int, num_layers: int, heavy: torch.Tensor,
 def capacity(cfg: MiniKVConfig, rank: int, num_layers: int, prompt_len: int) -> int:
     """Most tokens any sequence of a batch padded to ``prompt_len`` keeps at this layer."""
     keep, recent = keep_counts(cfg, rank, num_layers, torch.tensor([prompt_len]))
-    if cfg.schedule == "global":  # up to GLOBAL_SPAN[1] times the uniform scored count (across_layers)
+    if cfg.schedule == "global" or cfg.head_budgets == "adaptive":  # up to GLOBAL_SPAN[1] x the uniform count
         keep = torch.clamp(recent + torch.ceil(GLOBAL_SPAN[1] * (keep - recent)), max=prompt_len)
     return int(keep[0])
 

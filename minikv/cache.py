@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from . import budget, selection
+from . import budget, heads, selection
 from .compat import layer_types_and_kwargs
 from .config import MiniKVConfig
 from .dense import dense_attention, mask_for, valid_tokens
@@ -252,8 +252,8 @@ class MiniKVLayer(StaticLayer):
     @eager_only(reason=EVICTED_EAGER)
     def _attend_both_tiers(self, module, query, scaling, softcap, fallback):
         """Decode attention over the kept tokens and MiKV's evicted tier, both dequantized."""
-        k, v, valid = self.held()
-        allowed = mask_for(valid[:, None, None, :].expand(-1, 1, query.shape[2], -1), fallback, query.dtype)
+        k, v, valid = self.held()  # the evicted tier keeps one count per layer: every head holds the same slots
+        allowed = mask_for(valid[:, :1, None, :].expand(-1, 1, query.shape[2], -1), fallback, query.dtype)
         return dense_attention(module, query, k.to(query.dtype), v.to(query.dtype), allowed, scaling, softcap, fallback)
 
     @eager_only
@@ -283,7 +283,9 @@ class MiniKVLayer(StaticLayer):
     def _keep_prompt(self, k, v, valid, scores, counts=None) -> None:
         """Select the prompt's kept tokens by ``scores [B, H, T]`` and write them into the store;
         ``counts``: ``(n_keep, n_recent)`` decided across layers, else this layer's schedule."""
-        if counts is None:
+        if counts is None and self.cfg.head_budgets == "adaptive":  # AdaKV: this layer's heads ranked together
+            counts = budget.across_layers(self.cfg, [scores], valid, self.cfg.q_group_size)[0]
+        elif counts is None:
             counts = budget.keep_counts(self.cfg, self.rank, self.num_compressed, self._prompt_lengths)
         n_keep, n_recent = (n.to(k.device) for n in counts)
         impl = implementation(self.cfg.backend, k.device)
@@ -293,7 +295,7 @@ class MiniKVLayer(StaticLayer):
             scores = selection.protect_sinks(scores, valid, self.cfg.sink_tokens)
         idx = impl.select_tokens(scores, valid, n_keep, n_recent, self.n_max)
         index = idx[..., None].expand(-1, -1, -1, k.shape[-1])  # [B, Hkv, n_max, D]
-        kept = (torch.arange(self.n_max, device=k.device)[None] < n_keep[:, None])[:, None, :, None]
+        kept = (torch.arange(self.n_max, device=k.device) < n_keep.view(k.shape[0], -1, 1))[..., None]  # [B, H|1, n, 1]
         zero = torch.zeros((), dtype=k.dtype, device=k.device)  # slots past n_keep[b] hold nothing
         self.store.write_prompt(
             torch.where(kept, k.gather(2, index), zero), torch.where(kept, v.gather(2, index), zero), n_keep
@@ -303,16 +305,19 @@ class MiniKVLayer(StaticLayer):
 
     # -- the reconstruction pass (scorers with NEEDS_PASS) ---------------------------------------
     def reconstruction_context(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(k, v [B, H, S, D], valid [B, S])`` a reconstruction chunk attends to: the prompt, or the
-        tokens held before a turn followed by the turn's; the pending tokens are the last of them."""
+        """``(k, v [B, H, S, D], valid)`` a reconstruction chunk attends to: the prompt, or the tokens held
+        before a turn followed by the turn's; the pending tokens are the last of them. ``valid`` is
+        ``[B, S]``, or ``[B, H, S]`` when the heads hold different tokens (per-head budgets)."""
         p = self.pending
         if p.context is None:
             if p.turn:
                 old_k, old_v, old_valid = self.held()
+                valid = torch.cat([old_valid, p.valid[:, None].expand(-1, old_valid.shape[1], -1)], 2)
+                one = heads.shared(valid)
                 p.context = (
                     torch.cat([old_k.to(p.k.dtype), p.k], 2),
                     torch.cat([old_v.to(p.v.dtype), p.v], 2),
-                    torch.cat([old_valid, p.valid], 1),
+                    valid if one is None else one,
                 )
             else:
                 p.context = (p.k, p.v, p.valid)
@@ -351,7 +356,7 @@ class MiniKVLayer(StaticLayer):
         self.evicted.write(k.gather(2, index), v.gather(2, index), counts)
 
     def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(k, v [B, H, S, D], valid [B, S])``: every token held, both tiers, dequantized."""
+        """``(k, v [B, H, S, D], valid [B, H, S])``: every token held, both tiers, dequantized."""
         k, v, valid = self.store.dense()
         low = self.evicted.dense() if self.evicted is not None else None
         if low is None:
@@ -359,7 +364,7 @@ class MiniKVLayer(StaticLayer):
         return (
             torch.cat([k, low[0].to(k.dtype)], 2),
             torch.cat([v, low[1].to(v.dtype)], 2),
-            torch.cat([valid, low[2]], 1),
+            torch.cat([valid, low[2][:, None].expand(-1, valid.shape[1], -1)], 2),
         )
 
     # -- later turns and prefill chunks -----------------------------------------------------
@@ -372,23 +377,38 @@ class MiniKVLayer(StaticLayer):
         B, _, N, _ = k.shape
         self._seen = int(self.cumulative_length)  # compiled decode steps do not count in Python: resync (prefill time)
         room = self.room_after(self._seen + N)  # validated before anything changes
-        old_k, old_v, old_valid = self.held()
-        S = old_k.shape[2]
+        old_k, old_v, held_valid = self.held()
+        S, Hkv = old_k.shape[2], old_k.shape[1]
+        old_valid = heads.shared(held_valid)  # [B, S], or None: each head holds its own tokens
         keys, values = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
         new_valid = torch.ones(B, N, dtype=torch.bool, device=k.device)
-        valid = torch.cat([old_valid, new_valid], 1)
         scorer = selection.scorer(self.cfg.scorer)
         pass_scored = self.cfg.selects and selection.needs_pass(self.cfg.scorer)
         impl = implementation(self.cfg.backend, k.device)
         if self.cfg.selects and scorer.NEEDS_ATTENTION:  # held tokens as zero-weight queries: one op call
             weight = torch.cat([torch.zeros(B, S, device=k.device), scorer.query_weights(new_valid, self.cfg)], 1)
             q_all = torch.cat([q.new_zeros(*q.shape[:2], S, q.shape[3]), q], 2)
-            out, scores = impl.prefill_attention(q_all, keys, values, valid, weight, scaling, softcap or 0.0)
+            if old_valid is not None:
+                valid = torch.cat([old_valid, new_valid], 1)
+                out, scores = impl.prefill_attention(q_all, keys, values, valid, weight, scaling, softcap or 0.0)
+            else:  # one call with the KV heads folded into the batch (:mod:`minikv.heads`)
+                valid = torch.cat([held_valid, new_valid[:, None].expand(-1, Hkv, -1)], 2).reshape(B * Hkv, -1)
+                out, scores = impl.prefill_attention(
+                    heads.fold_q(q_all, Hkv),
+                    heads.fold_kv(keys),
+                    heads.fold_kv(values),
+                    valid,
+                    heads.fold_rows(weight, Hkv),
+                    scaling,
+                    softcap or 0.0,
+                )
+                out, scores = heads.unfold(out, B), heads.unfold(scores, B)
             out, weights = out[:, :, S:].transpose(1, 2), None
             scores = scorer.finish(scores[..., S:], self.cfg)
         else:
             causal = torch.ones(N, N, dtype=torch.bool, device=k.device).tril()
-            allowed = torch.cat([old_valid[:, None, None, :].expand(B, 1, N, S), causal.expand(B, 1, N, N)], -1)
+            held_mask = heads.query_mask(held_valid, q.shape[1], N)  # [B, Hq or 1, N, S]
+            allowed = torch.cat([held_mask, causal.expand(B, held_mask.shape[1], N, N)], -1)
             out, weights = dense_attention(
                 module, q, keys, values, mask_for(allowed, fallback, q.dtype), scaling, softcap, fallback, **kwargs
             )

@@ -17,6 +17,7 @@ AUTO_GROUP_SIZES = (32, 16)  # q_group_size=None: the first that divides head_di
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # clip ratios tried per group (1.0 = min-max)
 SCORERS = ("minikv", "snapkv", "a2sf", "keynorm", "streaming", "kvzip")
 SCHEDULES = ("uniform", "pyramid", "pyramidkv", "global")
+HEAD_BUDGETS = ("uniform", "adaptive")
 CRUSH_ANCHORS = ("alternate", "zeros", "ones", "mean", "random")
 POOLS = ("max", "avg")
 BACKENDS = ("auto", "reference", "triton")
@@ -59,6 +60,11 @@ class MiniKVConfig:
         ``"pyramidkv"`` (PyramidKV's integer series with ``pyramid_beta``) or ``"global"`` (with
         ``scorer="kvzip"``: the layers' tokens ranked together, at the uniform schedule's total;
         :func:`minikv.budget.across_layers`).
+    head_budgets: ``"uniform"`` (every KV head of a layer keeps the same count) or ``"adaptive"``
+        (AdaKV: one ranking over the heads' scored tokens, of one layer with ``schedule="uniform"``, of
+        every layer with ``"global"``; each head keeps at least ``head_floor`` times the uniform count,
+        at most twice it, in whole quantization groups; the total is the uniform one). Needs a
+        quantized store and a scorer whose scores compare across heads.
     crush: fraction of the scored budget given to KVCrush representatives (0 = off, < 1);
         ``crush_anchor`` / ``crush_seed`` pick the Hamming anchor (see :mod:`minikv.selection.kvcrush`).
     evicted_bits: ``None`` drops the tokens that lose the selection (MiniKV); 1 or 2 keeps them at that
@@ -90,6 +96,8 @@ class MiniKVConfig:
     pool_kernel: int = 7
     pool: str = "max"
     schedule: str = "uniform"
+    head_budgets: str = "uniform"
+    head_floor: float = 0.2
     pyramid_delta: float = 7.0
     pyramid_beta: float = 20.0
     a2sf_decay: float = 0.95
@@ -151,6 +159,7 @@ class MiniKVConfig:
                 f"schedule='global' ranks every layer's tokens together once all layers are scored: it "
                 f"needs scorer='kvzip' (scored after the whole prompt), got scorer={self.scorer!r}"
             )
+        self._check_head_budgets()
         _check_int("pool_kernel", self.pool_kernel, low=1)
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be odd (got {self.pool_kernel}) so the pool keeps positions")
@@ -193,6 +202,29 @@ class MiniKVConfig:
                 raise ValueError(
                     f"residual_length must be a multiple of q_group_size={group}, got {self.residual_length}"
                 )
+
+    def _check_head_budgets(self) -> None:
+        _check_choice("head_budgets", self.head_budgets, HEAD_BUDGETS)
+        floor = self.head_floor
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= floor <= 1.0:
+            raise ValueError(f"head_floor (a head's least share of the uniform count) must be in [0, 1], got {floor!r}")
+        if self.head_budgets == "uniform":
+            return
+        needs = {
+            "a quantized store (bits=2 or 4)": self.quantized,
+            "a budget": self.budget is not None,
+            "schedule='uniform' or 'global'": self.schedule in ("uniform", "global"),
+            "a scorer other than 'streaming' (no scores to rank)": self.scorer != "streaming",
+            "evicted_bits=None (the evicted tier keeps one count per layer)": self.evicted_bits is None,
+            "crush=0": not self.crush,
+        }
+        missing = [what for what, ok in needs.items() if not ok]
+        if missing:
+            raise ValueError(
+                f"head_budgets='adaptive' (per-head counts) needs {', '.join(missing)}; got bits={self.bits}, "
+                f"budget={self.budget}, schedule={self.schedule!r}, scorer={self.scorer!r}, evicted_bits={self.evicted_bits}, "
+                f"crush={self.crush}"
+            )
 
     def _check_evicted(self) -> None:
         share = self.evicted_share

@@ -23,6 +23,7 @@ import copy
 import torch
 from transformers.cache_utils import Cache
 
+from . import heads
 from .compat import cache_key
 from .kernels import implementation
 from .view import MiniKVView, StaticLayer
@@ -54,17 +55,25 @@ class ScoringLayer(StaticLayer):
     def attend(self, module, query, view: MiniKVView, mask, scaling: float, softcap, fallback: str, **kwargs):
         k_ctx, v_ctx, ctx_valid = self.layer.reconstruction_context()
         impl = implementation(self.layer.cfg.backend, query.device)
-        out, scores = impl.reconstruct_attention(
-            query,
-            k_ctx,
-            v_ctx,
-            ctx_valid,
-            view.key.to(k_ctx.dtype),
-            view.value.to(v_ctx.dtype),
-            self.counted,
-            scaling,
-            softcap or 0.0,
-        )
+        k_new, v_new = view.key.to(k_ctx.dtype), view.value.to(v_ctx.dtype)
+        if ctx_valid.dim() == 2:
+            out, scores = impl.reconstruct_attention(
+                query, k_ctx, v_ctx, ctx_valid, k_new, v_new, self.counted, scaling, softcap or 0.0
+            )
+        else:  # each KV head holds its own tokens: fold the heads into the batch (:mod:`minikv.heads`)
+            B, Hkv = k_ctx.shape[:2]
+            out, scores = impl.reconstruct_attention(
+                heads.fold_q(query, Hkv),
+                heads.fold_kv(k_ctx),
+                heads.fold_kv(v_ctx),
+                ctx_valid.reshape(B * Hkv, -1),
+                heads.fold_kv(k_new),
+                heads.fold_kv(v_new),
+                heads.fold_rows(self.counted, Hkv),
+                scaling,
+                softcap or 0.0,
+            )
+            out, scores = heads.unfold(out, B), heads.unfold(scores, B)
         self.layer.add_scores(scores)
         return out.transpose(1, 2), None
 

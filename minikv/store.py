@@ -56,7 +56,7 @@ class QuantizedStore:
         self.v_mn = torch.zeros(B, H, C, D // G, **meta_kw)
         self.res_k = torch.zeros(B, H, S + R, D, dtype=dtype, device=device)
         self.res_v = torch.zeros(B, H, S + R, D, dtype=dtype, device=device)
-        self.n_packed = torch.zeros(B, dtype=torch.int64, device=device)
+        self.n_packed = torch.zeros(B, H, dtype=torch.int64, device=device)  # per KV head (per-head budgets)
         self.res_len = torch.zeros(B, dtype=torch.int64, device=device)
         self.n_sink = torch.zeros(B, dtype=torch.int64, device=device)
 
@@ -87,16 +87,24 @@ class QuantizedStore:
         return new
 
     def write_prompt(self, k: torch.Tensor, v: torch.Tensor, n_keep: torch.Tensor) -> None:
-        """Store the kept prompt tokens ``k/v [B, H, N, D]`` (temporal order, first ``n_keep[b]`` valid).
+        """Store the kept prompt tokens ``k/v [B, H, N, D]`` (temporal order, the first ``n_keep`` valid:
+        ``[B]``, or ``[B, H]`` per KV head).
 
         The first ``min(S, n_keep)`` are the sinks (selection keeps them first); of the rest, whole
-        groups of G go to the packed store and the last ``(n_keep - n_sink) % G`` to the residual.
+        groups of G go to the packed store and the last ``(n_keep - n_sink) % G`` to the residual,
+        which the heads share: per-head counts must leave every head of a sequence the same remainder.
         """
         G, S = self.group, self.sink_capacity
         k, v = rotate(k, self.rot_k), rotate(v, self.rot_v)
         B, H, N, D = k.shape
-        n_sink = n_keep.clamp_max(S)
-        n_body = n_keep - n_sink
+        n_keep = n_keep.view(B, -1).expand(B, H)
+        n_sink = n_keep.amin(1).clamp_max(S)  # [B]
+        n_body = n_keep - n_sink[:, None]  # [B, H]
+        rest = n_body % G
+        if n_keep.stride(1) and not torch.equal(rest, rest[:, :1].expand(B, H)):  # per-head counts: prefill time
+            raise ValueError(
+                f"per-head counts must leave every head the same remainder mod G={G}, got {n_keep.tolist()}"
+            )
         pos = torch.arange(N, device=k.device)
         if S:  # the body (tokens after the sinks) moved to the front
             body = (n_sink[:, None] + pos[None]).clamp_max(N - 1)[:, None, :, None].expand(B, H, N, D)
@@ -113,14 +121,14 @@ class QuantizedStore:
             self.v_codes[:, :, :full] = vc  # [B, H, full, D * bits / 32]
             self.v_scale[:, :, :full] = vs
             self.v_mn[:, :, :full] = vm
-        packed = (n_body // G) * G  # [B]
+        packed = n_body - rest  # [B, H]
         self.n_packed.copy_(packed)
         self.n_sink.copy_(n_sink)
-        self.res_len.copy_(n_keep - packed)
+        self.res_len.copy_(n_sink + rest[:, 0])
         # residual slot j: sink j (j < n_sink), else body token packed + j - n_sink = prompt token packed + j
-        j = torch.arange(S + G, device=k.device)[None]  # [1, S + G]
-        take = torch.where(j < n_sink[:, None], j, packed[:, None] + j).clamp_max(N - 1)  # [B, S + G]
-        index = take[:, None, :, None].expand(-1, H, -1, D)
+        j = torch.arange(S + G, device=k.device)  # [S + G]
+        take = torch.where(j < n_sink[:, None, None], j, packed[..., None] + j).clamp_max(N - 1)  # [B, H, S + G]
+        index = take[..., None].expand(-1, -1, -1, D)
         self.res_k[:, :, : S + G] = k.gather(2, index)
         self.res_v[:, :, : S + G] = v.gather(2, index)
 
@@ -140,30 +148,31 @@ class QuantizedStore:
         k, v = rotate(k, self.rot_k), rotate(v, self.rot_v)
         G, kw = self.group, 32 // self.k_bits
         levels = zip(self.n_sink.tolist(), self.res_len.tolist(), self.n_packed.tolist())
-        for b, (s, r, p) in enumerate(levels):
+        for b, (s, r, heads) in enumerate(levels):
             body_k = torch.cat([self.res_k[b, :, s:r], k[b].to(self.res_k.dtype)], 1)  # [H, M, D]
             body_v = torch.cat([self.res_v[b, :, s:r], v[b].to(self.res_v.dtype)], 1)
             M = body_k.shape[1]
             F = (M // G) * G
-            if p + F > self.capacity:
-                raise ValueError(f"store holds {self.capacity} packed tokens, {p + F} needed: resize it first")
+            if max(heads) + F > self.capacity:
+                raise ValueError(f"store holds {self.capacity} packed tokens, {max(heads) + F} needed: resize it first")
             if F:
                 kc, ks, km = self.impl.quantize_pack(body_k[None, :, :F].transpose(-1, -2), self.k_bits, G, self.clip)
                 vc, vs, vm = self.impl.quantize_pack(body_v[None, :, :F], self.v_bits, G, self.clip)
-                self.k_codes[b, :, :, p // kw : (p + F) // kw] = kc[0]
-                self.k_scale[b, :, :, p // G : (p + F) // G] = ks[0]
-                self.k_mn[b, :, :, p // G : (p + F) // G] = km[0]
-                self.v_codes[b, :, p : p + F] = vc[0]
-                self.v_scale[b, :, p : p + F] = vs[0]
-                self.v_mn[b, :, p : p + F] = vm[0]
+                for h, p in enumerate(heads):  # each KV head's tokens go after its own
+                    self.k_codes[b, h, :, p // kw : (p + F) // kw] = kc[0, h]
+                    self.k_scale[b, h, :, p // G : (p + F) // G] = ks[0, h]
+                    self.k_mn[b, h, :, p // G : (p + F) // G] = km[0, h]
+                    self.v_codes[b, h, p : p + F] = vc[0, h]
+                    self.v_scale[b, h, p : p + F] = vs[0, h]
+                    self.v_mn[b, h, p : p + F] = vm[0, h]
             self.res_k[b, :, s : s + M - F] = body_k[:, F:]
             self.res_v[b, :, s : s + M - F] = body_v[:, F:]
-            self.n_packed[b] = p + F
+            self.n_packed[b] += F
             self.res_len[b] = s + M - F
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(k, v [B, H, C + S + R, D], valid [B, C + S + R])``: every token held, dequantized and
-        rotated back, in the store's dtype; ``valid`` marks the slots that hold one."""
+        """``(k, v [B, H, C + S + R, D], valid [B, H, C + S + R])``: every token held, dequantized and
+        rotated back, in the store's dtype; ``valid`` marks each head's slots that hold one."""
         keys = self.impl.unpack_dequantize(
             self.k_codes, self.k_scale, self.k_mn, self.k_bits, self.group, self.dtype
         ).transpose(-1, -2)
@@ -171,8 +180,8 @@ class QuantizedStore:
         k = unrotate(torch.cat([keys, self.res_k], 2), self.rot_k)
         v = unrotate(torch.cat([vals, self.res_v], 2), self.rot_v)
         C, SR = self.capacity, self.res_k.shape[2]
-        slot = torch.arange(C + SR, device=k.device)[None]
-        valid = torch.where(slot < C, slot < self.n_packed[:, None], slot - C < self.res_len[:, None])
+        slot = torch.arange(C + SR, device=k.device)
+        valid = torch.where(slot < C, slot < self.n_packed[..., None], slot - C < self.res_len[:, None, None])
         return k, v, valid
 
     def resized(self, tokens: int) -> "QuantizedStore":
@@ -187,15 +196,16 @@ class QuantizedStore:
         return unrotate(out, self.rot_v)
 
     def lengths(self) -> torch.Tensor:
-        return self.n_packed + self.res_len
+        """Tokens held ``[B, H]`` per sequence and KV head."""
+        return self.n_packed + self.res_len[:, None]
 
     def used_bytes(self) -> int:
-        """Bytes that represent the tokens held: codes + fp16 scales + fp16 minimums of the packed
-        tokens, and the residual (sinks included) in its own dtype."""
+        """Bytes that represent the tokens held: codes + fp16 scales + fp16 minimums of each head's
+        packed tokens, and the residual (sinks included) in its own dtype."""
         B, H, D = self.k_codes.shape[:3]
         per_token = packed_token_bytes(D, self.k_bits, self.v_bits, self.group)
         res_per_token = 2 * D * self.res_k.element_size()
-        return int(H * (self.n_packed.sum() * per_token + self.res_len.sum() * res_per_token))
+        return int(self.n_packed.sum() * per_token + H * self.res_len.sum() * res_per_token)
 
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state())
@@ -234,8 +244,9 @@ class DenseStore:
     extend = append  # scatter at each sequence's length: any number of tokens
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(k, v [B, H, C, D], valid [B, C])``: the tokens held and which slots hold one."""
-        return self.k, self.v, self._slots[None] < self.length[:, None]
+        """``(k, v [B, H, C, D], valid [B, H, C])``: the tokens held and which slots hold one."""
+        valid = self._slots[None] < self.length[:, None]
+        return self.k, self.v, valid[:, None].expand(-1, self.k.shape[1], -1)
 
     def resized(self, tokens: int) -> "DenseStore":
         B, H, _, D = self.k.shape
@@ -248,7 +259,7 @@ class DenseStore:
         return (slot[None, None, :] < limit[:, :, None])[:, None]
 
     def lengths(self) -> torch.Tensor:
-        return self.length
+        return self.length[:, None].expand(-1, self.k.shape[1])
 
     def used_bytes(self) -> int:
         B, H, _, D = self.k.shape

@@ -50,7 +50,7 @@ def test_memory_accounting_matches_a_hand_computation():
     assert mem.ratio == pytest.approx((packed + residual) / fp16)
     assert mem.allocated_bytes >= mem.used_bytes
     for layer in _layers(cache):
-        assert layer.store.n_packed.tolist() == [32] and layer.store.res_len.tolist() == [13]
+        assert layer.store.n_packed.tolist() == [[32] * H] and layer.store.res_len.tolist() == [13]
 
 
 def test_residual_flushes_at_exactly_R():
@@ -59,10 +59,10 @@ def test_residual_flushes_at_exactly_R():
     cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=64)
     _prefill_and_decode(model, cache, T=70, steps=R - 8 - 1)  # residual: 8 + 23 = 31
     layer = _layers(cache)[0]
-    assert (layer.store.n_packed.tolist(), layer.store.res_len.tolist()) == ([32], [R - 1])
+    assert (layer.store.n_packed.tolist(), layer.store.res_len.tolist()) == ([[32, 32]], [R - 1])
     with torch.no_grad():
         model(torch.tensor([[5]]), **{KEY: cache}, use_cache=True)
-    assert (layer.store.n_packed.tolist(), layer.store.res_len.tolist()) == ([32 + R], [0])
+    assert (layer.store.n_packed.tolist(), layer.store.res_len.tolist()) == ([[32 + R] * 2], [0])
     assert int(cache.get_seq_length()) == 70 + R - 8
 
 

@@ -85,26 +85,34 @@ def _fp64_decode(q, buf, n_packed, res_k, res_v, res_len, k_bits, v_bits, G, sca
     K = unpack_dequantize(buf[0], buf[1], buf[2], k_bits, G, torch.float64).transpose(-1, -2)
     V = unpack_dequantize(buf[3], buf[4], buf[5], v_bits, G, torch.float64)
     out = torch.zeros(B, Hq, Lq, D, dtype=torch.float64)
+    Hkv = res_k.shape[1]
+    g = Hq // Hkv
     for b in range(B):
-        n, r = int(n_packed[b]), int(res_len[b])
-        keys = torch.cat([K[b : b + 1, :, :n], res_k[b : b + 1, :, :r].double()], 2)
-        vals = torch.cat([V[b : b + 1, :, :n], res_v[b : b + 1, :, :r].double()], 2)
-        N = n + r
-        allowed = torch.arange(N)[None, :] < (N - (Lq - 1 - torch.arange(Lq)))[:, None]
-        if N:
-            out[b : b + 1] = _dense_fp64(q[b : b + 1], keys, vals, allowed[None, None], scale, softcap)[0]
+        for h in range(Hkv):  # each KV head holds its own count of packed tokens
+            n, r = int(n_packed[b, h]), int(res_len[b])
+            keys = torch.cat([K[b : b + 1, h : h + 1, :n], res_k[b : b + 1, h : h + 1, :r].double()], 2)
+            vals = torch.cat([V[b : b + 1, h : h + 1, :n], res_v[b : b + 1, h : h + 1, :r].double()], 2)
+            N = n + r
+            allowed = torch.arange(N)[None, :] < (N - (Lq - 1 - torch.arange(Lq)))[:, None]
+            if N:
+                rows = slice(h * g, (h + 1) * g)
+                out[b : b + 1, rows] = _dense_fp64(q[b : b + 1, rows], keys, vals, allowed[None, None], scale, softcap)[
+                    0
+                ]
     return out
 
 
 def _mixed_store(B, Hkv, D, k_bits, v_bits, G, R, n_packed, res_len, seed=0):
+    """n_packed: per sequence, or per sequence and KV head (nested lists)."""
     g = torch.Generator().manual_seed(seed)
-    C = -(-(max(n_packed) + G) // G) * G
+    n_packed = torch.tensor(n_packed).view(B, -1).expand(B, Hkv).contiguous()
+    C = -(-(int(n_packed.max()) + G) // G) * G
     buf = _store(B, Hkv, D, C, 4, G)
     k, v = torch.randn(B, Hkv, C, D, generator=g), torch.randn(B, Hkv, C, D, generator=g)
     buf[0], buf[1], buf[2] = quant.quantize_pack(k.transpose(-1, -2), k_bits, G)
     buf[3], buf[4], buf[5] = quant.quantize_pack(v, v_bits, G)
     res_k, res_v = torch.randn(B, Hkv, R, D, generator=g), torch.randn(B, Hkv, R, D, generator=g)
-    return buf, torch.tensor(n_packed), res_k, res_v, torch.tensor(res_len)
+    return buf, n_packed, res_k, res_v, torch.tensor(res_len)
 
 
 @pytest.mark.parametrize("D", [64, 96, 256])
@@ -113,8 +121,10 @@ def _mixed_store(B, Hkv, D, k_bits, v_bits, G, R, n_packed, res_len, seed=0):
 @pytest.mark.parametrize("Lq", [1, 3])
 def test_decode_attention_matches_fp64(D, Hq, Hkv, k_bits, v_bits, Lq):
     G, R = 32, 36  # 4 sinks + 32 new tokens
-    # fill levels: empty, residual only, store only, both (a store long enough to be split across units)
-    n_packed, res_len = [0, 0, 640, 1024], [0, 5, 0, 36]
+    # fill levels: empty, residual only, store only, both (a store long enough to be split across units);
+    # each KV head its own count (per-head budgets)
+    base, res_len = [0, 0, 640, 1024], [0, 5, 0, 36]
+    n_packed = [[max(n - 96 * h, 0) if n else 0 for h in range(Hkv)] for n in base]
     buf, npk, res_k, res_v, rl = _mixed_store(4, Hkv, D, k_bits, v_bits, G, R, n_packed, res_len)
     q = torch.randn(4, Hq, Lq, D)
     for softcap in (0.0, 5.0):
@@ -159,11 +169,12 @@ def test_decode_attention_after_a_flush_inside_a_multi_token_append():
     B, H, D, G, R = 2, 2, 32, 16, 16
     buf = _store(B, H, D, 64, 4, G)
     buf[3] = torch.zeros(B, H, 64, D * 2 // 32, dtype=torch.int32)  # 2-bit values
-    n_packed, res_len, n_sink = torch.tensor([0, 16]), torch.tensor([14, 3]), torch.zeros(B, dtype=torch.int64)
+    n_packed, res_len = torch.tensor([[0, 16], [16, 32]]), torch.tensor([14, 3])
+    n_sink = torch.zeros(B, dtype=torch.int64)
     res_k, res_v = torch.randn(B, H, R, D), torch.randn(B, H, R, D)
     k, v = torch.randn(B, H, 4, D), torch.randn(B, H, 4, D)
     cpu_ops.append_kv(k, v, *buf, n_packed, res_k, res_v, res_len, n_sink, 4, 2, G, R, True)
-    assert n_packed.tolist() == [16, 16] and res_len.tolist() == [2, 7]
+    assert n_packed.tolist() == [[16, 32], [16, 32]] and res_len.tolist() == [2, 7]
     q = torch.randn(B, 4, 4, D)
     args = (q, *buf, n_packed, res_k, res_v, res_len, D**-0.5, 0.0, 4, 2, G)
     want = _fp64_decode(q, buf, n_packed, res_k, res_v, res_len, 4, 2, G, D**-0.5, 0.0)
@@ -209,7 +220,7 @@ def test_append_leaves_the_references_buffers(seed, clip, bits, sinks, steps):
     state[0] = torch.zeros(B, H, D, C * k_bits // 32, dtype=torch.int32)
     fill = torch.randint(0, R, (B,), generator=g)
     state += [
-        torch.tensor([0, 16, 32]),
+        torch.tensor([[0, 32], [16, 0], [32, 64]]),  # each KV head its own fill (per-head budgets)
         torch.randn(B, H, 4 + R, D, generator=g),
         torch.randn(B, H, 4 + R, D, generator=g),
         n_sink + fill,
@@ -229,19 +240,23 @@ def test_append_quantizes_only_when_a_residual_fills(monkeypatch):
     real = cpu_ops.quantize_pack
     monkeypatch.setattr(cpu_ops, "quantize_pack", lambda *a: calls.append(a[0].shape) or real(*a))
     buf = _store(B, H, D, 96, 2, G)
-    n_packed, res_len, n_sink = torch.tensor([0, 16]), torch.tensor([R - 3, 0]), torch.zeros(B, dtype=torch.int64)
+    n_packed, res_len, n_sink = (
+        torch.tensor([[0, 0], [16, 16]]),
+        torch.tensor([R - 3, 0]),
+        torch.zeros(B, dtype=torch.int64),
+    )
     res_k, res_v = torch.zeros(B, H, R, D), torch.zeros(B, H, R, D)
     for _ in range(5):
         tok = torch.randn(B, H, 1, D)
         cpu_ops.append_kv(tok, tok, *buf, n_packed, res_k, res_v, res_len, n_sink, 2, 2, G, R, True)
     assert len(calls) == 2  # one flush (sequence 0 at the third token): its keys and its values
-    assert n_packed.tolist() == [32, 16] and res_len.tolist() == [2, 5]
+    assert n_packed.tolist() == [[32, 32], [16, 16]] and res_len.tolist() == [2, 5]
 
 
 def test_append_refuses_to_overflow_the_store():
     B, H, D, G, R = 1, 1, 16, 16, 16
     buf = _store(B, H, D, 16, 2, G)
-    n_packed, res_len = torch.tensor([16]), torch.tensor([R - 1])
+    n_packed, res_len = torch.tensor([[16]]), torch.tensor([R - 1])
     res = torch.zeros(B, H, R, D)
     with pytest.raises(RuntimeError, match="store of sequence 0 is full"):
         cpu_ops.append_kv(

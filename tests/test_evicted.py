@@ -113,7 +113,7 @@ def test_decode_and_later_turns_read_both_tiers_and_count_their_bytes(bits):
         )
         out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **{KEY: cache})
         for layer in _layers(cache):  # the new tokens but the last are held: 5 of them, plus the prompt
-            assert layer.held()[2].sum(-1).tolist() == [90 + 5, 79 + 5]
+            assert layer.held()[2].sum(-1).tolist() == [[90 + 5] * 2, [79 + 5] * 2]  # per KV head
             assert layer.memory().used_bytes == layer.store.used_bytes() + layer.evicted.used_bytes()
         turn = torch.cat([out, torch.randint(0, 320, (2, 20))], 1)
         model.generate(
@@ -124,7 +124,7 @@ def test_decode_and_later_turns_read_both_tiers_and_count_their_bytes(bits):
             **{KEY: cache},
         )
         for layer in _layers(cache):  # the turn's tokens the policy drops went to the tier too
-            assert layer.held()[2].sum(-1).tolist() == [90 + 26 + 1, 79 + 26 + 1]
+            assert layer.held()[2].sum(-1).tolist() == [[90 + 26 + 1] * 2, [79 + 26 + 1] * 2]
     finally:
         minikv.unpatch(model)
 

@@ -194,7 +194,7 @@ def test_accounting_of_key_and_value_bits_and_sinks(k_bits, v_bits):
     assert mem.used_bytes == L * H * (32 * per_token + residual)
     for layer in _layers(cache):
         assert (layer.store.n_packed.tolist(), layer.store.res_len.tolist(), layer.store.n_sink.tolist()) == (
-            [32],
+            [[32, 32]],
             [13],
             [3],
         )
@@ -209,13 +209,13 @@ def test_decode_reads_keys_and_values_at_their_own_bits():
     kc, ks, km = quant.quantize_pack(k.transpose(-1, -2), 4, G)
     vc, vs, vm = quant.quantize_pack(v, 2, G)
     res_k, res_v = torch.randn(B, Hkv, R, D, generator=g), torch.randn(B, Hkv, R, D, generator=g)
-    n_packed, res_len = torch.tensor([64, 32]), torch.tensor([3, 16])
+    n_packed, res_len = torch.tensor([[64, 64], [32, 32]]), torch.tensor([3, 16])
     q = torch.randn(B, Hq, 1, D, generator=g)
     out = ops.decode_attention(q, kc, ks, km, vc, vs, vm, n_packed, res_k, res_v, res_len, D**-0.5, 0.0, 4, 2, G)
     K = quant.unpack_dequantize(kc, ks, km, 4, G, torch.float64).transpose(-1, -2)
     V = quant.unpack_dequantize(vc, vs, vm, 2, G, torch.float64)
     for b in range(B):
-        n, r = int(n_packed[b]), int(res_len[b])
+        n, r = int(n_packed[b, 0]), int(res_len[b])
         keys = torch.cat([K[b, :, :n], res_k[b, :, :r].double()], 1).repeat_interleave(2, 0)
         vals = torch.cat([V[b, :, :n], res_v[b, :, :r].double()], 1).repeat_interleave(2, 0)
         ref = torch.softmax(q[b].double() @ keys.transpose(-1, -2) * D**-0.5, -1) @ vals
@@ -228,7 +228,7 @@ def test_opcheck_of_the_changed_ops():
     B, H, D, G, S, R = 2, 2, 16, 16, 3, 32
     buf = _store(B, H, D, 96, 4, G)[:3] + _store(B, H, D, 96, 2, G)[3:]
     state = (
-        torch.tensor([0, 16]),
+        torch.tensor([[0, 16], [16, 16]]),
         torch.randn(B, H, S + R, D),
         torch.randn(B, H, S + R, D),
         torch.tensor([33, 5]),
@@ -273,7 +273,7 @@ def test_mixed_bit_decode_kernel_matches_the_reference(triton_on_cpu):
     for k_bits, v_bits in ((4, 2), (2, 4)):
         store = (*quant.quantize_pack(k.transpose(-1, -2), k_bits, G), *quant.quantize_pack(v, v_bits, G))
         rest = (
-            torch.tensor([96, 48]),
+            torch.tensor([[96, 48], [48, 80]]),  # per KV head
             torch.randn(B, Hkv, R, D, generator=g),
             torch.randn(B, Hkv, R, D, generator=g),
             torch.tensor([7, 32]),

@@ -88,27 +88,30 @@ DECODE_CASES = [
 def test_decode_attention_error_budget(Hq, Hkv, D, lengths, bits, dtype):
     n_packed, res_len = lengths
     B, G, R, Lq = len(n_packed), 16, 32, 1
-    buf, npk, rk, rv, rl = _filled_store(B, Hkv, D, bits, G, R, n_packed, res_len, seed=D + Hq)
+    per_head = [[max(n - 16 * h, 0) for h in range(Hkv)] for n in n_packed]  # each KV head its own count
+    buf, npk, rk, rv, rl = _filled_store(B, Hkv, D, bits, G, R, per_head, res_len, seed=D + Hq)
     rk, rv = rk.to(dtype), rv.to(dtype)
     q = torch.randn(B, Hq, Lq, D).to(dtype)
     got = ops.decode_attention(q, *buf, npk, rk, rv, rl, D**-0.5, 0.0, bits, bits, G)
     K = unpack_dequantize(buf[0], buf[1], buf[2], bits, G, torch.float64).transpose(-1, -2)
     V = unpack_dequantize(buf[3], buf[4], buf[5], bits, G, torch.float64)
+    g = Hq // Hkv
     for b in range(B):
-        n, r = n_packed[b], res_len[b]
-        keys = torch.cat([K[b : b + 1, :, :n], rk[b : b + 1, :, :r].double()], 2)
-        vals = torch.cat([V[b : b + 1, :, :n], rv[b : b + 1, :, :r].double()], 2)
-        exact = _dense(q[b : b + 1].double(), keys, vals, n, r, Lq, torch.float64)
-        same_dtype = _dense(q[b : b + 1], keys, vals, n, r, Lq, dtype).double()
-        err = (got[b : b + 1].double() - exact).abs().max()
-        budget = 2 * (same_dtype - exact).abs().max() + EPS[dtype]
-        assert err <= budget, (b, float(err), float(budget))
+        for h in range(Hkv):
+            n, r, rows = per_head[b][h], res_len[b], slice(h * g, (h + 1) * g)
+            keys = torch.cat([K[b : b + 1, h : h + 1, :n], rk[b : b + 1, h : h + 1, :r].double()], 2)
+            vals = torch.cat([V[b : b + 1, h : h + 1, :n], rv[b : b + 1, h : h + 1, :r].double()], 2)
+            exact = _dense(q[b : b + 1, rows].double(), keys, vals, n, r, Lq, torch.float64)
+            same_dtype = _dense(q[b : b + 1, rows], keys, vals, n, r, Lq, dtype).double()
+            err = (got[b : b + 1, rows].double() - exact).abs().max()
+            budget = 2 * (same_dtype - exact).abs().max() + EPS[dtype]
+            assert err <= budget, (b, h, float(err), float(budget))
 
 
 @pytest.mark.parametrize("softcap", [0.0, 20.0])
 @pytest.mark.parametrize("Lq", [1, 4])
 def test_decode_attention_matches_the_reference_with_softcap_and_several_queries(softcap, Lq):
-    buf, npk, rk, rv, rl = _filled_store(2, 2, 64, 2, 16, 32, [48, 16], [3, 30])
+    buf, npk, rk, rv, rl = _filled_store(2, 2, 64, 2, 16, 32, [[48, 16], [16, 32]], [3, 30])
     q = torch.randn(2, 8, Lq, 64)
     want = reference.decode_attention(q, *buf, npk, rk, rv, rl, 0.125, softcap, 2, 2, 16)
     got = ops.decode_attention(q, *buf, npk, rk, rv, rl, 0.125, softcap, 2, 2, 16)
@@ -134,7 +137,8 @@ def test_decode_tiles_of_every_head_dim_and_group_size(Hq, Hkv, D, G, k_bits, v_
     buf = (*quant.quantize_pack(k.transpose(-1, -2), k_bits, G), *quant.quantize_pack(v, v_bits, G))
     rk, rv = torch.randn(2, Hkv, R, D, generator=g), torch.randn(2, Hkv, R, D, generator=g)
     q = torch.randn(2, Hq, 2, D, generator=g)
-    npk, rl = torch.tensor(n_packed), torch.tensor(res_len) + 1  # 2 new queries: >= 1 residual token each
+    npk = torch.tensor([[n - bt * h for h in range(Hkv)] for n in n_packed]).clamp_min(0)  # per KV head
+    rl = torch.tensor(res_len) + 1  # 2 new queries: >= 1 residual token each
     want = reference.decode_attention(q, *buf, npk, rk, rv, rl, D**-0.5, 0.0, k_bits, v_bits, G)
     got = ops.decode_attention(q, *buf, npk, rk, rv, rl, D**-0.5, 0.0, k_bits, v_bits, G)
     assert torch.allclose(got, want, atol=2e-5), (got - want).abs().max()
@@ -162,7 +166,7 @@ def test_append_kernel_is_bit_exact_across_flushes(k_bits, v_bits, G, D, R, clip
     state = {}
     for name in ("ref", "kernel"):
         store = list(_store(B, H, D, C, k_bits, G)[:3] + _store(B, H, D, C, v_bits, G)[3:])
-        n_packed = torch.tensor([0, R, 2 * R])
+        n_packed = torch.tensor([[0, R], [R, 0], [2 * R, R]])  # each KV head its own fill
         res_k, res_v = torch.zeros(B, H, S + R, D, dtype=dtype), torch.zeros(B, H, S + R, D, dtype=dtype)
         state[name] = [store, n_packed, res_k, res_v, torch.tensor([S + R - 1, 0, 2]), torch.tensor([S, 0, 2])]
     for steps, width in ((R + 2, 1), (R // 3 + 1, 3)):
@@ -232,7 +236,7 @@ def test_opcheck_with_triton_registered(case):
         B, H, D, G, S, R = 2, 2, 16, 16, 3, 32
         buf = _store(B, H, D, 96, 4, G)[:3] + _store(B, H, D, 96, 2, G)[3:]
         state = (
-            torch.tensor([0, 16]),
+            torch.tensor([[0, 16], [16, 32]]),
             torch.randn(B, H, S + R, D),
             torch.randn(B, H, S + R, D),
             torch.tensor([33, 5]),

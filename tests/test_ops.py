@@ -116,9 +116,11 @@ def _store(B, H, D, C, bits, G):
 
 
 def _filled_store(B, Hkv, D, bits, G, R, n_packed, res_len, seed=0):
-    """A store holding n_packed[b] quantized tokens and res_len[b] residual tokens."""
+    """A store holding n_packed[b] (or n_packed[b][h], per KV head) quantized tokens and res_len[b]
+    residual tokens."""
     g = torch.Generator().manual_seed(seed)
-    C = max(n_packed) + R
+    n_packed = torch.tensor(n_packed).view(B, -1).expand(B, Hkv).contiguous()
+    C = int(n_packed.max()) + R
     C = -(-C // G) * G
     buf = _store(B, Hkv, D, C, bits, G)
     k = torch.randn(B, Hkv, C, D, generator=g)
@@ -129,7 +131,7 @@ def _filled_store(B, Hkv, D, bits, G, R, n_packed, res_len, seed=0):
         dst.copy_(src)
     res_k = torch.randn(B, Hkv, R, D, generator=g)
     res_v = torch.randn(B, Hkv, R, D, generator=g)
-    return buf, torch.tensor(n_packed), res_k, res_v, torch.tensor(res_len)
+    return buf, n_packed, res_k, res_v, torch.tensor(res_len)
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -138,25 +140,28 @@ def _filled_store(B, Hkv, D, bits, G, R, n_packed, res_len, seed=0):
 @pytest.mark.parametrize("impl", [ops, reference], ids=["op", "reference"])
 def test_decode_attention_is_one_softmax_over_store_and_residual(bits, Hq, Hkv, Lq, impl):
     B, D, G, R = 3, 32, 16, 32
-    buf, n_packed, res_k, res_v, res_len = _filled_store(B, Hkv, D, bits, G, R, [0, 16, 48], [5, 31, 3])
+    per_head = [[(16 * (b + 3 * h)) % 64 for h in range(Hkv)] for b in range(B)]  # each KV head its own count
+    buf, n_packed, res_k, res_v, res_len = _filled_store(B, Hkv, D, bits, G, R, per_head, [5, 31, 3])
     q = torch.randn(B, Hq, Lq, D)
     out = impl.decode_attention(q, *buf, n_packed, res_k, res_v, res_len, D**-0.5, 0.0, bits, bits, G)
     K = unpack_dequantize(buf[0], buf[1], buf[2], bits, G, torch.float64).transpose(-1, -2)
     V = unpack_dequantize(buf[3], buf[4], buf[5], bits, G, torch.float64)
+    g = Hq // Hkv
     for b in range(B):
-        n, r = int(n_packed[b]), int(res_len[b])
-        keys = torch.cat([K[b : b + 1, :, :n], res_k[b : b + 1, :, :r].double()], 2)
-        vals = torch.cat([V[b : b + 1, :, :n], res_v[b : b + 1, :, :r].double()], 2)
-        N = n + r
-        allowed = torch.arange(N)[None, :] < (N - (Lq - 1 - torch.arange(Lq)))[:, None]  # causal among new
-        ref, _ = _dense_fp64(q[b : b + 1], keys, vals, allowed[None, None], D**-0.5)
-        assert torch.allclose(out[b : b + 1].double(), ref, atol=1e-5), b
+        for h in range(Hkv):
+            n, r = int(n_packed[b, h]), int(res_len[b])
+            keys = torch.cat([K[b : b + 1, h : h + 1, :n], res_k[b : b + 1, h : h + 1, :r].double()], 2)
+            vals = torch.cat([V[b : b + 1, h : h + 1, :n], res_v[b : b + 1, h : h + 1, :r].double()], 2)
+            N = n + r
+            allowed = torch.arange(N)[None, :] < (N - (Lq - 1 - torch.arange(Lq)))[:, None]  # causal among new
+            ref, _ = _dense_fp64(q[b : b + 1, h * g : (h + 1) * g], keys, vals, allowed[None, None], D**-0.5)
+            assert torch.allclose(out[b : b + 1, h * g : (h + 1) * g].double(), ref, atol=1e-5), (b, h)
 
 
 def test_append_flushes_at_exactly_R():
     B, H, D, G, R, bits = 2, 2, 16, 16, 32, 2
     buf = _store(B, H, D, 96, bits, G)
-    n_packed = torch.tensor([0, 16])
+    n_packed = torch.tensor([[0, 32], [16, 16]])  # per KV head: sequence 0's heads flush to their own offsets
     res_k, res_v = torch.zeros(B, H, R, D), torch.zeros(B, H, R, D)
     res_len = torch.tensor([R - 3, 0])
     toks = torch.randn(B, H, 5, D)
@@ -180,14 +185,15 @@ def test_append_flushes_at_exactly_R():
         history.append((n_packed.tolist(), res_len.tolist()))
     # sequence 0: 29 -> 30, 31, 32=R flush -> 0, 1, 2; sequence 1 never reaches R
     assert history == [
-        ([0, 16], [30, 1]),
-        ([0, 16], [31, 2]),
-        ([32, 16], [0, 3]),
-        ([32, 16], [1, 4]),
-        ([32, 16], [2, 5]),
+        ([[0, 32], [16, 16]], [30, 1]),
+        ([[0, 32], [16, 16]], [31, 2]),
+        ([[32, 64], [16, 16]], [0, 3]),
+        ([[32, 64], [16, 16]], [1, 4]),
+        ([[32, 64], [16, 16]], [2, 5]),
     ]
-    # the flushed group of sequence 0 holds the residual as it was, quantized
+    # the flushed group of sequence 0 went to each head's own offset; the residual starts again
     assert torch.equal(res_k[0, :, :2], toks[0, :, 3:5])
+    assert (buf[0][0, 0, :, 64 // 16 :] == 0).all() and (buf[0][0, 1, :, 32 // 16 : 64 // 16] != 0).any()
     assert torch.equal(res_k[1, :, :5], toks[1])
     # sequence 1's store is untouched
     assert (buf[0][1] == 0).all() and (buf[3][1] == 0).all()
@@ -197,7 +203,7 @@ def _ops_cases():
     q, k, v, valid = _inputs(2, 4, 2, 21, 16)
     x = torch.randn(2, 3, 64)
     codes, s, m = ops.quantize_pack(x, 2, 16)
-    buf, n_packed, res_k, res_v, res_len = _filled_store(2, 2, 16, 2, 16, 32, [16, 0], [3, 9])
+    buf, n_packed, res_k, res_v, res_len = _filled_store(2, 2, 16, 2, 16, 32, [[16, 32], [0, 16]], [3, 9])
     scores = torch.rand(2, 2, 21)
     n_keep, n_recent = torch.tensor([10, 8]), torch.tensor([4, 3])
     yield ops.quantize_pack, (x, 2, 16)

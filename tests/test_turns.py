@@ -57,7 +57,7 @@ def test_compressed_turn_keeps_the_held_tokens_and_compresses_the_new_ones():
     _, cache = _chat(model, _turns(64)[:1], new_tokens=4)
     layer = _layers(cache)[0]
     st = layer.store
-    p, G, kw = int(st.n_packed[0]), st.group, 32 // st.k_bits
+    p, G, kw = int(st.n_packed[0, 0]), st.group, 32 // st.k_bits
     held = [
         st.k_codes[..., : p // kw],
         st.k_scale[..., : p // G],
@@ -66,12 +66,12 @@ def test_compressed_turn_keeps_the_held_tokens_and_compresses_the_new_ones():
         st.res_k[:, :, :4],
     ]  # the packed tokens and the sinks
     held = [t.clone() for t in held]
-    n_before = int(st.lengths()[0])
+    n_before = int(st.lengths()[0, 0])
     with torch.no_grad():
         model(torch.randint(1, 320, (1, 40)), **{cache_key(): cache}, use_cache=True)
     st = layer.store
     # 40 new tokens at budget 0.5: 20 kept (SnapKV's window and the top scored; no sinks in a turn)
-    assert int(st.lengths()[0]) == n_before + 20
+    assert int(st.lengths()[0, 0]) == n_before + 20
     after = [
         st.k_codes[..., : p // kw],
         st.k_scale[..., : p // G],
@@ -95,11 +95,11 @@ def test_extend_packs_whole_groups_with_the_codes_of_the_same_tokens():
     store.write_prompt(k0, v0, torch.tensor([30, 23]))  # body 28 / 21: 16 packed, 12 / 5 in the residual
     k1, v1 = torch.randn(B, H, 40, D, generator=g), torch.randn(B, H, 40, D, generator=g)
     store.extend(k1, v1)
-    assert store.n_packed.tolist() == [16 + 48, 16 + 32] and store.res_len.tolist() == [2 + 4, 2 + 13]
+    assert store.n_packed.tolist() == [[16 + 48] * 2, [16 + 32] * 2] and store.res_len.tolist() == [2 + 4, 2 + 13]
     for b, n_body in enumerate((28, 21)):
         body_k = torch.cat([k0[b, :, 2 : 2 + n_body], k1[b]], 1)  # [H, n_body + 40, D]
         body_v = torch.cat([v0[b, :, 2 : 2 + n_body], v1[b]], 1)
-        p = int(store.n_packed[b])
+        p = int(store.n_packed[b, 0])
         kc, ks, km = quantize_pack(body_k[None, :, :p].transpose(-1, -2), 4, 16, True)
         vc, vs, vm = quantize_pack(body_v[None, :, :p], 2, 16, True)
         assert torch.equal(store.k_codes[b : b + 1, :, :, : p // 8], kc)
@@ -135,7 +135,7 @@ def test_max_cache_len_reserves_the_buffers_for_every_turn():
     assert [t.data_ptr() for t in layer.store.buffers()] == buffers  # a compiled step would not recompile
     # kept: 25 of the prompt + its 4 sinks, the 30-token turn whole (within SnapKV's 32-token window),
     # the decoded token, 20 of the 40-token turn
-    assert int(cache.get_seq_length()) == 121 and int(layer.store.lengths()[0]) == 29 + 30 + 1 + 20
+    assert int(cache.get_seq_length()) == 121 and int(layer.store.lengths()[0, 0]) == 29 + 30 + 1 + 20
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
@@ -157,7 +157,7 @@ def test_chunked_prefill_bounds_what_is_kept():
     cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)
     minikv.generate(model, torch.randint(1, 320, (1, 128)), max_new_tokens=4, chunk_size=64, cache=cache)
     # 25% of each 64-token chunk (16), the first also holding the 4 sinks; then 3 decoded tokens
-    assert int(_layers(cache)[0].store.lengths()[0]) == (16 + 4) + 16 + 3
+    assert int(_layers(cache)[0].store.lengths()[0, 0]) == (16 + 4) + 16 + 3
 
 
 def test_bad_chunk_size_is_refused():

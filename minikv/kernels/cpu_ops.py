@@ -113,19 +113,19 @@ def append_kv(
         if not bool(full.any()):  # host memory: no synchronisation on CPU
             continue
         for b in full.nonzero()[:, 0].tolist():
-            s, p = int(n_sink[b]), int(n_packed[b])
-            if p + R > v_codes.shape[2]:
+            s = int(n_sink[b])
+            if int(n_packed[b].max()) + R > v_codes.shape[2]:
                 raise RuntimeError(
                     f"the packed store of sequence {b} is full ({v_codes.shape[2]} tokens): "
                     f"the cache was built for fewer new tokens"
                 )
             kc, ks, km = quantize_pack(res_k[b : b + 1, :, s : s + R].transpose(-1, -2), k_bits, group_size, clip)
             vc, vs, vm = quantize_pack(res_v[b : b + 1, :, s : s + R], v_bits, group_size, clip)
-            k_codes[b, :, :, p // kw : (p + R) // kw] = kc[0]
-            k_scale[b, :, :, p // group_size : (p + R) // group_size] = ks[0]
-            k_mn[b, :, :, p // group_size : (p + R) // group_size] = km[0]
-            v_codes[b, :, p : p + R] = vc[0]
-            v_scale[b, :, p : p + R] = vs[0]
-            v_mn[b, :, p : p + R] = vm[0]
+            for h, p in enumerate(n_packed[b].tolist()):  # each KV head appends after its own tokens
+                g0, g1 = p // group_size, (p + R) // group_size
+                k_codes[b, h, :, p // kw : (p + R) // kw] = kc[0, h]
+                k_scale[b, h, :, g0:g1], k_mn[b, h, :, g0:g1] = ks[0, h], km[0, h]
+                v_codes[b, h, p : p + R] = vc[0, h]
+                v_scale[b, h, p : p + R], v_mn[b, h, p : p + R] = vs[0, h], vm[0, h]
             n_packed[b] += R
             res_len[b] = s

@@ -121,9 +121,9 @@ def reconstruct_attention(q, k_ctx, v_ctx, ctx_valid, k_new, v_new, q_valid, sca
 def select_tokens(scores, valid, n_keep, n_recent, n_max: int):
     """Per (sequence, KV head): the ``n_recent`` newest valid tokens plus the top scored older ones.
 
-    scores ``[B, Hkv, T]``, valid ``[B, T]``, n_keep / n_recent ``[B]`` int64 with
-    ``n_recent <= n_keep <= valid.sum(-1)`` and ``n_keep <= n_max``. Returns ``idx [B, Hkv, n_max]``
-    int64: the first ``n_keep[b]`` entries are the kept positions in increasing (temporal) order;
+    scores ``[B, Hkv, T]``, valid ``[B, T]``, n_keep ``[B]`` (or ``[B, Hkv]``: per-head budgets) and
+    n_recent ``[B]`` int64 with ``n_recent <= n_keep <= valid.sum(-1)`` and ``n_keep <= n_max``. Returns
+    ``idx [B, Hkv, n_max]`` int64: each head's first ``n_keep`` entries are the kept positions in increasing (temporal) order;
     the rest are unspecified positions that the caller masks by count.
     """
     B, H, T = scores.shape
@@ -135,7 +135,7 @@ def select_tokens(scores, valid, n_keep, n_recent, n_max: int):
     # best first; equal scores (plateaus of SnapKV's max pool) in time order, so that a left-padded
     # sequence keeps what it keeps alone (topk breaks ties by raw position, which padding shifts)
     top = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]  # [B, H, k]
-    take = torch.arange(k, device=scores.device) < (n_keep - n_recent)[:, None, None]
+    take = torch.arange(k, device=scores.device) < (n_keep.view(B, -1) - n_recent[:, None])[..., None]
     keep = recent[:, None, :].expand(B, H, T).clone()
     keep.scatter_(-1, top, take | keep.gather(-1, top))
     order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # kept first, in time order
@@ -169,8 +169,9 @@ def decode_attention(
 ):
     """Attention of ``Lq`` new queries over ``[packed store ; residual]`` with one softmax.
 
-    q ``[B, Hq, Lq, D]`` (the new tokens are already appended); n_packed / res_len ``[B]`` int64.
-    The cached tokens are in temporal order, store first: query ``i`` sees the first
+    q ``[B, Hq, Lq, D]`` (the new tokens are already appended); n_packed ``[B, Hkv]`` int64 (each
+    KV head's packed tokens: per-head budgets), res_len ``[B]`` int64 (the residual, shared by the
+    heads). The cached tokens are in temporal order, store first: query ``i`` sees the first
     ``n_packed + res_len - (Lq - 1 - i)`` of them. (The residual may begin with full-precision sink
     tokens: attention is order-free but for that mask, which only ever hides new tokens, so the
     sinks may sit there.) Keys hold ``k_bits``-bit codes, values ``v_bits``-bit ones. Returns
@@ -182,14 +183,15 @@ def decode_attention(
     vals = torch.cat([unpack_dequantize(v_codes, v_scale, v_mn, v_bits, group_size, torch.float32), res_v.float()], 2)
     C, R = keys.shape[2] - res_k.shape[2], res_k.shape[2]
     slot = torch.arange(C + R, device=q.device)
+    npk, rl = n_packed[:, :, None], res_len[:, None, None]  # [B, Hkv, 1], [B, 1, 1]
     # logical index of each slot (in temporal order) and whether it holds a token
-    logical = torch.where(slot[None] < C, slot[None], n_packed[:, None] + slot[None] - C)  # [B, C+R]
-    filled = torch.where(slot[None] < C, slot[None] < n_packed[:, None], slot[None] - C < res_len[:, None])
-    limit = (n_packed + res_len)[:, None] - (Lq - 1 - torch.arange(Lq, device=q.device))[None]  # [B, Lq]
-    allowed = filled[:, None, :] & (logical[:, None, :] < limit[:, :, None])  # [B, Lq, C+R]
-    vals = torch.where(filled[:, None, :, None], vals, 0.0)  # empty slots may hold anything
+    logical = torch.where(slot < C, slot, npk + slot - C)  # [B, Hkv, C+R]
+    filled = torch.where(slot < C, slot < npk, slot - C < rl)
+    limit = (npk + rl) - (Lq - 1 - torch.arange(Lq, device=q.device))  # [B, Hkv, Lq]
+    allowed = filled[:, :, None, :] & (logical[:, :, None, :] < limit[..., None])  # [B, Hkv, Lq, C+R]
+    vals = torch.where(filled[..., None], vals, 0.0)  # empty slots may hold anything
     qf = q.float().view(B, Hkv, Hq // Hkv, Lq, D)
-    p = _softmax(_logits(qf, keys, scale, softcap), allowed[:, None, None])
+    p = _softmax(_logits(qf, keys, scale, softcap), allowed[:, :, None])
     out = torch.einsum("bhgmn,bhnd->bhgmd", p, vals)
     return out.reshape(B, Hq, Lq, D).to(q.dtype)
 
@@ -197,14 +199,15 @@ def decode_attention(
 def _masked_write(buf, dim: int, start, block, mask):
     """``buf.narrow(dim, start[b], n)[b] = block[b]`` for the sequences where ``mask[b]``, in place.
 
-    start ``[B]`` int64 (element offsets along ``dim``), block shaped like ``buf`` with ``n`` along
-    ``dim``. Static shapes: every sequence is gathered and rewritten; unmasked ones get their old
-    values back (indices are clamped to stay in bounds).
+    start ``[B]`` or ``[B, H]`` int64 (element offsets along ``dim`` >= 2, per sequence or per sequence
+    and head), block shaped like ``buf`` with ``n`` along ``dim``. Static shapes: every sequence is
+    gathered and rewritten; unmasked ones get their old values back (indices are clamped to stay in bounds).
     """
     n, size = block.shape[dim], buf.shape[dim]
     shape = [1] * buf.dim()
-    shape[0], shape[dim] = -1, n
-    index = (start[:, None] + torch.arange(n, device=buf.device)[None]).clamp_max(size - 1).view(shape)
+    shape[: start.dim()] = start.shape
+    shape[dim] = n
+    index = (start[..., None] + torch.arange(n, device=buf.device)).clamp_max(size - 1).view(shape)
     index = index.expand(*[block.shape[i] if i != dim else n for i in range(buf.dim())])
     old = buf.gather(dim, index)
     keep = mask.view([-1] + [1] * (buf.dim() - 1))
@@ -237,7 +240,7 @@ def append_kv(
     tokens (never flushed) followed by up to ``R = residual_length`` new tokens. A sequence whose
     residual holds ``n_sink + R`` tokens after a write has its last ``R`` quantized (keys with
     ``k_bits``, values with ``v_bits``, clipped scales if ``clip``) and appended to its packed store at
-    token ``n_packed[b]`` (a multiple of G), and keeps only its sinks. Mutates every buffer argument
+    token ``n_packed[b, h]`` of each KV head (a multiple of G), and keeps only its sinks. Mutates every buffer argument
     and ``n_packed``/``res_len`` in place; no host synchronisation.
     """
     R = residual_length
@@ -260,5 +263,5 @@ def append_kv(
         _masked_write(v_codes, 2, n_packed, vc, full)
         _masked_write(v_scale, 2, n_packed, vs, full)
         _masked_write(v_mn, 2, n_packed, vm, full)
-        n_packed.add_(full.to(n_packed.dtype) * R)
+        n_packed.add_(full[:, None].to(n_packed.dtype) * R)
         res_len.copy_(torch.where(full, n_sink, res_len))

@@ -56,7 +56,7 @@ def _append_kernel(
     VPW: tl.constexpr = 32 // V_BITS
     pid = tl.program_id(0)
     b = pid // Hkv
-    n_packed = tl.load(npk_ptr + b)
+    n_packed = tl.load(npk_ptr + pid)  # [B, Hkv]: this KV head's packed tokens
     res_len = tl.load(rl_ptr + b)
     n_sink = tl.load(sink_ptr + b)
     slot = tl.minimum(res_len, SR - 1)
@@ -188,5 +188,5 @@ def append_kv(
             )
         filled = res_len + 1
         full = filled == n_sink + R
-        n_packed.add_(full.to(n_packed.dtype) * R)
+        n_packed.add_(full[:, None].to(n_packed.dtype) * R)
         res_len.copy_(torch.where(full, n_sink, filled))

@@ -80,7 +80,7 @@ def _decode_attention_kernel(
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
     b = pid // Hkv
-    n_packed = tl.load(npk_ptr + b)
+    n_packed = tl.load(npk_ptr + pid)  # [B, Hkv]: this KV head's packed tokens
     res_len = tl.load(rl_ptr + b)
     total = n_packed + res_len
     rows = tl.arange(0, BQ)

@@ -122,7 +122,7 @@ def decode(q, store: dict, layout: PageLayout, scale: float, softcap: float, rot
         store["v_codes"],
         store["v_scale"],
         store["v_mn"],
-        store["n_packed"],
+        store["n_packed"][:, None].expand(-1, store["res_k"].shape[1]).contiguous(),  # every head alike
         store["res_k"],
         store["res_v"],
         store["res_len"],

@@ -5,7 +5,7 @@
 // q [B, Hq, Lq, D]; keys k_codes [B, Hkv, D, C*kb/32] int32 with k_scale/k_mn [B, Hkv, D, C/G] fp16
 // (per channel, grouped along tokens); values v_codes [B, Hkv, C, D*vb/32] with v_scale/v_mn
 // [B, Hkv, C, D/G] fp16 (per token, grouped along channels); res_k/res_v [B, Hkv, S+R, D];
-// n_packed/res_len [B] int64. Query i of Lq sees the first n_packed + res_len - (Lq - 1 - i) cached
+// n_packed [B, Hkv] int64 (per KV head), res_len [B] int64. Query i of Lq sees the first n_packed + res_len - (Lq - 1 - i) cached
 // tokens (store first, then residual). Work units are (sequence, KV head, token range) with their
 // own softmax state (flash-decoding splits), merged by log-sum-exp; threads run over units.
 #include <ATen/ATen.h>
@@ -189,6 +189,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_codes, c
   const at::Tensor q = q_in.to(at::kFloat).contiguous();
   const at::Tensor rk = res_k_in.to(at::kFloat).contiguous(), rv = res_v_in.to(at::kFloat).contiguous();
   const at::Tensor npk = n_packed_t.to(at::kLong).contiguous(), rl = res_len_t.to(at::kLong).contiguous();
+  TORCH_CHECK(npk.numel() == B * Hkv && rl.numel() == B, "decode_attention: n_packed must be [B, Hkv] and res_len [B]");
   const Shape sh{B, Hkv, Hq / Hkv, Lq, D, C, SR, G, (Hq / Hkv) * Lq, static_cast<float>(scale),
                  static_cast<float>(softcap)};
 
@@ -204,7 +205,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_codes, c
   for (int64_t bh = 0; bh < B * Hkv; ++bh) {
     first[bh] = static_cast<int64_t>(units.size());
     const int64_t b = bh / Hkv;
-    const int64_t n = std::clamp<int64_t>(np[b], 0, C) / G * G, r = std::clamp<int64_t>(rlp[b], 0, SR);
+    const int64_t n = std::clamp<int64_t>(np[bh], 0, C) / G * G, r = std::clamp<int64_t>(rlp[b], 0, SR);
     for (int64_t s = 0; s < n; s += chunk) units.push_back({bh, s, std::min(s + chunk, n), false});
     if (r > 0) units.push_back({bh, 0, r, true});
   }
@@ -220,9 +221,9 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_codes, c
       const Partial part{&m[i * rows], &l[i * rows], &acc[i * rows * D]};
       const float* qu = qp + u.bh * rows * D;  // the query group's rows are contiguous
       if (u.residual)
-        residual_unit(sh, u, np[b], rlp[b], qu, rk.data_ptr<float>(), rv.data_ptr<float>(), part);
+        residual_unit(sh, u, np[u.bh], rlp[b], qu, rk.data_ptr<float>(), rv.data_ptr<float>(), part);
       else
-        store_fn(sh, u, np[b], rlp[b], qu, k_codes.data_ptr<int32_t>(), k_scale.data_ptr<at::Half>(),
+        store_fn(sh, u, np[u.bh], rlp[b], qu, k_codes.data_ptr<int32_t>(), k_scale.data_ptr<at::Half>(),
                  k_mn.data_ptr<at::Half>(), v_codes.data_ptr<int32_t>(), v_scale.data_ptr<at::Half>(),
                  v_mn.data_ptr<at::Half>(), part);
     }
