@@ -75,6 +75,16 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
             dict(scorer="kvzip", budget=0.2, evicted_bits=2, evicted_group_size=64),
         ),
     ],
+    "heads": [  # per-head budgets (AdaKV) on top of the global ranking, at the same total
+        ("kvzip 50%, global, adaptive heads", dict(scorer="kvzip", schedule="global", head_budgets="adaptive")),
+        (
+            "kvzip 50%, global, adaptive heads, no floor",
+            dict(scorer="kvzip", schedule="global", head_budgets="adaptive", head_floor=0.0),
+        ),
+    ],
+    "window": [  # the pass's maxima merged with SnapKV's window (the prompt's last tokens here: no question yet)
+        ("kvzip + window 50%, global", dict(scorer="kvzip_window", schedule="global")),
+    ],
     "gemma": [
         ("full cache", None),
         ("defaults (snapkv, 50%)", {}),

@@ -88,3 +88,12 @@ GROUPS["kivi"] = [
 # issue 20: the question-agnostic reconstruction scorer (KVzip-style) with the layers ranked together, at the
 # defaults' quantizer and budget (the shared-context suite, evals/shared_context.py, has it at 14.3% of fp16)
 GROUPS["kvzip"] = [("kvzip 50%, global schedule", dict(cache="minikv", scorer="kvzip", schedule="global"))]
+GROUPS["kvzip_window"] = [
+    ("kvzip + window 50%, global schedule", dict(cache="minikv", scorer="kvzip_window", schedule="global"))
+]
+GROUPS["heads"] = [
+    (
+        "kvzip 50%, global, adaptive heads",
+        dict(cache="minikv", scorer="kvzip", schedule="global", head_budgets="adaptive"),
+    )
+]

@@ -267,6 +267,9 @@ class MiniKVLayer(StaticLayer):
             weight = scorer.query_weights(valid, self.cfg)
             out, scores = impl.prefill_attention(q, k, v, valid, weight, scaling, softcap or 0.0)
             out, weights = out.transpose(1, 2), None
+            if selection.needs_pass(self.cfg.scorer):  # the window's scores, merged with the pass's
+                self.pending = Pending(k, v, valid, scorer.seed(scores, weight, q.shape[1] // k.shape[1], self.cfg))
+                return out, weights
             scores = scorer.finish(scores, self.cfg)
         else:  # no attention scores needed: compute the prompt exactly as the unpatched model does
             out, weights = dense_attention(module, q, k, v, mask, scaling, softcap, fallback, **kwargs)
@@ -404,6 +407,7 @@ class MiniKVLayer(StaticLayer):
                 )
                 out, scores = heads.unfold(out, B), heads.unfold(scores, B)
             out, weights = out[:, :, S:].transpose(1, 2), None
+            seed = scorer.seed(scores[..., S:], weight[:, S:], q.shape[1] // Hkv, self.cfg) if pass_scored else None
             scores = scorer.finish(scores[..., S:], self.cfg)
         else:
             causal = torch.ones(N, N, dtype=torch.bool, device=k.device).tril()
@@ -413,11 +417,12 @@ class MiniKVLayer(StaticLayer):
                 module, q, keys, values, mask_for(allowed, fallback, q.dtype), scaling, softcap, fallback, **kwargs
             )
             scores = scorer.scores(k, new_valid, self.cfg) if self.cfg.selects and not pass_scored else None
+            seed = torch.zeros(B, k.shape[1], N, device=k.device)
         self._seen += N
         self._capacity_tokens = self._seen + room
         self.cumulative_length.add_(N)
         if pass_scored:  # kept once the reconstruction pass has scored them
-            self.pending = Pending(k, v, new_valid, torch.zeros(B, k.shape[1], N, device=k.device), room=room)
+            self.pending = Pending(k, v, new_valid, seed.float(), room=room)
         else:
             self._keep_turn(k, v, scores, room)
         return out, weights

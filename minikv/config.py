@@ -15,7 +15,8 @@ EVICTED_BITS = (1, 2)  # the MiKV tier: evicted tokens kept at this width instea
 ROTATIONS = ("none", "v", "k", "kv")
 AUTO_GROUP_SIZES = (32, 16)  # q_group_size=None: the first that divides head_dim and residual_length
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # clip ratios tried per group (1.0 = min-max)
-SCORERS = ("minikv", "snapkv", "a2sf", "keynorm", "streaming", "kvzip")
+SCORERS = ("minikv", "snapkv", "a2sf", "keynorm", "streaming", "kvzip", "kvzip_window")
+PASS_SCORERS = ("kvzip", "kvzip_window")  # scored by the reconstruction pass after the whole prompt
 SCHEDULES = ("uniform", "pyramid", "pyramidkv", "global")
 HEAD_BUDGETS = ("uniform", "adaptive")
 CRUSH_ANCHORS = ("alternate", "zeros", "ones", "mean", "random")
@@ -54,7 +55,8 @@ class MiniKVConfig:
         (small key norms first), ``"streaming"`` (``sinks`` first tokens + the recent window) or
         ``"kvzip"`` (question-agnostic: the most attention a token receives while the model re-reads
         the prompt after itself, in chunks of ``reconstruct_chunk`` tokens; one more pass at prefill,
-        :mod:`minikv.reconstruct`). See :mod:`minikv.selection`.
+        :mod:`minikv.reconstruct`), or ``"kvzip_window"`` (the larger of ``kvzip``'s score and SnapKV's
+        window score: a question at the prompt's end is seen too). See :mod:`minikv.selection`.
     schedule: ``"uniform"``, ``"pyramid"`` (MiniKV's layer-discriminative budget: the scored
         part falls linearly from ``2h - h/delta`` at layer 0 to ``h/delta`` at the last layer) or
         ``"pyramidkv"`` (PyramidKV's integer series with ``pyramid_beta``) or ``"global"`` (with
@@ -154,10 +156,10 @@ class MiniKVConfig:
                 f"reconstruct_prefix must be a sequence of token ids (ints >= 0), got {self.reconstruct_prefix!r}"
             )
         object.__setattr__(self, "reconstruct_prefix", tuple(self.reconstruct_prefix))
-        if self.schedule == "global" and self.scorer != "kvzip":
+        if self.schedule == "global" and self.scorer not in PASS_SCORERS:
             raise ValueError(
                 f"schedule='global' ranks every layer's tokens together once all layers are scored: it "
-                f"needs scorer='kvzip' (scored after the whole prompt), got scorer={self.scorer!r}"
+                f"needs scorer='kvzip' or 'kvzip_window' (scored after the whole prompt), got scorer={self.scorer!r}"
             )
         self._check_head_budgets()
         _check_int("pool_kernel", self.pool_kernel, low=1)

@@ -292,3 +292,26 @@ def test_the_decode_step_with_the_hook_compiles_into_one_graph():
     assert torch.equal(compiled, eager)
     assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert not dynamo.utils.counters["graph_break"]
+
+
+def test_the_window_merged_scorer_is_the_larger_of_the_pass_and_the_window(captured):
+    """``scorer="kvzip_window"``: each token's score is the max of the pass's maximum and SnapKV's window
+    attention (mean probability per window query and head), so it is never below ``kvzip``'s and the
+    window raises some; the prompt's forward and a later turn work as with ``kvzip``."""
+    ids = torch.randint(1, 320, (1, 90), generator=torch.Generator().manual_seed(6))
+    per_scorer = {}
+    for scorer in ("kvzip", "kvzip_window"):
+        model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5, residual_length=16, scorer=scorer)
+        cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8)
+        captured.clear()
+        with torch.no_grad():
+            model(ids, use_cache=True, **{KEY: cache})
+            model(torch.randint(1, 320, (1, 30)), use_cache=True, **{KEY: cache})  # a turn: scored the same way
+            model(torch.randint(1, 320, (1, 1)), use_cache=True, **{KEY: cache})
+        assert len(captured) == 6  # the prompt's 3 layers, then the turn's
+        per_scorer[scorer] = [s.clone() for s in captured[:3]]  # the prompt's (a turn's depend on what was kept)
+    for plain, merged in zip(per_scorer["kvzip"], per_scorer["kvzip_window"]):
+        assert merged.shape == plain.shape
+        assert bool((merged >= plain - 1e-6).all())
+    assert any(bool((m > p + 1e-4).any()) for p, m in zip(per_scorer["kvzip"], per_scorer["kvzip_window"]))
+    assert all(float(s.max()) <= 1.0 + 1e-6 for s in per_scorer["kvzip_window"])  # probabilities, both

@@ -18,12 +18,14 @@ scorer         score of token j                                            file
 ``streaming``  the first ``sinks`` tokens (StreamingLLM; no scores)        ``streaming.py``
 ``kvzip``      most attention received while the model re-reads the       ``reconstruction.py``
                prompt after itself (question-agnostic; one more pass)
+``kvzip_       the larger of ``kvzip``'s and SnapKV's window score         ``reconstruction_window.py``
+window``       (mean probability per window query and head)
 =============  ==========================================================  ====================
 """
 
 from __future__ import annotations
 
-from . import a2sf, cumulative, keynorm, reconstruction, snapkv, streaming
+from . import a2sf, cumulative, keynorm, reconstruction, reconstruction_window, snapkv, streaming
 from .kvcrush import rescore as crush
 from .positions import protect_sinks
 
@@ -34,6 +36,7 @@ SCORERS = {
     "keynorm": keynorm,
     "streaming": streaming,
     "kvzip": reconstruction,
+    "kvzip_window": reconstruction_window,
 }
 
 

@@ -1,0 +1,27 @@
+"""The reconstruction pass's maxima merged with SnapKV's observation window (``scorer="kvzip_window"``).
+
+A prompt that ends with a question tells SnapKV's window what matters to that question; the
+reconstruction pass (:mod:`.reconstruction`) tells what matters to any question. This scorer keeps a
+token if either does: its score is the larger of the pass's maximum and the window's attention to it
+(SnapKV's pooled column sums over the last ``snap_window`` queries, as a mean probability per window
+query and query head, so both are attention probabilities). A prompt without a question (a document
+compressed before any is asked) gets the window of its own last tokens.
+"""
+
+from . import snapkv
+
+NEEDS_ATTENTION = True  # the prompt's attention gives the window's scores...
+NEEDS_PASS = True  # ...and the pass gives the rest, folded in by max
+
+query_weights = snapkv.query_weights
+
+
+def seed(scores, weight, group: int, cfg):
+    """The window's scores ``[B, Hkv, T]`` as the pass's starting point: SnapKV's pooled column sums
+    divided by the window queries (``weight [B, T]``) and the ``group`` query heads of each KV head."""
+    return snapkv.finish(scores, cfg) / (weight.sum(-1).clamp_min(1.0) * group)[:, None, None]
+
+
+def finish(scores, cfg):
+    """The merged scores as they are (the window's were pooled before the pass)."""
+    return scores
