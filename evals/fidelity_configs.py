@@ -125,16 +125,5 @@ GRIDS["ablate"] = [
     ("minikv defaults, 2-bit keys", dict(DEFAULTS, k_bits=2)),
 ]
 
-# MiKV: the tokens that lose the selection kept at 1-2 bits instead of dropped (``evicted_bits``).
-# Equal bytes with the defaults (K4V2 G32 ~25% of fp16 per token, 50% kept): 20% kept + 80% at 1 bit G64
-# (~9.4% per token); the other rows spend more bytes, to see what the tier buys at all.
-DEFAULTS = dict(budget=0.5, recent=0.25, scorer="snapkv", **Q)
-GRIDS["mikv"] = [
-    (
-        "MiKV: snapkv 20% K4V2 + evicted at 1 bit G64 (equal bytes)",
-        dict(DEFAULTS, budget=0.2, evicted_bits=1, evicted_group_size=64),
-    ),
-    ("MiKV: snapkv 30% K4V2 + evicted at 1 bit G64", dict(DEFAULTS, budget=0.3, evicted_bits=1, evicted_group_size=64)),
-    ("MiKV: defaults (50% K4V2) + evicted at 1 bit G64", dict(DEFAULTS, evicted_bits=1, evicted_group_size=64)),
-    ("MiKV: defaults (50% K4V2) + evicted at 2 bits G64", dict(DEFAULTS, evicted_bits=2, evicted_group_size=64)),
-]
+# MiKV (the evicted tokens kept at 1-2 bits, ``evicted_bits``) was measured here (grid "mikv", last at
+# commit fd5e768: docs/fidelity.md) and removed with its tier in issue 20: it never paid for its bytes.

@@ -61,20 +61,7 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
         ("kvzip 57%, global, G64", dict(scorer="kvzip", schedule="global", budget=0.57, q_group_size=64)),
         ("kvzip 50%, global, 16 bits", dict(scorer="kvzip", schedule="global", bits=16)),
     ],
-    "tiers": [
-        (
-            "kvzip 40% + 2-bit G64 tier for 30% of the rest",
-            dict(scorer="kvzip", budget=0.4, evicted_bits=2, evicted_group_size=64, evicted_share=0.3),
-        ),
-        (
-            "kvzip 30% + 2-bit G64 tier for 60% of the rest",
-            dict(scorer="kvzip", budget=0.3, evicted_bits=2, evicted_group_size=64, evicted_share=0.6),
-        ),
-        (
-            "kvzip 20% + 2-bit G64 tier for the rest",
-            dict(scorer="kvzip", budget=0.2, evicted_bits=2, evicted_group_size=64),
-        ),
-    ],
+    # "tiers" (MiKV's evicted tier at 2 bits, last at commit fd5e768) went with the tier: docs/shared-context.md
     "heads": [  # per-head budgets (AdaKV) on top of the global ranking, at the same total
         ("kvzip 50%, global, adaptive heads", dict(scorer="kvzip", schedule="global", head_budgets="adaptive")),
         (

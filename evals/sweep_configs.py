@@ -59,9 +59,7 @@ GROUPS["fidelity"] = [
 # transformers' QuantizedCache refuses models with sliding layers (no quanto rows there)
 GROUPS["fidelity_extra"] = [("minikv defaults, every token kept", dict(cache="minikv", budget=None))]
 
-# MiKV (issue 10): the evicted tokens kept at 2 bits (groups of 64) on top of the defaults (22.2% of fp16
-# in the fidelity rows; a 1-bit tier, the only one that fits the defaults' bytes, is far worse than dropping)
-GROUPS["mikv"] = [("MiKV: defaults + evicted at 2 bits", dict(cache="minikv", evicted_bits=2, evicted_group_size=64))]
+# MiKV (issue 10; group "mikv", last at commit fd5e768) was removed with its tier in issue 20: docs/fidelity.md
 
 # the frontier at more bytes (issue 10): the defaults keeping 75% of the tokens (22.5% of fp16 in the fidelity rows)
 GROUPS["frontier"] = [("minikv defaults, 75% kept", dict(cache="minikv", budget=0.75))]

@@ -18,7 +18,6 @@ from . import budget, heads, selection
 from .compat import layer_types_and_kwargs
 from .config import MiniKVConfig
 from .dense import dense_attention, mask_for, valid_tokens
-from .evicted import EvictedStore
 from .kernels import implementation
 from .sliding import SlidingLayer
 from .store import DenseStore, QuantizedStore
@@ -30,12 +29,6 @@ EAGER_ONLY = (
     "and sizes buffers on the host. Compile the decode step only: minikv.generate(model, ..., "
     "compile=True), or torch.compile(model.forward) without fullgraph=True (the prefill then runs "
     "eagerly and the decode step compiles)"
-)
-
-
-EVICTED_EAGER = (
-    "MiKV's evicted tier (evicted_bits) is read eagerly (dequantized, no fused kernel): "
-    "a decode step that reads it does not compile; use evicted_bits=None to compile the decode step"
 )
 
 
@@ -118,7 +111,6 @@ class MiniKVLayer(StaticLayer):
         self.cfg, self.rank, self.num_compressed = cfg, rank, num_compressed
         self.max_cache_len = max_cache_len
         self.store: QuantizedStore | DenseStore | None = None
-        self.evicted: EvictedStore | None = None  # MiKV's low-precision tier (``evicted_bits``)
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)  # logical tokens, as a tensor
         self._seen = 0  # the same as a Python int, for capacity checks outside compiled code
         self._capacity_tokens = 0
@@ -216,18 +208,6 @@ class MiniKVLayer(StaticLayer):
             self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
             self._set_store(store_cls(self.cfg, *shape[1:]), shape)
         self.n_max = kept
-        self.evicted = (
-            None
-            if self.cfg.evicted_bits is None
-            else EvictedStore(
-                self.cfg.evicted_bits,
-                self.cfg.evicted_group,
-                self.cfg.clips,
-                self.store.rot_k,
-                self.store.rot_v,
-                self.dtype,
-            )
-        )
         self._capacity_tokens = T + new
         self._prompt_T = self._seen = T
         self.cumulative_length.fill_(T)
@@ -235,26 +215,13 @@ class MiniKVLayer(StaticLayer):
         return MiniKVView(self, key_states, value_states), MiniKVView(self, key_states, value_states)
 
     def attend(self, module, query, view: MiniKVView, mask, scaling: float, softcap, fallback: str, **kwargs):
-        """Attention output ``[B, Lq, Hq, D]`` for this layer (prompt or new tokens)."""
+        """Attention output ``[B, Lq, Hq, D]`` for this layer: the prompt (attended in full, then
+        compressed), a later turn (the same, after the tokens held), or decode (the store reads itself)."""
         if view.turn:
             return self._extend(module, query, view.key, view.value, scaling, softcap, fallback, **kwargs)
         if view.key is not None:
             return self._prefill(module, query, view.key, view.value, mask, scaling, softcap, fallback, **kwargs)
-        Lq = query.shape[2]
-        if self.evicted is not None and self.evicted.parts:
-            return self._attend_both_tiers(module, query, scaling, softcap, fallback)
-        if isinstance(self.store, DenseStore):
-            allowed = mask_for(self.store.visible(Lq), fallback, query.dtype)
-            return dense_attention(module, query, self.store.k, self.store.v, allowed, scaling, softcap, fallback)
-        out = self.store.attend(query, scaling, softcap or 0.0)  # [B, Hq, Lq, D]
-        return out.transpose(1, 2), None
-
-    @eager_only(reason=EVICTED_EAGER)
-    def _attend_both_tiers(self, module, query, scaling, softcap, fallback):
-        """Decode attention over the kept tokens and MiKV's evicted tier, both dequantized."""
-        k, v, valid = self.held()  # the evicted tier keeps one count per layer: every head holds the same slots
-        allowed = mask_for(valid[:, :1, None, :].expand(-1, 1, query.shape[2], -1), fallback, query.dtype)
-        return dense_attention(module, query, k.to(query.dtype), v.to(query.dtype), allowed, scaling, softcap, fallback)
+        return self.store.attend(module, query, scaling, softcap, fallback)
 
     @eager_only
     def _prefill(self, module, q, k, v, mask, scaling, softcap, fallback, **kwargs):
@@ -303,8 +270,6 @@ class MiniKVLayer(StaticLayer):
         self.store.write_prompt(
             torch.where(kept, k.gather(2, index), zero), torch.where(kept, v.gather(2, index), zero), n_keep
         )
-        if self.evicted is not None:
-            self._keep_evicted(k, v, idx, n_keep, valid, scores)
 
     # -- the reconstruction pass (scorers with NEEDS_PASS) ---------------------------------------
     def reconstruction_context(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -339,36 +304,9 @@ class MiniKVLayer(StaticLayer):
         else:
             self._keep_prompt(p.k, p.v, p.valid, p.scores, counts)
 
-    def _keep_evicted(self, k, v, idx, n_keep, valid, scores) -> None:
-        """Write the tokens of ``k/v [B, H, T, D]`` that selection left out (valid, not among the first
-        ``n_keep[b]`` of ``idx``) into the evicted tier, in temporal order: all of them, or with
-        ``evicted_share < 1`` that share of them, the best by ``scores [B, H, T]`` (the rest is dropped)."""
-        B, H, T, D = k.shape
-        taken = (torch.arange(idx.shape[-1], device=k.device)[None] < n_keep[:, None])[:, None].expand(B, H, -1)
-        hits = torch.zeros(B, H, T, dtype=torch.int32, device=k.device).scatter_add_(2, idx, taken.to(torch.int32))
-        evicted = valid[:, None, :] & (hits == 0)  # [B, H, T]
-        counts = evicted[:, 0].sum(-1)  # the same for every head (one budget per sequence)
-        if self.cfg.evicted_share < 1.0:
-            counts = torch.floor(self.cfg.evicted_share * counts.double()).long()
-            s = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~evicted, float("-inf"))
-            rank = torch.sort(s, dim=-1, descending=True, stable=True).indices.argsort(-1)  # 0 = best
-            evicted = evicted & (rank < counts[:, None, None])
-        order = torch.sort((~evicted).to(torch.uint8), dim=-1, stable=True).indices  # evicted first, in order
-        n = int(counts.max())
-        index = order[..., :n, None].expand(-1, -1, -1, D)
-        self.evicted.write(k.gather(2, index), v.gather(2, index), counts)
-
     def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(k, v [B, H, S, D], valid [B, H, S])``: every token held, both tiers, dequantized."""
-        k, v, valid = self.store.dense()
-        low = self.evicted.dense() if self.evicted is not None else None
-        if low is None:
-            return k, v, valid
-        return (
-            torch.cat([k, low[0].to(k.dtype)], 2),
-            torch.cat([v, low[1].to(v.dtype)], 2),
-            torch.cat([valid, low[2][:, None].expand(-1, valid.shape[1], -1)], 2),
-        )
+        """``(k, v [B, H, S, D], valid [B, H, S])``: every token held, dequantized."""
+        return self.store.dense()
 
     # -- later turns and prefill chunks -----------------------------------------------------
     @eager_only
@@ -441,8 +379,6 @@ class MiniKVLayer(StaticLayer):
                 scores = selection.crush(scores, new_valid, n_keep, n_recent, cfg)
             n = int(n_keep.max())  # every sequence of a turn has N new tokens: all keep n
             idx = impl.select_tokens(scores, new_valid, n_keep, n_recent, n)
-            if self.evicted is not None:
-                self._keep_evicted(k, v, idx, n_keep, new_valid, scores)
             idx = idx[..., None].expand(-1, -1, -1, k.shape[-1])
             k, v = k.gather(2, idx), v.gather(2, idx)
         needed = int(self.store.lengths().max()) + k.shape[2] + room
@@ -469,10 +405,7 @@ class MiniKVLayer(StaticLayer):
         if self.store is None:
             return KVMemory(0, 0, 0)
         fp16 = self.tokens_held() * self.num_heads * self.head_dim * 2 * 2  # K and V, 2 bytes each
-        used, allocated = self.store.used_bytes(), self.store.allocated_bytes()
-        if self.evicted is not None:
-            used, allocated = used + self.evicted.used_bytes(), allocated + self.evicted.allocated_bytes()
-        return KVMemory(used, fp16, allocated)
+        return KVMemory(self.store.used_bytes(), fp16, self.store.allocated_bytes())
 
 
 class MiniKVCache(Cache):

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 SUPPORTED_BITS = (2, 4, 16)
 QUANT_BITS = (2, 4)  # k_bits / v_bits of a quantized store
-EVICTED_BITS = (1, 2)  # the MiKV tier: evicted tokens kept at this width instead of dropped
 ROTATIONS = ("none", "v", "k", "kv")
 AUTO_GROUP_SIZES = (32, 16)  # q_group_size=None: the first that divides head_dim and residual_length
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # clip ratios tried per group (1.0 = min-max)
@@ -69,10 +68,6 @@ class MiniKVConfig:
         quantized store and a scorer whose scores compare across heads.
     crush: fraction of the scored budget given to KVCrush representatives (0 = off, < 1);
         ``crush_anchor`` / ``crush_seed`` pick the Hamming anchor (see :mod:`minikv.selection.kvcrush`).
-    evicted_bits: ``None`` drops the tokens that lose the selection (MiniKV); 1 or 2 keeps them at that
-        width instead (MiKV), in groups of ``evicted_group_size`` (``None``: ``q_group_size``), read
-        dequantized by attention (a measurement tier: no fused kernel reads it; :mod:`minikv.evicted`);
-        ``evicted_share`` < 1 keeps only that share of them, the best scored (three tiers: kept, low, dropped).
     q_group_size: quantization group G (keys: G tokens per channel; values: G channels per token);
         ``None`` picks the first of ``AUTO_GROUP_SIZES`` (32, then 16) that divides the model's head_dim
         and ``residual_length``.
@@ -107,9 +102,6 @@ class MiniKVConfig:
     crush: float = 0.0
     crush_anchor: str = "alternate"
     crush_seed: int = 0
-    evicted_bits: int | None = None
-    evicted_group_size: int | None = None
-    evicted_share: float = 1.0
     q_group_size: int | None = None
     residual_length: int = 128
     max_new_tokens: int | None = None
@@ -197,7 +189,6 @@ class MiniKVConfig:
                     f"q_group_size must be a multiple of {per_word} (the {bits}-bit codes packed in one "
                     f"int32 word), got {self.q_group_size}"
                 )
-        self._check_evicted()
         if self.quantized:
             group = self.q_group_size or AUTO_GROUP_SIZES[-1]  # auto: at least the smallest must fit
             if self.residual_length % group:
@@ -217,49 +208,14 @@ class MiniKVConfig:
             "a budget": self.budget is not None,
             "schedule='uniform' or 'global'": self.schedule in ("uniform", "global"),
             "a scorer other than 'streaming' (no scores to rank)": self.scorer != "streaming",
-            "evicted_bits=None (the evicted tier keeps one count per layer)": self.evicted_bits is None,
             "crush=0": not self.crush,
         }
         missing = [what for what, ok in needs.items() if not ok]
         if missing:
             raise ValueError(
                 f"head_budgets='adaptive' (per-head counts) needs {', '.join(missing)}; got bits={self.bits}, "
-                f"budget={self.budget}, schedule={self.schedule!r}, scorer={self.scorer!r}, evicted_bits={self.evicted_bits}, "
-                f"crush={self.crush}"
+                f"budget={self.budget}, schedule={self.schedule!r}, scorer={self.scorer!r}, crush={self.crush}"
             )
-
-    def _check_evicted(self) -> None:
-        share = self.evicted_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
-            raise ValueError(
-                f"evicted_share (the share of the evicted tokens kept in the low tier) must be in (0, 1], got {share!r}"
-            )
-        if share < 1.0 and self.evicted_bits is None:
-            raise ValueError("evicted_share needs evicted_bits (the width of the evicted tokens' tier)")
-        if self.evicted_group_size is not None and self.evicted_bits is None:
-            raise ValueError("evicted_group_size needs evicted_bits (the width of the evicted tokens' tier)")
-        if self.evicted_bits is None:
-            return
-        _check_choice("evicted_bits", self.evicted_bits, EVICTED_BITS)
-        if not self.quantized or not self.selects:
-            raise ValueError(
-                f"evicted_bits={self.evicted_bits} keeps the tokens that selection evicts at low "
-                f"precision: it needs a quantized store (bits=2 or 4) and a budget (got bits="
-                f"{self.bits}, budget={self.budget})"
-            )
-        if self.evicted_group_size is not None:
-            _check_int("evicted_group_size", self.evicted_group_size, low=1)
-            per_word = codes_per_word(self.evicted_bits)
-            if self.evicted_group_size % per_word:
-                raise ValueError(
-                    f"evicted_group_size must be a multiple of {per_word} (the {self.evicted_bits}-bit "
-                    f"codes packed in one int32 word), got {self.evicted_group_size}"
-                )
-
-    @property
-    def evicted_group(self) -> int | None:
-        """Group size of the evicted tier (``evicted_group_size``, else ``q_group_size``)."""
-        return self.evicted_group_size or self.q_group_size
 
     @property
     def quantized(self) -> bool:
@@ -313,20 +269,6 @@ class MiniKVConfig:
     def check_head_dim(self, head_dim: int) -> None:
         """Raise if the group size cannot tile a head of ``head_dim`` channels. (Any head a group tiles is
         even, which is all the rotation needs: its Hadamard blocks are the largest power of two dividing it.)"""
-        if (
-            self.evicted_bits is not None
-            and self.evicted_group
-            and self.evicted_group % codes_per_word(self.evicted_bits)
-        ):
-            raise ValueError(
-                f"the evicted tier's group ({self.evicted_group}) must be a multiple of "
-                f"{codes_per_word(self.evicted_bits)} at evicted_bits={self.evicted_bits}: pass evicted_group_size"
-            )
-        if self.evicted_bits is not None and self.evicted_group and head_dim % self.evicted_group:
-            raise ValueError(
-                f"evicted_group_size={self.evicted_group} must divide the model's head_dim={head_dim} "
-                f"(valid: divisors of {head_dim} that are multiples of {codes_per_word(self.evicted_bits)})"
-            )
         if self.quantized and self.q_group_size is not None and head_dim % self.q_group_size:
             per_word = codes_per_word(min(self.key_bits, self.value_bits))
             raise ValueError(

@@ -57,13 +57,6 @@ def generate(
         raise ValueError("minikv.generate needs a patched model: call minikv.patch(model, ...) first")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    config = cache.cfg if cache is not None else state.config
-    if compile and config.evicted_bits is not None:
-        raise ValueError(
-            f"compile=True cannot compile a decode step that reads MiKV's evicted tier (evicted_bits="
-            f"{config.evicted_bits}: dequantized eagerly, no fused kernel); use compile=False or "
-            f"evicted_bits=None"
-        )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None: one pass), got {chunk_size}")
     B, T = input_ids.shape

@@ -12,6 +12,7 @@ import copy
 import torch
 
 from .config import MiniKVConfig
+from .dense import dense_attention, mask_for
 from .kernels import implementation
 from .kernels.quant import META_DTYPE
 from .rotation import hadamard, rotate, unrotate
@@ -189,11 +190,13 @@ class QuantizedStore:
         B, H, D = self.k_codes.shape[:3]
         return _copy_into(type(self)(self.cfg, B, H, D, tokens, self.dtype, self.k_codes.device), self)
 
-    def attend(self, q: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    def attend(self, module, q: torch.Tensor, scale: float, softcap, fallback: str = "sdpa"):
+        """Decode attention of ``q [B, Hq, Lq, D]`` (the new tokens appended) over every token held:
+        ``(out [B, Lq, Hq, D], None)``, by ``minikv::decode_attention`` (``module``/``fallback`` unused)."""
         out = self.impl.decode_attention(
-            rotate(q, self.rot_k), *self.buffers(), scale, softcap, self.k_bits, self.v_bits, self.group
+            rotate(q, self.rot_k), *self.buffers(), scale, softcap or 0.0, self.k_bits, self.v_bits, self.group
         )
-        return unrotate(out, self.rot_v)
+        return unrotate(out, self.rot_v).transpose(1, 2), None
 
     def lengths(self) -> torch.Tensor:
         """Tokens held ``[B, H]`` per sequence and KV head."""
@@ -251,6 +254,12 @@ class DenseStore:
     def resized(self, tokens: int) -> "DenseStore":
         B, H, _, D = self.k.shape
         return _copy_into(type(self)(self.cfg, B, H, D, tokens, self.k.dtype, self.k.device), self)
+
+    def attend(self, module, q: torch.Tensor, scale: float, softcap, fallback: str = "sdpa"):
+        """Decode attention over the tokens held with the unpatched model's own attention function (with
+        every token kept, the tokens are HF's): ``(out [B, Lq, Hq, D], weights or None)``."""
+        allowed = mask_for(self.visible(q.shape[2]), fallback, q.dtype)
+        return dense_attention(module, q, self.k, self.v, allowed, scale, softcap, fallback)
 
     def visible(self, Lq: int) -> torch.Tensor:
         """``[B, 1, Lq, C]`` bool: slot ``s`` is seen by new query ``i`` if ``s < length - (Lq - 1 - i)``."""

@@ -71,7 +71,7 @@ def test_generation_with_per_head_counts_reads_each_heads_own_tokens():
     layer = layers[0]
     k, v, valid = layer.store.dense()
     q = torch.randn(2, 4, 1, k.shape[-1])
-    got = layer.store.attend(q, 0.25, 0.0)
+    got = layer.store.attend(None, q, 0.25, 0.0)[0].transpose(1, 2)
     logits = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
     mask = valid.repeat_interleave(2, 1)[:, :, None]
     want = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1) @ v.double().repeat_interleave(2, 1)
@@ -181,7 +181,6 @@ def test_compiled_decode_with_per_head_counts_is_one_graph():
         (dict(budget=None), "a budget"),
         (dict(schedule="pyramid"), "schedule='uniform' or 'global'"),
         (dict(scorer="streaming"), "other than 'streaming'"),
-        (dict(evicted_bits=2), "evicted_bits=None"),
         (dict(crush=0.2), "crush=0"),
     ],
 )
