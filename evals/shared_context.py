@@ -71,6 +71,16 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
     ],
     "window": [  # the pass's maxima merged with SnapKV's window (the prompt's last tokens here: no question yet)
         ("kvzip + window 50%, global", dict(scorer="kvzip_window", schedule="global")),
+        (
+            "kvzip + window 50%, global, adaptive heads",
+            dict(scorer="kvzip_window", schedule="global", head_budgets="adaptive"),
+        ),
+    ],
+    "heads_budget": [  # the bytes left under 15% spent on more tokens
+        (
+            "kvzip 55%, global, adaptive heads",
+            dict(scorer="kvzip", schedule="global", head_budgets="adaptive", budget=0.55),
+        ),
     ],
     "gemma": [
         ("full cache", None),

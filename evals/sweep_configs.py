@@ -89,6 +89,12 @@ GROUPS["kvzip"] = [("kvzip 50%, global schedule", dict(cache="minikv", scorer="k
 GROUPS["kvzip_window"] = [
     ("kvzip + window 50%, global schedule", dict(cache="minikv", scorer="kvzip_window", schedule="global"))
 ]
+GROUPS["kvzip_window_heads"] = [
+    (
+        "kvzip + window 50%, global, adaptive heads",
+        dict(cache="minikv", scorer="kvzip_window", schedule="global", head_budgets="adaptive"),
+    )
+]
 GROUPS["heads"] = [
     (
         "kvzip 50%, global, adaptive heads",
