@@ -439,7 +439,7 @@ class MiniKVCache(Cache):
     def commit_pending(self) -> None:
         """Store the tokens the compressed layers hold pending, once the reconstruction pass
         (:mod:`minikv.reconstruct`) has scored them."""
-        layers = [layer for layer in self.layers if getattr(layer, "pending", None) is not None]
+        layers = [layer for layer in self.layers if isinstance(layer, MiniKVLayer) and layer.pending is not None]
         for layer in layers:
             layer.pending.scores = selection.scorer(self.cfg.scorer).finish(layer.pending.scores, self.cfg)
         if self.cfg.schedule == "global" and layers and not layers[0].pending.turn:

@@ -83,15 +83,20 @@ class ScoringCache(Cache):
     ``layer.pending``), copies of the others (a sliding window attends to its ring, then forgets)."""
 
     def __init__(self, cache, counted: torch.Tensor):
+        waiting = {id(layer) for layer in pending_layers(cache)}
         layers = [
-            ScoringLayer(layer, counted) if getattr(layer, "pending", None) is not None else copy.deepcopy(layer)
-            for layer in cache.layers
+            ScoringLayer(layer, counted) if id(layer) in waiting else copy.deepcopy(layer) for layer in cache.layers
         ]
         super().__init__(layers=layers)
 
 
+def pending_layers(cache) -> list:
+    """The layers of ``cache`` (any transformers cache) holding tokens that wait for the pass."""
+    return [layer for layer in getattr(cache, "layers", ()) if getattr(layer, "pending", None) is not None]
+
+
 def has_pending(cache) -> bool:
-    return any(getattr(layer, "pending", None) is not None for layer in getattr(cache, "layers", ()))
+    return bool(pending_layers(cache))
 
 
 def _real_tokens(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -108,8 +113,7 @@ def score(decoder, cache, tokens: torch.Tensor, last_position: torch.Tensor, chu
     position of each sequence's last token; the re-read tokens are placed right after it, each chunk
     after the token ids ``prefix`` (an instruction such as "Repeat the previous context."; its queries
     do not count)."""
-    layers = [layer for layer in cache.layers if getattr(layer, "pending", None) is not None]
-    valid = layers[0].pending.valid  # [B, N]: the same real tokens in every layer
+    valid = pending_layers(cache)[0].pending.valid  # [B, N]: the same real tokens in every layer
     if valid.shape[1] != tokens.shape[1]:
         raise RuntimeError(f"the reconstruction pass got {tokens.shape[1]} tokens for {valid.shape[1]} pending ones")
     real = _real_tokens(tokens, valid)
@@ -157,7 +161,7 @@ def _run(decoder, args, kwargs, cache) -> None:
         cache_position = kwargs.get("cache_position")
         end = cache_position[-1] if cache_position is not None else cache.layers[0].cumulative_length - 1
         last = end.reshape(1).expand(tokens.shape[0])
-    cfg = next(layer.cfg for layer in cache.layers if getattr(layer, "pending", None) is not None)
+    cfg = pending_layers(cache)[0].cfg
     score(decoder, cache, tokens, last.to(torch.int64), cfg.reconstruct_chunk, cfg.reconstruct_prefix)
 
 
