@@ -76,6 +76,20 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
             dict(scorer="kvzip_window", schedule="global", head_budgets="adaptive"),
         ),
     ],
+    "tails": [  # the full-precision tails at the best setting: a shorter residual, fewer or more sinks
+        (
+            "kvzip 50%, global, adaptive heads, R 32",
+            dict(scorer="kvzip", schedule="global", head_budgets="adaptive", residual_length=32),
+        ),
+        (
+            "kvzip 50%, global, adaptive heads, no sinks",
+            dict(scorer="kvzip", schedule="global", head_budgets="adaptive", sink_tokens=0),
+        ),
+        (
+            "kvzip 50%, global, adaptive heads, recent 32",
+            dict(scorer="kvzip", schedule="global", head_budgets="adaptive", recent=32),
+        ),
+    ],
     "heads_budget": [  # the bytes left under 15% spent on more tokens
         (
             "kvzip 55%, global, adaptive heads",
