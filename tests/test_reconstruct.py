@@ -296,8 +296,8 @@ def test_the_decode_step_with_the_hook_compiles_into_one_graph():
 
 def test_the_window_merged_scorer_is_the_larger_of_the_pass_and_the_window(captured):
     """``scorer="kvzip_window"``: each token's score is the max of the pass's maximum and SnapKV's window
-    attention (mean probability per window query and head), so it is never below ``kvzip``'s and the
-    window raises some; the prompt's forward and a later turn work as with ``kvzip``."""
+    attention (summed over the window's queries, averaged over the query heads), so it is never below
+    ``kvzip``'s and the window raises some; the prompt's forward and a later turn work as with ``kvzip``."""
     ids = torch.randint(1, 320, (1, 90), generator=torch.Generator().manual_seed(6))
     per_scorer = {}
     for scorer in ("kvzip", "kvzip_window"):
@@ -314,4 +314,5 @@ def test_the_window_merged_scorer_is_the_larger_of_the_pass_and_the_window(captu
         assert merged.shape == plain.shape
         assert bool((merged >= plain - 1e-6).all())
     assert any(bool((m > p + 1e-4).any()) for p, m in zip(per_scorer["kvzip"], per_scorer["kvzip_window"]))
-    assert all(float(s.max()) <= 1.0 + 1e-6 for s in per_scorer["kvzip_window"])  # probabilities, both
+    window = max(float(s.max()) for s in per_scorer["kvzip_window"])
+    assert window <= 32 + 1e-4  # at most one per window query (32) averaged over the query heads
