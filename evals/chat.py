@@ -28,6 +28,11 @@ CONFIGS = [  # (label, minikv.patch knobs; None: the unpatched model)
     ("minikv K4V2, every token kept", dict(budget=None)),
     ("MiniKV paper recipe", dict(preset="paper")),
     ("kvzip 50%, global schedule", dict(scorer="kvzip", schedule="global")),
+    ("kvzip 50%, global, adaptive heads", dict(scorer="kvzip", schedule="global", head_budgets="adaptive")),
+    (
+        "kvzip + window sum 50%, global, adaptive heads",
+        dict(scorer="kvzip_window", schedule="global", head_budgets="adaptive"),
+    ),
 ]
 
 
