@@ -90,6 +90,12 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
             dict(scorer="kvzip", schedule="global", head_budgets="adaptive", recent=32),
         ),
     ],
+    "heads_floor": [  # the default floor (0.25 of the uniform count, as the layers')
+        (
+            "kvzip 50%, global, adaptive heads, floor 0.25",
+            dict(scorer="kvzip", schedule="global", head_budgets="adaptive"),
+        ),
+    ],
     "heads_budget": [  # the bytes left under 15% spent on more tokens
         (
             "kvzip 55%, global, adaptive heads",

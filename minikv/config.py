@@ -94,7 +94,7 @@ class MiniKVConfig:
     pool: str = "max"
     schedule: str = "uniform"
     head_budgets: str = "uniform"
-    head_floor: float = 0.2
+    head_floor: float = 0.25  # = budget.GLOBAL_SPAN[0], the layers' floor: one head per layer ranks as the layers do
     pyramid_delta: float = 7.0
     pyramid_beta: float = 20.0
     a2sf_decay: float = 0.95
