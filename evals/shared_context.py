@@ -90,6 +90,12 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
             dict(scorer="kvzip", schedule="global", head_budgets="adaptive", recent=32),
         ),
     ],
+    "baselines": [  # KIVI-2 (every token, K2 V2 G32, none of minikv's fidelity knobs)
+        (
+            "KIVI-2 every token (K2V2 G32)",
+            dict(budget=None, bits=2, k_bits=2, v_bits=2, q_group_size=32, sink_tokens=0, clip=False, rotate="none"),
+        ),
+    ],
     "heads_floor": [  # the default floor (0.25 of the uniform count, as the layers')
         (
             "kvzip 50%, global, adaptive heads, floor 0.25",
