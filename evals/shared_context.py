@@ -70,7 +70,6 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
         ),
     ],
     "window": [  # the pass's maxima merged with SnapKV's window (the prompt's last tokens here: no question yet)
-        ("kvzip + window sum 50%, global", dict(scorer="kvzip_window", schedule="global")),
         (
             "kvzip + window sum 50%, global, adaptive heads",
             dict(scorer="kvzip_window", schedule="global", head_budgets="adaptive"),
