@@ -98,7 +98,7 @@ class MiniKVConfig:
     pool: str = "max"
     schedule: str | None = None
     head_budgets: str | None = None
-    head_floor: float = 0.2
+    head_floor: float = 0.25  # = budget.GLOBAL_SPAN[0], the layers' floor: one head per layer ranks as the layers do
     pyramid_delta: float = 7.0
     pyramid_beta: float = 20.0
     a2sf_decay: float = 0.95
