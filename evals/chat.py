@@ -24,7 +24,8 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = [  # (label, minikv.patch knobs; None: the unpatched model)
     ("full cache", None),
     ("minikv defaults", {}),
-    ("minikv defaults, 75% kept", dict(budget=0.75)),
+    ("snapkv preset (the defaults until issue 20)", dict(preset="snapkv")),
+    ("snapkv preset, 75% kept", dict(preset="snapkv", budget=0.75)),
     ("minikv K4V2, every token kept", dict(budget=None)),
     ("MiniKV paper recipe", dict(preset="paper")),
     ("kvzip 50%, global schedule", dict(scorer="kvzip", schedule="global")),

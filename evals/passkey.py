@@ -26,6 +26,7 @@ PAPER = dict(preset="paper")  # the old rows are the paper's recipe with one kno
 CONFIGS = {
     "full cache (fp32)": None,
     "minikv defaults": dict(),
+    "snapkv preset (the defaults until issue 20)": dict(preset="snapkv"),
     "MiniKV paper recipe (preset='paper')": PAPER,
     "paper, uniform schedule (old defaults)": dict(**PAPER, schedule="uniform"),
     "paper, uniform, 16-bit": dict(**PAPER, schedule="uniform", bits=16),

@@ -46,7 +46,7 @@ QUOTE_WORDS, QUOTE_TOKENS = 6, 12
 CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's own cache)]
     "core": [
         ("full cache", None),
-        ("defaults (snapkv, 50%)", {}),
+        ("defaults (snapkv, 50%)", dict(preset="snapkv")),  # the defaults until issue 20
         ("kvzip 50%", dict(scorer="kvzip")),
         ("K4V2 every token", dict(budget=None)),
     ],
@@ -109,7 +109,7 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
     ],
     "gemma": [
         ("full cache", None),
-        ("defaults (snapkv, 50%)", {}),
+        ("defaults (snapkv, 50%)", dict(preset="snapkv")),  # the defaults until issue 20
         ("kvzip 50%, global, whole groups", dict(scorer="kvzip", schedule="global")),
         ("K4V2 every token", dict(budget=None)),
     ],

@@ -48,7 +48,9 @@ class MiniKVConfig:
         count, a ``float`` in (0, 1] a fraction of each prompt, ``None`` keeps every token.
     recent: the recent window kept on top of the scored tokens: an ``int`` is a token count,
         a ``float`` in [0, 1] a fraction of the budget (MiniKV's default splits it in halves).
-    scorer: ``"minikv"`` (cumulative attention of every prompt query, H2O-style),
+    scorer: (default ``"kvzip"``, with ``schedule="global"`` and ``head_budgets="adaptive"``: the best
+        measured on one-question and many-question suites, docs/shared-context.md)
+        ``"minikv"`` (cumulative attention of every prompt query, H2O-style),
         ``"snapkv"`` (attention of the last ``snap_window`` queries, smoothed by a 1-D pool),
         ``"a2sf"`` (attention accumulated with forgetting factor ``a2sf_decay``), ``"keynorm"``
         (small key norms first), ``"streaming"`` (``sinks`` first tokens + the recent window) or
@@ -56,12 +58,14 @@ class MiniKVConfig:
         the prompt after itself, in chunks of ``reconstruct_chunk`` tokens; one more pass at prefill,
         :mod:`minikv.reconstruct`), or ``"kvzip_window"`` (the larger of ``kvzip``'s score and SnapKV's
         window score: a question at the prompt's end is seen too). See :mod:`minikv.selection`.
-    schedule: ``"uniform"``, ``"pyramid"`` (MiniKV's layer-discriminative budget: the scored
+    schedule: ``None`` (``"global"`` with a reconstruction scorer and a budget, else ``"uniform"``),
+        ``"uniform"``, ``"pyramid"`` (MiniKV's layer-discriminative budget: the scored
         part falls linearly from ``2h - h/delta`` at layer 0 to ``h/delta`` at the last layer) or
         ``"pyramidkv"`` (PyramidKV's integer series with ``pyramid_beta``) or ``"global"`` (with
         ``scorer="kvzip"``: the layers' tokens ranked together, at the uniform schedule's total;
         :func:`minikv.budget.across_layers`).
-    head_budgets: ``"uniform"`` (every KV head of a layer keeps the same count) or ``"adaptive"``
+    head_budgets: ``None`` (``"adaptive"`` with a reconstruction scorer on a quantized store with a budget,
+        else ``"uniform"``), ``"uniform"`` (every KV head of a layer keeps the same count) or ``"adaptive"``
         (AdaKV: one ranking over the heads' scored tokens, of one layer with ``schedule="uniform"``, of
         every layer with ``"global"``; each head keeps at least ``head_floor`` times the uniform count,
         at most twice it, in whole quantization groups; the total is the uniform one). Needs a
@@ -86,14 +90,14 @@ class MiniKVConfig:
     rotate: str | None = None
     budget: int | float | None = 0.5
     recent: int | float = 0.25
-    scorer: str = "snapkv"
+    scorer: str = "kvzip"
     snap_window: int = 32
     reconstruct_chunk: int = 512
     reconstruct_prefix: tuple[int, ...] = ()
     pool_kernel: int = 7
     pool: str = "max"
-    schedule: str = "uniform"
-    head_budgets: str = "uniform"
+    schedule: str | None = None
+    head_budgets: str | None = None
     head_floor: float = 0.25  # = budget.GLOBAL_SPAN[0], the layers' floor: one head per layer ranks as the layers do
     pyramid_delta: float = 7.0
     pyramid_beta: float = 20.0
@@ -108,6 +112,7 @@ class MiniKVConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        self._resolve_auto()
         _check_choice("bits", self.bits, SUPPORTED_BITS)
         for name in ("k_bits", "v_bits"):
             value = getattr(self, name)
@@ -245,8 +250,27 @@ class MiniKVConfig:
     def selects(self) -> bool:
         return self.budget is not None
 
+    def _resolve_auto(self) -> None:
+        """``schedule=None`` / ``head_budgets=None`` (the defaults): what measured best for the scorer. With
+        a reconstruction scorer on a quantized store with a budget, every layer's and head's tokens ranked
+        together (``"global"``, ``"adaptive"``: docs/shared-context.md); otherwise ``"uniform"``. The knobs
+        left to choose themselves are remembered, so :meth:`replace` chooses them again."""
+        auto = frozenset(n for n in ("schedule", "head_budgets") if getattr(self, n) is None)
+        object.__setattr__(self, "_auto", auto)
+        ranked = self.scorer in PASS_SCORERS and self.budget is not None
+        if "schedule" in auto:
+            object.__setattr__(self, "schedule", "global" if ranked else "uniform")
+        if "head_budgets" in auto:
+            fits = ranked and self.bits in QUANT_BITS and not self.crush
+            object.__setattr__(
+                self, "head_budgets", "adaptive" if fits and self.schedule in ("uniform", "global") else "uniform"
+            )
+
     def replace(self, **changes) -> "MiniKVConfig":
-        return dataclasses.replace(self, **changes)
+        """This configuration with ``changes``; knobs left to their automatic choice choose again."""
+        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        current.update({name: None for name in getattr(self, "_auto", ())})
+        return MiniKVConfig(**{**current, **changes})
 
     def for_head_dim(self, head_dim: int) -> "MiniKVConfig":
         """This configuration with a concrete group size for ``head_dim``; raises if nothing fits."""
@@ -334,7 +358,10 @@ PRESETS = {
         clip=False,
         rotate="none",
     ),
-    "kvzip": dict(scorer="kvzip", schedule="global"),
+    # the question-aware selection the defaults were before issue 20: SnapKV's window (holding the
+    # question when it ends the prompt), every layer and head the same count
+    "snapkv": dict(scorer="snapkv", schedule="uniform", head_budgets="uniform"),
+    "kvzip": dict(scorer="kvzip", schedule="global", head_budgets="adaptive"),  # the defaults, named
 }
 
 

@@ -4,8 +4,9 @@ from minikv import MiniKVConfig
 
 
 def test_defaults_are_the_measured_ones():
-    c = MiniKVConfig()  # chosen by evals/fidelity.py and evals/passkey.py (docs/fidelity.md)
-    assert (c.bits, c.key_bits, c.value_bits, c.budget, c.recent, c.scorer) == (2, 4, 2, 0.5, 0.25, "snapkv")
+    c = MiniKVConfig()  # chosen by evals/fidelity.py, evals/sweep.py and evals/shared_context.py (docs/)
+    assert (c.bits, c.key_bits, c.value_bits, c.budget, c.recent, c.scorer) == (2, 4, 2, 0.5, 0.25, "kvzip")
+    assert (c.schedule, c.head_budgets) == ("global", "adaptive")
     assert (c.sink_tokens, c.clips, c.rotation, c.q_group_size, c.residual_length) == (4, True, "kv", None, 128)
     off = MiniKVConfig(bits=16)  # compression off needs no other knob
     assert (off.key_bits, off.value_bits, off.clips, off.rotation) == (16, 16, False, "none")
@@ -67,7 +68,7 @@ def test_valid_variants():
     MiniKVConfig(budget=256, recent=64, scorer="snapkv", schedule="pyramid")
 
 
-def test_the_evals_spell_out_the_defaults():
+def test_the_evals_spell_out_the_snapkv_preset_they_were_measured_with():
     import sys
     from pathlib import Path
 
@@ -76,7 +77,7 @@ def test_the_evals_spell_out_the_defaults():
 
     from minikv.config import build_config
 
-    spelled, actual = build_config(**DEFAULTS).for_head_dim(64), MiniKVConfig().for_head_dim(64)
+    spelled, actual = build_config(**DEFAULTS).for_head_dim(64), build_config(preset="snapkv").for_head_dim(64)
     effective = (
         "key_bits",
         "value_bits",
@@ -91,3 +92,16 @@ def test_the_evals_spell_out_the_defaults():
         "residual_length",
     )
     assert [getattr(spelled, k) for k in effective] == [getattr(actual, k) for k in effective]
+
+
+def test_automatic_schedule_and_head_budgets_follow_the_scorer_and_choose_again_on_replace():
+    c = MiniKVConfig()
+    snap = c.replace(scorer="snapkv")  # SnapKV's scores do not compare across layers: uniform, every head alike
+    assert (snap.schedule, snap.head_budgets) == ("uniform", "uniform")
+    assert (snap.replace(scorer="kvzip").schedule, snap.replace(scorer="kvzip").head_budgets) == ("global", "adaptive")
+    assert MiniKVConfig(bits=16).head_budgets == "uniform" and MiniKVConfig(budget=None).schedule == "uniform"
+    assert MiniKVConfig(crush=0.2).head_budgets == "uniform"
+    assert MiniKVConfig(scorer="snapkv", head_budgets="adaptive").head_budgets == "adaptive"  # given: kept
+    pinned = MiniKVConfig(schedule="uniform")
+    assert pinned.replace(budget=0.3).schedule == "uniform"  # a knob given stays given
+    assert c.replace(q_group_size=32) == MiniKVConfig(q_group_size=32)
