@@ -67,6 +67,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=2000)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--out", default=None, help="default evals/results/passkey_<model>.csv")
+    p.add_argument("--only", help="run only the configurations whose name contains this text (their rows replaced)")
     args = p.parse_args()
     quiet_hub()
     model, tok = load_model(args.model)
@@ -75,6 +76,8 @@ def main() -> int:
     rows = []
     print("| configuration | pass keys found | KV bytes (% of fp16) | s / prompt |\n|---|---|---|---|")
     for name, knobs in CONFIGS.items():
+        if args.only and args.only not in name:
+            continue
         found, ratio, sec = run(model, tok, prompts, knobs)
         rows.append(
             dict(
@@ -88,20 +91,23 @@ def main() -> int:
         )
         print(f"| {name} | {found}/{len(prompts)} | {100 * ratio:.1f}% | {sec:.1f} |", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*rows[0], "machine", "torch", "transformers"])
-        w.writeheader()
-        import transformers
+    import transformers
 
-        for r in rows:
-            w.writerow(
-                {
-                    **r,
-                    "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-                    "torch": torch.__version__,
-                    "transformers": transformers.__version__,
-                }
-            )
+    stamp = dict(
+        machine=f"{platform.machine()} {os.cpu_count()} cpus",
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+    )
+    rows = [{**r, **stamp} for r in rows]
+    if args.only and os.path.exists(args.out):  # keep the other configurations' rows, replace the ones run now
+        ran = {r["config"] for r in rows}
+        kept = [r for r in csv.DictReader(open(args.out)) if r["config"] not in ran]
+        rows = [r for r in kept if r["config"] in CONFIGS] + rows
+        rows.sort(key=lambda r: list(CONFIGS).index(r["config"]))
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*rows[0]], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
