@@ -185,6 +185,12 @@ def test_every_policy_generates_with_every_bit_width(policy, bits):
         minikv.unpatch(model)
     assert out.shape == (2, 68)
     cfg, lengths = cache.cfg, mask.sum(-1)
+    if cfg.schedule == "global":  # ranked across layers (and heads): the uniform total, less whole-group rounding
+        n_keep, _ = keep_counts(cfg.replace(schedule="uniform"), 0, 3, lengths)
+        held = sum(layer.store.lengths() - 19 for layer in cache.layers).sum(-1)  # [B] over layers and heads
+        slack = 3 * 2 * (cfg.q_group_size if cfg.quantized else 1)
+        assert bool((held <= 3 * 2 * n_keep).all()) and bool((held > 3 * 2 * n_keep - slack).all())
+        return
     for layer in cache.layers:  # each layer holds its kept prompt tokens + the 19 appended ones
         n_keep, _ = keep_counts(cfg, layer.rank, layer.num_compressed, lengths)
         assert layer.store.lengths().tolist() == (n_keep + 19)[:, None].expand(-1, 2).tolist()
