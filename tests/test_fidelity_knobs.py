@@ -357,7 +357,7 @@ def test_the_kvzip_preset_is_the_defaults_with_the_reconstruction_scorer_ranked_
 
 
 def test_bad_preset_is_refused_before_patching():
-    with pytest.raises(ValueError, match=r"preset must be one of \['paper', 'kvzip'\], got 'nope'"):
+    with pytest.raises(ValueError, match=r"preset must be one of \['paper', 'snapkv', 'kvzip'\], got 'nope'"):
         from_preset("nope")
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="preset must be one of"):
