@@ -36,6 +36,7 @@ def test_memory_accounting_matches_a_hand_computation():
         recent=8,
         residual_length=32,
         sink_tokens=0,
+        scorer="snapkv",  # one count per layer and head: the hand computation below
     )  # (sinks and K4 V2: tests/test_fidelity_knobs.py)
     cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8)
     _prefill_and_decode(model, cache, T=70, steps=5)
@@ -55,7 +56,9 @@ def test_memory_accounting_matches_a_hand_computation():
 
 def test_residual_flushes_at_exactly_R():
     R = 32
-    model = minikv.patch(tiny_model("llama"), bits=4, budget=40, recent=8, residual_length=R, sink_tokens=0)
+    model = minikv.patch(
+        tiny_model("llama"), bits=4, budget=40, recent=8, residual_length=R, sink_tokens=0, scorer="snapkv"
+    )
     cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=64)
     _prefill_and_decode(model, cache, T=70, steps=R - 8 - 1)  # residual: 8 + 23 = 31
     layer = _layers(cache)[0]

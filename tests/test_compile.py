@@ -81,7 +81,8 @@ def test_minikv_generate_matches_hf_generate_on_the_patched_model():
 
 
 def test_compiled_loop_compiles_once_for_two_prompts_of_the_same_capacity():
-    model = minikv.patch(tiny_model("llama"), bits=2, budget=32, recent=8, residual_length=16)
+    # one count per layer (SnapKV): both prompts need the same capacity (the global ranking's depends on the length)
+    model = minikv.patch(tiny_model("llama"), bits=2, budget=32, recent=8, residual_length=16, scorer="snapkv")
     steps = 70  # crosses four residual flushes
     cache = minikv.MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=steps)
     prompts = [torch.randint(1, 320, (1, T), generator=torch.Generator().manual_seed(T)) for T in (50, 61)]

@@ -155,23 +155,21 @@ def test_folding_the_heads_into_the_batch_equals_one_call_per_head():
         assert torch.allclose(out[:, rows], o, atol=1e-5) and torch.allclose(scores[:, h : h + 1], s, atol=1e-6)
 
 
-def test_compiled_decode_with_per_head_counts_is_one_graph():
+def test_compiled_decode_at_the_defaults_is_one_graph():
+    """The defaults (kvzip, layers and heads ranked together: per-head counts): the decode step compiles
+    into one graph without breaks and equals eager."""
     import torch._dynamo as dynamo
 
-    model = minikv.patch(
-        tiny_model("llama"),
-        bits=2,
-        budget=0.5,
-        residual_length=16,
-        scorer="kvzip",
-        schedule="global",
-        head_budgets="adaptive",
-    )
+    model = minikv.patch(tiny_model("llama"), residual_length=16)
+    assert (model._minikv_patch.config.scorer, model._minikv_patch.config.head_budgets) == ("kvzip", "adaptive")
     ids = torch.randint(1, 320, (1, 80), generator=torch.Generator().manual_seed(5))
-    eager = minikv.generate(model, ids, max_new_tokens=6)
+    eager = minikv.generate(model, ids, max_new_tokens=20)
     dynamo.reset()
-    compiled = minikv.generate(model, ids, max_new_tokens=6, compile=True)
+    dynamo.utils.counters.clear()
+    compiled = minikv.generate(model, ids, max_new_tokens=20, compile=True)
     assert torch.equal(eager, compiled)
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not dynamo.utils.counters["graph_break"]
 
 
 @pytest.mark.parametrize(
