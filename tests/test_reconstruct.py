@@ -82,7 +82,9 @@ def test_the_prompt_is_attended_in_full_precision_and_decode_reads_the_kept_toke
     ids = torch.randint(1, 320, (1, 80), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
-    minikv.patch(model, bits=2, budget=0.5, residual_length=16, scorer="kvzip")
+    minikv.patch(
+        model, bits=2, budget=0.5, residual_length=16, scorer="kvzip", schedule="uniform", head_budgets="uniform"
+    )
     cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=8)
     with torch.no_grad():
         out = model(ids, **{KEY: cache}, use_cache=True).logits
@@ -229,7 +231,9 @@ def test_global_schedule_moves_tokens_to_the_layers_that_rank_highest_at_equal_t
     from minikv import MiniKVConfig
     from minikv.budget import GLOBAL_SPAN, across_layers, keep_counts
 
-    cfg = MiniKVConfig(bits=2, budget=0.5, recent=8, sink_tokens=2, scorer="kvzip", schedule="global")
+    cfg = MiniKVConfig(
+        bits=2, budget=0.5, recent=8, sink_tokens=2, scorer="kvzip", schedule="global", head_budgets="uniform"
+    )
     g = torch.Generator().manual_seed(0)
     B, H, T = 2, 3, 100
     scores = [torch.rand(B, H, T, generator=g) * w for w in (1.0, 3.0, 0.2)]  # layer 1 ranks highest
@@ -249,21 +253,31 @@ def test_global_schedule_moves_tokens_to_the_layers_that_rank_highest_at_equal_t
 
 
 def test_global_schedule_generates_and_needs_the_reconstruction_scorer():
-    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5, residual_length=16, scorer="kvzip", schedule="global")
+    model = minikv.patch(
+        tiny_model("llama"),
+        bits=2,
+        budget=0.5,
+        residual_length=16,
+        scorer="kvzip",
+        schedule="global",
+        head_budgets="uniform",
+    )
     ids = torch.randint(1, 320, (2, 64), generator=torch.Generator().manual_seed(4))
     out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     layers = [layer for layer in getattr(out, KEY).layers if isinstance(layer, MiniKVLayer)]
     prompt = sum(int(layer.store.lengths()[0, 0]) for layer in layers) - 3 * 4  # less the 4 decoded tokens
     assert 3 * 32 - 3 * 16 < prompt <= 3 * 32  # the uniform total, in whole groups of 16 after the sinks
     with pytest.raises(ValueError, match="schedule='global' .* needs scorer='kvzip'"):
-        minikv.patch(tiny_model("llama"), bits=2, budget=0.5, schedule="global")
+        minikv.patch(tiny_model("llama"), bits=2, budget=0.5, scorer="snapkv", schedule="global")
 
 
 def test_global_schedule_on_a_quantized_store_keeps_whole_groups_after_the_sinks():
     from minikv import MiniKVConfig
     from minikv.budget import across_layers, keep_counts
 
-    cfg = MiniKVConfig(bits=2, budget=0.5, recent=8, sink_tokens=4, scorer="kvzip", schedule="global")
+    cfg = MiniKVConfig(
+        bits=2, budget=0.5, recent=8, sink_tokens=4, scorer="kvzip", schedule="global", head_budgets="uniform"
+    )
     g = torch.Generator().manual_seed(1)
     B, H, T, G = 2, 2, 300, 16
     scores = [torch.rand(B, H, T, generator=g) * w for w in (1.0, 2.0, 0.5, 1.5)]

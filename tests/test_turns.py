@@ -53,7 +53,9 @@ def test_uncompressed_multi_turn_is_token_identical_to_hf(family):
 
 
 def test_compressed_turn_keeps_the_held_tokens_and_compresses_the_new_ones():
-    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5, recent=0.25, residual_length=16, sink_tokens=4)
+    model = minikv.patch(  # SnapKV: one count per layer and head, as the slices below assume
+        tiny_model("llama"), bits=2, budget=0.5, recent=0.25, residual_length=16, sink_tokens=4, scorer="snapkv"
+    )
     _, cache = _chat(model, _turns(64)[:1], new_tokens=4)
     layer = _layers(cache)[0]
     st = layer.store
@@ -124,7 +126,7 @@ def test_a_turn_past_max_cache_len_is_refused_before_any_state_changes():
 
 
 def test_max_cache_len_reserves_the_buffers_for_every_turn():
-    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5, residual_length=16)
+    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5, residual_length=16, scorer="snapkv")
     cache = MiniKVCache(model._minikv_patch.config, model.config, max_cache_len=200)
     with torch.no_grad():
         model(torch.randint(1, 320, (1, 50)), **{cache_key(): cache}, use_cache=True)
@@ -153,7 +155,7 @@ def test_chunked_prefill_at_16_bits_equals_one_pass(family):
 
 
 def test_chunked_prefill_bounds_what_is_kept():
-    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.25, residual_length=16)
+    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.25, residual_length=16, scorer="snapkv")
     cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=4)
     minikv.generate(model, torch.randint(1, 320, (1, 128)), max_new_tokens=4, chunk_size=64, cache=cache)
     # 25% of each 64-token chunk (16), the first also holding the 4 sinks; then 3 decoded tokens
