@@ -12,6 +12,12 @@ import torch
 from .config import MiniKVConfig
 
 
+# scorers that always keep the last ``snap_window`` tokens and keep a prompt no longer than it whole:
+# SnapKV's observation window, and the reconstruction scorers (without it a short chat prompt loses its
+# question: the README's usage snippet answered "Theassistant" at the kvzip defaults)
+WINDOWED = ("snapkv", "kvzip", "kvzip_window")
+
+
 def keep_counts(cfg: MiniKVConfig, rank: int, num_layers: int, lengths: torch.Tensor):
     """Tokens kept and recent-window tokens for the compressed layer ``rank`` of ``num_layers``.
 
@@ -31,13 +37,13 @@ def keep_counts(cfg: MiniKVConfig, rank: int, num_layers: int, lengths: torch.Te
         r = torch.clamp(n, max=float(cfg.recent))
     else:
         r = torch.floor(cfg.recent * n)
-    if cfg.scorer == "snapkv":  # SnapKV always keeps its observation window (short prompts: the question)
+    if cfg.scorer in WINDOWED:  # the last snap_window tokens always stay (a short prompt: the question itself)
         r = torch.maximum(r, torch.clamp(n, max=float(cfg.snap_window)))
     heavy = schedule(cfg, rank, num_layers, n - r, L - r)
     if cfg.sink_tokens:  # the sinks are never evicted: the scored part holds at least them
         heavy = torch.maximum(heavy, torch.clamp(L - r, max=float(cfg.sink_tokens)))
     keep = torch.minimum(heavy + r, L)
-    if cfg.scorer == "snapkv":  # a prompt no longer than the observation window is kept whole
+    if cfg.scorer in WINDOWED:  # a prompt no longer than the observation window is kept whole
         keep = torch.where(L <= cfg.snap_window, L, keep)
     keep = keep.to(torch.int64)
     return keep, torch.minimum(r.to(torch.int64), keep)
