@@ -108,8 +108,11 @@ def across_layers(cfg: MiniKVConfig, scores: list[torch.Tensor], valid: torch.Te
         step = group or 1
         if group:  # whole groups after the sinks: round each unit down, then hand out groups again
             sinks = min(cfg.sink_tokens, int(lengths[b]))
-            n = n - (n + int(recent[b]) - sinks) % group
-            n = torch.where(n < 0, n + group, n).clamp(max=high)
+            rest = (n + int(recent[b]) - sinks) % group
+            if bool((n >= rest).all()):  # nothing of the prompt waits in the residual but the sinks
+                n = n - rest
+            else:  # a short prompt: whole groups of the scored part, the same remainder in every unit
+                n = n - n % group
         spare = U * heavy[b] - int(n.sum())
         for unit in torch.argsort(best - n, descending=True).tolist():  # rounding: largest remainders
             if spare < step:

@@ -193,3 +193,18 @@ def test_head_floor_range(value):
         MiniKVConfig(head_floor=value)
     with pytest.raises(ValueError, match="head_budgets must be one of"):
         MiniKVConfig(head_budgets="per-head")
+
+
+def test_a_short_prompt_never_exceeds_the_uniform_total_and_keeps_one_remainder():
+    """Too few tokens for whole groups after the sinks in some head: every head's scored part is rounded
+    down to whole groups instead, so the heads share the residual's remainder and the total never grows."""
+    cfg = MiniKVConfig(bits=2, budget=0.5, sink_tokens=4, scorer="kvzip")
+    g = torch.Generator().manual_seed(3)
+    for T in (40, 48, 70, 100):
+        scores = [torch.rand(1, 2, T, generator=g) for _ in range(3)]
+        valid = torch.ones(1, T, dtype=torch.bool)
+        keep, _ = keep_counts(cfg.replace(schedule="uniform"), 0, 3, valid.sum(-1))
+        counts = across_layers(cfg, scores, valid, group=16)
+        assert int(sum(k.sum() for k, _ in counts)) <= 3 * 2 * int(keep)
+        rests = {int(x) for k, _ in counts for x in ((k - 4) % 16).flatten()}
+        assert len(rests) == 1, (T, rests)
