@@ -11,7 +11,6 @@ import torch
 
 from .config import MiniKVConfig
 
-
 # scorers that always keep the last ``snap_window`` tokens and keep a prompt no longer than it whole:
 # SnapKV's observation window, and the reconstruction scorers (without it a short chat prompt loses its
 # question: the README's usage snippet answered "Theassistant" at the kvzip defaults)
