@@ -142,7 +142,8 @@ def test_greedy_generation_with_interpreted_triton_kernels_equals_the_reference(
     outs = {}
     for backend in ("reference", "triton"):
         use_triton_on_cpu(backend == "triton")
-        minikv.patch(model, bits=2, budget=0.5, residual_length=32, backend=backend)
+        # SnapKV: its prefill-with-scores kernel is the one under test (the reconstruction pass has none)
+        minikv.patch(model, bits=2, budget=0.5, residual_length=32, backend=backend, scorer="snapkv")
         try:
             outs[backend] = _generate(model, tok, text, 3)
         finally:
