@@ -110,8 +110,9 @@ def across_layers(cfg: MiniKVConfig, scores: list[torch.Tensor], valid: torch.Te
             rest = (n + int(recent[b]) - sinks) % group
             if bool((n >= rest).all()):  # nothing of the prompt waits in the residual but the sinks
                 n = n - rest
-            else:  # a short prompt: whole groups of the scored part, the same remainder in every unit
-                n = n - n % group
+            else:  # a short prompt: the sinks and whole groups of the rest, the same remainder in every unit
+                held = min(sinks, heavy[b])  # every unit holds them (low >= them)
+                n = held + (n - held) - (n - held) % group
         spare = U * heavy[b] - int(n.sum())
         for unit in torch.argsort(best - n, descending=True).tolist():  # rounding: largest remainders
             if spare < step:

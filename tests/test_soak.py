@@ -55,7 +55,7 @@ def test_thousands_of_steps_compiled_equal_eager_and_nothing_grows():
     eager_toks, eager_logits, counts, cache = run(step, check_growth=True)
     assert counts[100] == counts[STEPS - 1], counts  # no tensor kept per step
     layer = next(layer for layer in cache.layers if hasattr(layer, "store"))
-    assert int(layer.store.n_packed[0]) > 55 * 16  # the residual flushed all along
+    assert int(layer.store.n_packed[0].min()) > 55 * 16  # the residual flushed all along, in every head
 
     dynamo.reset()
     dynamo.utils.counters.clear()
