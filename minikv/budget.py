@@ -77,6 +77,9 @@ def across_layers(cfg: MiniKVConfig, scores: list[torch.Tensor], valid: torch.Te
     keep, recent = keep_counts(cfg.replace(schedule="uniform"), 0, L, lengths)
     heavy = (keep - recent).tolist()
     candidate = valid & (rank_from_end(valid) > recent[:, None])  # [B, T]
+    least = cfg.head_floor if per_head else GLOBAL_SPAN[0]
+    per_unit = 1 if per_head else H  # tokens of a unit per counted token: a layer's heads share its count
+    unit_of = torch.arange(L * H).repeat_interleave(valid.shape[1]) // per_unit  # of each flattened score
     out = torch.zeros(L, B, H if per_head else 1, dtype=torch.int64)
     for b in range(B):
         per_layer = []
@@ -84,16 +87,12 @@ def across_layers(cfg: MiniKVConfig, scores: list[torch.Tensor], valid: torch.Te
             s = protect_sinks(s[b : b + 1], valid[b : b + 1], cfg.sink_tokens)[0] if cfg.sink_tokens else s[b]
             per_layer.append(s.float().masked_fill(~candidate[b], float("-inf")))  # [H, T]
         room = int(candidate[b].sum())
-        least = cfg.head_floor if per_head else GLOBAL_SPAN[0]
         low = min(room, max(int(least * heavy[b]), min(cfg.sink_tokens, heavy[b])))
         high = min(room, int(GLOBAL_SPAN[1] * heavy[b]))
         flat = torch.cat([s.reshape(-1) for s in per_layer])
-        T = per_layer[0].shape[1]
-        unit_of = torch.arange(L * H).repeat_interleave(T) // (1 if per_head else H)
         order = torch.sort(flat, descending=True, stable=True).indices
         order = order[torch.isfinite(flat[order]) | (flat[order] > 0)]  # candidates only (sinks are +inf)
         ranked = unit_of[order]
-        per_unit = 1 if per_head else H
 
         def counts(k: int) -> torch.Tensor:
             return torch.bincount(ranked[:k], minlength=U).float().div(per_unit).clamp(low, high)

@@ -235,7 +235,7 @@ class MiniKVLayer(StaticLayer):
             out, scores = impl.prefill_attention(q, k, v, valid, weight, scaling, softcap or 0.0)
             out, weights = out.transpose(1, 2), None
             if selection.needs_pass(self.cfg.scorer):  # the window's scores, merged with the pass's
-                self.pending = Pending(k, v, valid, scorer.seed(scores, weight, q.shape[1] // k.shape[1], self.cfg))
+                self.pending = Pending(k, v, valid, scorer.seed(scores, q.shape[1] // k.shape[1], self.cfg))
                 return out, weights
             scores = scorer.finish(scores, self.cfg)
         else:  # no attention scores needed: compute the prompt exactly as the unpatched model does
@@ -345,17 +345,21 @@ class MiniKVLayer(StaticLayer):
                 )
                 out, scores = heads.unfold(out, B), heads.unfold(scores, B)
             out, weights = out[:, :, S:].transpose(1, 2), None
-            seed = scorer.seed(scores[..., S:], weight[:, S:], q.shape[1] // Hkv, self.cfg) if pass_scored else None
+            seed = scorer.seed(scores[..., S:], q.shape[1] // Hkv, self.cfg) if pass_scored else None
             scores = scorer.finish(scores[..., S:], self.cfg)
         else:
             causal = torch.ones(N, N, dtype=torch.bool, device=k.device).tril()
-            held_mask = heads.query_mask(held_valid, q.shape[1], N)  # [B, Hq or 1, N, S]
+            held_mask = (  # [B, 1, N, S], or per query head when each KV head holds its own tokens
+                old_valid[:, None, None, :]
+                if old_valid is not None
+                else held_valid.repeat_interleave(q.shape[1] // Hkv, 1)[:, :, None, :]
+            ).expand(-1, -1, N, -1)
             allowed = torch.cat([held_mask, causal.expand(B, held_mask.shape[1], N, N)], -1)
             out, weights = dense_attention(
                 module, q, keys, values, mask_for(allowed, fallback, q.dtype), scaling, softcap, fallback, **kwargs
             )
             scores = scorer.scores(k, new_valid, self.cfg) if self.cfg.selects and not pass_scored else None
-            seed = torch.zeros(B, k.shape[1], N, device=k.device)
+            seed = torch.zeros(B, k.shape[1], N, device=k.device) if pass_scored else None
         self._seen += N
         self._capacity_tokens = self._seen + room
         self.cumulative_length.add_(N)

@@ -38,11 +38,3 @@ def fold_rows(x: torch.Tensor, Hkv: int) -> torch.Tensor:
 def unfold(x: torch.Tensor, B: int) -> torch.Tensor:
     """``[B * Hkv, heads, ...]`` -> ``[B, Hkv * heads, ...]``."""
     return x.reshape(B, -1, *x.shape[2:])
-
-
-def query_mask(valid: torch.Tensor, Hq: int, Lq: int) -> torch.Tensor:
-    """``valid [B, Hkv, S]`` -> an attention mask ``[B, Hq or 1, Lq, S]`` (one head when the heads agree)."""
-    one = shared(valid)
-    if one is not None:
-        return one[:, None, None, :].expand(-1, 1, Lq, -1)
-    return valid.repeat_interleave(Hq // valid.shape[1], 1)[:, :, None, :].expand(-1, -1, Lq, -1)

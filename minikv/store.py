@@ -98,11 +98,12 @@ class QuantizedStore:
         G, S = self.group, self.sink_capacity
         k, v = rotate(k, self.rot_k), rotate(v, self.rot_v)
         B, H, N, D = k.shape
+        per_head = n_keep.dim() == 2
         n_keep = n_keep.view(B, -1).expand(B, H)
         n_sink = n_keep.amin(1).clamp_max(S)  # [B]
         n_body = n_keep - n_sink[:, None]  # [B, H]
         rest = n_body % G
-        if n_keep.stride(1) and not torch.equal(rest, rest[:, :1].expand(B, H)):  # per-head counts: prefill time
+        if per_head and not torch.equal(rest, rest[:, :1].expand(B, H)):  # prefill time: reads the counts
             raise ValueError(
                 f"per-head counts must leave every head the same remainder mod G={G}, got {n_keep.tolist()}"
             )

@@ -7,6 +7,7 @@ import warnings
 import torch
 import torch._dynamo as dynamo
 from models import tiny_model
+from torch._subclasses.fake_tensor import FakeTensor
 
 import minikv
 from minikv import MiniKVCache
@@ -16,12 +17,20 @@ STEPS = 1000  # R = 16: ~60 flushes per layer
 
 
 def _live_tensors(*mine) -> tuple[int, int]:
-    """Number and bytes of the tensors alive now (after a collection), less the test's own lists."""
+    """Number and bytes of the real tensors alive now (after a collection), less the test's own lists.
+    Fake tensors (symbolic shapes) that earlier compiles in this worker left behind are not counted."""
     gc.collect()
     own = {id(t) for lst in mine for t in lst}
     with warnings.catch_warnings():  # touching torch.distributed's deprecated aliases while scanning
         warnings.simplefilter("ignore", FutureWarning)
-        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and id(o) not in own]
+        tensors = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, torch.Tensor)
+            and not isinstance(o, FakeTensor)
+            and o.device.type != "meta"
+            and id(o) not in own
+        ]
     return len(tensors), sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -53,7 +62,9 @@ def test_thousands_of_steps_compiled_equal_eager_and_nothing_grows():
         return torch.cat(toks, 1), torch.stack(logits), counts, cache
 
     eager_toks, eager_logits, counts, cache = run(step, check_growth=True)
-    assert counts[100] == counts[STEPS - 1], counts  # no tensor kept per step
+    # no tensor kept per step: nothing more alive after 900 more steps (fewer is fine: another test's leftovers
+    # in this worker may be collected meanwhile; growth would be ~900 tensors)
+    assert counts[STEPS - 1][0] <= counts[100][0] and counts[STEPS - 1][1] <= counts[100][1], counts
     layer = next(layer for layer in cache.layers if hasattr(layer, "store"))
     assert int(layer.store.n_packed[0].min()) > 55 * 16  # the residual flushed all along, in every head
 

@@ -19,10 +19,9 @@ NEEDS_PASS = True  # ...and the pass gives the rest, folded in by max
 query_weights = snapkv.query_weights
 
 
-def seed(scores, weight, group: int, cfg):
+def seed(scores, group: int, cfg):
     """The window's scores ``[B, Hkv, T]`` as the pass's starting point: SnapKV's pooled column sums over
-    the window's queries (``weight``, unused: the sums are kept) averaged over the ``group`` query heads
-    of each KV head."""
+    the window's queries, averaged over the ``group`` query heads of each KV head."""
     return snapkv.finish(scores, cfg) / group
 
 
