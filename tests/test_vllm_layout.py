@@ -117,7 +117,7 @@ def test_decode_over_the_pages_equals_fp64_attention_over_the_stored_tokens(k_bi
     _write_all(lay, views, tables, K, V, [_split(n, [n - 5]) for n in lens], R, True)
     store = paged.gather(views, lay, tables, torch.tensor(lens))
     q = torch.randn(3, Hq, D, generator=g)
-    out = paged.decode(q, store, lay, D**-0.5, 0.0, R, R)
+    out = paged.decode(q, views, lay, tables, torch.tensor(lens), D**-0.5, 0.0, R, R)
     kd, vd = paged.dense(store, lay, max(lens), R, R)
     for b, n in enumerate(lens):
         k, v = kd[b, :, :n].double(), vd[b, :, :n].double()  # [H, n, D]

@@ -20,7 +20,7 @@ import types
 
 import torch
 
-from . import cpu_ops, ops, quant, reference
+from . import cpu_ops, ops, paged_reference, quant, reference
 
 # op name -> (module, function) of its Triton launcher
 TRITON_LAUNCHERS = {
@@ -28,6 +28,7 @@ TRITON_LAUNCHERS = {
     "decode_attention": ("triton_decode", "decode_attention"),
     "prefill_attention": ("triton_prefill", "prefill_attention"),
     "append_kv": ("triton_append", "append_kv"),
+    "paged_decode_attention": ("triton_paged_decode", "paged_decode_attention"),
 }
 REFERENCE = types.SimpleNamespace(
     quantize_pack=quant.quantize_pack,
@@ -37,6 +38,7 @@ REFERENCE = types.SimpleNamespace(
     select_tokens=reference.select_tokens,
     append_kv=reference.append_kv,
     decode_attention=reference.decode_attention,
+    paged_decode_attention=paged_reference.paged_decode_attention,
 )
 
 CPU_KERNELS = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import reference
+from . import paged_reference, reference
 from .quant import META_DTYPE
 from .quant import quantize_pack as _quantize_pack_ref
 from .quant import unpack_dequantize as _unpack_dequantize_ref
@@ -223,3 +223,63 @@ def _(
     group_size,
 ):
     return q.new_empty(q.shape)  # contiguous, as the kernels
+
+
+@torch.library.custom_op("minikv::paged_decode_attention", mutates_args=())
+def paged_decode_attention(
+    q: Tensor,
+    k_codes: Tensor,
+    k_scale: Tensor,
+    k_mn: Tensor,
+    v_codes: Tensor,
+    v_scale: Tensor,
+    v_mn: Tensor,
+    k_res: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    softcap: float,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
+) -> Tensor:
+    """One new query per sequence ``q [B, Hq, D]`` over its tokens in vLLM's pages, read through
+    ``block_table [B, nb]`` (:mod:`.paged_reference`) -> ``[B, Hq, D]``."""
+    return paged_reference.paged_decode_attention(
+        q,
+        k_codes,
+        k_scale,
+        k_mn,
+        v_codes,
+        v_scale,
+        v_mn,
+        k_res,
+        block_table,
+        seq_lens,
+        scale,
+        softcap,
+        k_bits,
+        v_bits,
+        group_size,
+    )
+
+
+@paged_decode_attention.register_fake
+def _(
+    q,
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    k_res,
+    block_table,
+    seq_lens,
+    scale,
+    softcap,
+    k_bits,
+    v_bits,
+    group_size,
+):
+    return q.new_empty(q.shape)

@@ -2,11 +2,17 @@
 
 Write (``do_kv_cache_update``, before each layer's attention): values quantized per token at once,
 keys kept in the block's residual until their group of G is complete, then quantized per channel
-(:mod:`.paged`). Attention (``forward``): a request decoding one token reads its whole stored
-sequence through ``minikv::decode_attention`` (decode requests batched); a request with several new
-tokens (prefill, a chunk, a later turn) attends over its stored context plus its new tokens in full
-precision, as minikv's patched prefill does. Declares ``state_content_bytes`` (the packed bytes per
-token slot) through ``customize_spec``, so vLLM's scheduler fits more tokens in the same memory.
+(:mod:`.paged`). Attention (``forward``): the batch is ordered decodes first; requests decoding one
+token read their whole stored sequence from the pages in place (``minikv::paged_decode_attention``,
+one launch for all of them); a request with several new tokens (prefill, a chunk, a later turn)
+attends over its stored context plus its new tokens in full precision, as minikv's patched prefill
+does. Declares ``state_content_bytes`` (the packed bytes per token slot) through ``customize_spec``,
+so vLLM's scheduler fits more tokens in the same memory.
+
+CUDA graphs: a batch of decodes only is capture-safe (``UNIFORM_SINGLE_TOKEN_DECODE``): the builder,
+the write (:func:`.paged.write_decode`) and the decode read no device value on the host, pass the
+runner's persistent ``seq_lens`` and block table through, and launch fixed grids. Batches with a
+prefill run eagerly (vLLM's piecewise graphs), reading host copies vLLM already holds.
 
 Not done here, by design: token selection at prefill (vLLM's scheduler allocates a block for every
 prompt token; evicting needs changes to vLLM's KV cache manager), sliding-window, ALiBi,
@@ -21,14 +27,17 @@ from typing import ClassVar
 
 import torch
 from vllm.config import get_current_vllm_config
+from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionMetadataBuilder,
     AttentionType,
     CommonAttentionMetadata,
     MultipleOf,
 )
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from ..rotation import hadamard
@@ -89,33 +98,47 @@ class MiniKVAttentionBackend(AttentionBackend):
 
 @dataclass
 class MiniKVMetadata:
-    query_start: list[int]  # host copies, read once per step by the builder
-    seq_lens_host: list[int]
-    seq_lens: torch.Tensor
+    num_decodes: int  # the first requests, one new token each (the batch is ordered decodes first)
+    seq_lens: torch.Tensor  # [num_reqs] on the device: the runner's persistent buffers, passed through
     block_table: torch.Tensor
-    decode_rows: torch.Tensor  # requests with one new token: batched through the decode op
-    decode_tokens: torch.Tensor  # their token index in the batch
+    # host copies for the requests with several new tokens (empty when the batch is decodes only)
+    query_start: list[int]  # of requests num_decodes..num_reqs, and the end
+    seq_lens_host: list[int]
 
 
 class MiniKVMetadataBuilder(AttentionMetadataBuilder[MiniKVMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:  # the base's is abstract
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1)  # decodes first: their rows and tokens are [0, num_decodes)
+        self.quantized = settings().quantized
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        """Decode-only batches are capture-safe when quantized (16 bits reads every request on the host)."""
+        return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE if settings().quantized else AttentionCGSupport.NEVER
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> MiniKVMetadata:
         m = common_attn_metadata
-        start = m.query_start_loc_cpu[: m.num_reqs + 1].tolist()
-        lens = [b - a for a, b in zip(start, start[1:])]
-        rows = [i for i, n in enumerate(lens) if n == 1]
+        num_decodes = split_decodes_and_prefills(m, decode_threshold=1)[0] if self.quantized else 0
+        start, lens = [], []
+        if num_decodes < m.num_reqs:  # eager: vLLM's host copies (exact for requests that prefill)
+            start = m.query_start_loc_cpu[num_decodes : m.num_reqs + 1].tolist()
+            upper = m.seq_lens_cpu_upper_bound
+            lens = (upper if upper is not None else m.seq_lens.cpu())[num_decodes : m.num_reqs].tolist()
         return MiniKVMetadata(
-            query_start=start,
-            seq_lens_host=m.seq_lens[: m.num_reqs].cpu().tolist(),
+            num_decodes=num_decodes,
             seq_lens=m.seq_lens[: m.num_reqs],
             block_table=m.block_table_tensor[: m.num_reqs],
-            decode_rows=torch.tensor(rows, dtype=torch.long, device=self.device),
-            decode_tokens=torch.tensor([start[i] for i in rows], dtype=torch.long, device=self.device),
+            query_start=start,
+            seq_lens_host=lens,
         )
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> MiniKVMetadata:
+        meta = self.build(0, common_attn_metadata)
+        meta.seq_lens.fill_(1)  # as vLLM's Triton backend: capture reads one token, not max_model_len
+        return meta
 
 
 class MiniKVAttentionImpl(AttentionImpl):
@@ -147,8 +170,16 @@ class MiniKVAttentionImpl(AttentionImpl):
         for name, (bad, what) in refused.items():
             if bad:
                 raise ValueError(f"{ENV}: the minikv backend cannot serve this model: {name}={what}")
+        config = get_current_vllm_config()
+        spec = getattr(config, "speculative_config", None)
+        drafts = getattr(spec, "num_speculative_tokens", None) or 0
+        if drafts:  # a rejected draft that completed a key group would leave the group's codes stale
+            raise ValueError(
+                f"{ENV}: the minikv backend does not support speculative decoding: "
+                f"num_speculative_tokens={drafts} (valid: 0 or unset)"
+            )
         self.settings = settings()
-        block_size = get_current_vllm_config().cache_config.block_size
+        block_size = config.cache_config.block_size
         self.settings.check_model(head_size, block_size)
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.scale, self.softcap = float(scale), float(logits_soft_cap or 0.0)
@@ -178,7 +209,9 @@ class MiniKVAttentionImpl(AttentionImpl):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         lay, views, rot_k, rot_v = self._setup(kv_cache)
         n = slot_mapping.shape[0]
-        paged.write(views, lay, key[:n], value[:n], slot_mapping, rot_k, rot_v, self.settings.clip)
+        meta = _metadata(layer)
+        write = paged.write_decode if lay.quantized and meta is not None and not meta.query_start else paged.write
+        write(views, lay, key[:n], value[:n], slot_mapping, rot_k, rot_v, self.settings.clip)
 
     def forward(
         self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None
@@ -189,28 +222,36 @@ class MiniKVAttentionImpl(AttentionImpl):
             return output
         m: MiniKVMetadata = attn_metadata
         lay, views, rot_k, rot_v = self._setup(kv_cache)
-        batched = lay.quantized and m.decode_rows.numel() > 0
-        if batched:  # one new token each: the whole stored sequence through minikv::decode_attention
-            rows, tokens = m.decode_rows, m.decode_tokens
-            store = paged.gather(views, lay, m.block_table[rows], m.seq_lens[rows])
-            output[tokens] = paged.decode(query[tokens], store, lay, self.scale, self.softcap, rot_k, rot_v).to(
-                output.dtype
+        nd = m.num_decodes
+        if nd:  # one new token each: every stored sequence read from its pages, one launch
+            out = paged.decode(
+                query[:nd], views, lay, m.block_table[:nd], m.seq_lens[:nd], self.scale, self.softcap, rot_k, rot_v
             )
+            output[:nd].copy_(out)
         for r, (a, b) in enumerate(zip(m.query_start, m.query_start[1:])):
-            if b > a and not (batched and b - a == 1):
+            if b > a:
                 output[a:b] = self._extend(views, lay, m, r, query[a:b], key[a:b], value[a:b], rot_k, rot_v).to(
                     output.dtype
                 )
         return output
 
     def _extend(self, views, lay, m: MiniKVMetadata, r: int, q, k_new, v_new, rot_k, rot_v):
-        """Request ``r``'s new tokens over its stored context and over themselves in full precision."""
+        """Request ``num_decodes + r``'s new tokens over its stored context and themselves in full precision."""
         ctx = m.seq_lens_host[r] - q.shape[0]
+        i = m.num_decodes + r
         if lay.quantized:
-            store = paged.gather(views, lay, m.block_table[r : r + 1], m.seq_lens[r : r + 1])
+            store = paged.gather(views, lay, m.block_table[i : i + 1], m.seq_lens[i : i + 1])
             k_ctx, v_ctx = (x[0].transpose(0, 1) for x in paged.dense(store, lay, ctx, rot_k, rot_v))  # [ctx, H, D]
         else:
-            blocks = m.block_table[r, : -(-ctx // lay.block_size)].long()
+            blocks = m.block_table[i, : -(-ctx // lay.block_size)].long()
             k_ctx = views["k"][blocks].transpose(1, 2).flatten(0, 1)[:ctx]  # [ctx, H, D]
             v_ctx = views["v"][blocks].transpose(1, 2).flatten(0, 1)[:ctx]
         return paged.attend(q, k_ctx, v_ctx, k_new, v_new, self.scale, self.softcap)
+
+
+def _metadata(layer) -> MiniKVMetadata | None:
+    """This step's metadata of ``layer`` (the write is called without it), or None (profiling)."""
+    found = get_forward_context().attn_metadata
+    if isinstance(found, list):  # speculative decoding: the base model's
+        found = found[0]
+    return found.get(layer.layer_name) if isinstance(found, dict) else found

@@ -2,14 +2,17 @@
 
 vLLM gives every (block, KV head) a contiguous page of ``N`` token slots of ``C`` bytes each (its
 ``[num_blocks, H, N, C]`` head-major layout). The quantized layout uses those ``N * C`` bytes as
-minikv's store for the block's ``N`` tokens, so a sequence's pages concatenated are exactly
-:class:`minikv.store.QuantizedStore`'s packed arrays (no re-layout to decode):
+minikv's store for the block's ``N`` tokens: the codes of :class:`minikv.store.QuantizedStore`, with the
+keys' words and group scales stored word-major so that the paged decode kernel
+(``minikv::paged_decode_attention``) reads a tile's words as contiguous rows of ``D``:
 
 ==========  ===========================  =========  ====================================================
 region      shape                        dtype      what
 ==========  ===========================  =========  ====================================================
-k_codes     ``[D, N * k_bits / 32]``     int32      keys per channel, groups of G tokens (KIVI)
-k_scale/mn  ``[D, N / G]``               fp16       one scale and minimum per channel per group
+k_codes     ``[N * k_bits / 32, D]``     int32      keys per channel, groups of G tokens (KIVI), word-major:
+                                                    word row ``w`` holds tokens ``w*32/k_bits...`` of
+                                                    every channel (a tile's words are whole rows)
+k_scale/mn  ``[N / G, D]``               fp16       one scale and minimum per channel per group
 v_codes     ``[N, D * v_bits / 32]``     int32      values per token, groups of G channels
 v_scale/mn  ``[N, D / G]``               fp16
 k_res       ``[G, D]``                   the model  the keys of the block's incomplete group, in full
@@ -58,9 +61,9 @@ class PageLayout:
             parts = [("k", (N, D), self.dtype), ("v", (N, D), self.dtype)]
         else:
             parts = [
-                ("k_codes", (D, N * self.k_bits // 32), torch.int32),
-                ("k_scale", (D, N // G), META_DTYPE),
-                ("k_mn", (D, N // G), META_DTYPE),
+                ("k_codes", (N * self.k_bits // 32, D), torch.int32),
+                ("k_scale", (N // G, D), META_DTYPE),
+                ("k_mn", (N // G, D), META_DTYPE),
                 ("v_codes", (N, D * self.v_bits // 32), torch.int32),
                 ("v_scale", (N, D // G), META_DTYPE),
                 ("v_mn", (N, D // G), META_DTYPE),

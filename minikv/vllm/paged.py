@@ -1,9 +1,15 @@
 """Writing tokens into minikv pages and attending over them (no vLLM import; :mod:`.layout`).
 
 Tokens arrive as vLLM hands them to a backend: ``key/value [T, H, D]`` with a ``slot_mapping [T]``
-(``block * N + offset``, ``-1`` for padding), each request's tokens contiguous and in order. A
-sequence's pages, gathered through its block table, are minikv's store (packed groups + a residual),
-so decode runs the project's ``minikv::decode_attention`` op (Triton on CUDA, the reference on CPU).
+(``block * N + offset``, ``-1`` for padding), each request's tokens contiguous and in order.
+
+- :func:`write` stores any batch (prefills, chunks, decodes); :func:`write_decode` stores a batch of
+  decode tokens (one per request) without reading anything back to the host: a CUDA graph may
+  capture it.
+- :func:`decode` reads each sequence's pages in place through its block table
+  (``minikv::paged_decode_attention``: Triton on CUDA, the reference on CPU).
+- :func:`gather` / :func:`dense` rebuild a sequence's stored tokens for a chunk of new tokens
+  (:func:`attend`), which attend in full precision over the stored context and themselves.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import torch.nn.functional as F
 from ..kernels import ops, reference
 from ..rotation import rotate, unrotate
 from .layout import PageLayout
+
+REGIONS = ("k_codes", "k_scale", "k_mn", "v_codes", "v_scale", "v_mn", "k_res")  # the paged op's order
 
 
 def write(
@@ -56,16 +64,45 @@ def write(
             group.permute(0, 2, 3, 1), layout.k_bits, G, clip
         )  # [n, H, D, G*b/32], [n, H, D, 1]
         g = offset[last] // G
-        words = g[:, None] * kc.shape[-1] + torch.arange(kc.shape[-1], device=slot.device)[None]  # [n, W]
-        views["k_codes"][block[last][:, None], :, :, words] = kc.permute(
-            0, 3, 1, 2
-        )  # advanced dims first: [n, W, H, D]
-        views["k_scale"][block[last], :, :, g] = ks[..., 0]
-        views["k_mn"][block[last], :, :, g] = km[..., 0]
+        _store_groups(views, block[last], g, kc, ks, km)
     pending = ~completed_here  # the tail of each request's last group waits in the residual
     if bool(pending.any()):
         p = pending.nonzero().squeeze(-1)
         views["k_res"][block[p], :, in_group[p]] = key[p]
+
+
+def _store_groups(views: dict, block, g, kc, ks, km) -> None:
+    """Group ``g [n]`` of blocks ``block [n]``: codes ``kc [n, H, D, W]``, scales/minimums ``[n, H, D, 1]``
+    into the word-major key regions (``k_codes [.., N*kb/32, D]``, ``k_scale/k_mn [.., N/G, D]``)."""
+    W = kc.shape[-1]
+    words = g[:, None] * W + torch.arange(W, device=g.device)[None]  # [n, W]
+    views["k_codes"][block[:, None], :, words] = kc.permute(0, 3, 1, 2)  # advanced dims first: [n, W, H, D]
+    views["k_scale"][block, :, g] = ks[..., 0]
+    views["k_mn"][block, :, g] = km[..., 0]
+
+
+def write_decode(
+    views: dict, layout: PageLayout, key, value, slot_mapping, rot_k=None, rot_v=None, clip: bool = False
+) -> None:
+    """Store one decode token per request, ``key/value [T, H, D]`` at ``slot_mapping [T]``, in place, with
+    fixed shapes and no host reads. Every key row goes to its block's residual; a token that completes
+    its group quantizes the group from the residual. Writes that have no target (a padding slot ``-1``,
+    the group codes of a token that completes nothing) go to block 0, vLLM's null block, which no
+    sequence reads. Only for quantized layouts."""
+    slot = slot_mapping.long()
+    slot = torch.where(slot < 0, 0, slot)
+    N, G = layout.block_size, layout.group_size
+    block, offset = slot // N, slot % N
+    key, value = rotate(key.to(layout.dtype), rot_k), rotate(value.to(layout.dtype), rot_v)
+    vc, vs, vm = ops.quantize_pack(value, layout.v_bits, G, clip)
+    views["v_codes"][block, :, offset] = vc
+    views["v_scale"][block, :, offset] = vs
+    views["v_mn"][block, :, offset] = vm
+    row = offset % G
+    views["k_res"][block, :, row] = key
+    done = row == G - 1
+    kc, ks, km = ops.quantize_pack(views["k_res"][block].transpose(-1, -2), layout.k_bits, G, clip)  # [T, H, D, W]
+    _store_groups(views, torch.where(done, block, 0), torch.where(done, offset // G, 0), kc, ks, km)
 
 
 def gather(views: dict, layout: PageLayout, block_table, seq_lens) -> dict:
@@ -80,7 +117,9 @@ def gather(views: dict, layout: PageLayout, block_table, seq_lens) -> dict:
         x = x[bt].movedim(1, axis)  # [B, nb, H, ...] -> the block axis just before the token axis
         return x.flatten(axis, axis + 1)
 
-    store = {name: cat_tokens(views[name], 3) for name in ("k_codes", "k_scale", "k_mn")}  # [B, H, D, nb*X]
+    store = {  # word-major pages [.., X, D] -> the store's [B, H, D, nb*X]
+        name: cat_tokens(views[name].transpose(-1, -2), 3) for name in ("k_codes", "k_scale", "k_mn")
+    }
     store.update({name: cat_tokens(views[name], 2) for name in ("v_codes", "v_scale", "v_mn")})  # [B, H, nb*N, X]
     seq_lens = seq_lens.long()
     n_packed = seq_lens // G * G
@@ -111,28 +150,23 @@ def dense(store: dict, layout: PageLayout, length: int, rot_k=None, rot_v=None):
     return unrotate(keys, rot_k), unrotate(vals, rot_v)
 
 
-def decode(q, store: dict, layout: PageLayout, scale: float, softcap: float, rot_k=None, rot_v=None):
+def decode(
+    q, views: dict, layout: PageLayout, block_table, seq_lens, scale: float, softcap: float, rot_k=None, rot_v=None
+):
     """One new token per sequence, ``q [B, Hq, D]``, over each whole stored sequence (its own token
-    included) with ``minikv::decode_attention`` -> ``[B, Hq, D]``."""
-    out = ops.decode_attention(
-        rotate(q, rot_k)[:, :, None],
-        store["k_codes"],
-        store["k_scale"],
-        store["k_mn"],
-        store["v_codes"],
-        store["v_scale"],
-        store["v_mn"],
-        store["n_packed"][:, None].expand(-1, store["res_k"].shape[1]).contiguous(),  # every head alike
-        store["res_k"],
-        store["res_v"],
-        store["res_len"],
+    included), read from the pages in place by ``minikv::paged_decode_attention`` -> ``[B, Hq, D]``."""
+    out = ops.paged_decode_attention(
+        rotate(q, rot_k),
+        *(views[name] for name in REGIONS),
+        block_table,
+        seq_lens,
         scale,
         softcap,
         layout.k_bits,
         layout.v_bits,
         layout.group_size,
     )
-    return unrotate(out[:, :, 0], rot_v)
+    return unrotate(out, rot_v)
 
 
 def attend(q, k_ctx, v_ctx, k_new, v_new, scale: float, softcap: float):

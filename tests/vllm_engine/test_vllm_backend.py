@@ -63,6 +63,7 @@ def test_sixteen_bits_gives_vllms_own_greedy_tokens(runs):
     assert (
         ours["checks"][0]["requests"] == 3 and ours["checks"][0]["residual_mismatch"] == 0
     )  # pages hold the tokens as given
+    assert ours["checks"][0]["cudagraph_support"] == "NEVER"  # 16 bits reads each request on the host
 
 
 @pytest.mark.parametrize("setting", QUANTIZED)
@@ -71,6 +72,14 @@ def test_the_pages_hold_quantize_pack_codes_and_decode_reads_them(runs, setting)
     assert c["requests"] == 3 and c["groups"] >= (300 + 24) // 32 and c["decode_rows"] == 3
     assert c["key_code_mismatch"] == 0 and c["value_code_mismatch"] == 0 and c["residual_mismatch"] == 0
     assert c["attention_max_err"] <= 1e-5 * c["attention_ref_max"]  # fp32 store read vs fp64 over the same tokens
+
+
+@pytest.mark.parametrize("setting", QUANTIZED)
+def test_decode_steps_read_nothing_back_to_the_host_and_declare_graph_capture(runs, setting):
+    """Every decode-only step ran the builder, the write and the attention with the host-read APIs raising."""
+    c = runs[setting]["checks"][0]
+    assert min(c["guarded"].values()) >= 5, c["guarded"]  # 24 new tokens each: many decode-only steps
+    assert c["cudagraph_support"] == "UNIFORM_SINGLE_TOKEN_DECODE"
 
 
 @pytest.mark.parametrize("setting", QUANTIZED)

@@ -36,9 +36,10 @@ def install(worker) -> str:
                 RECORD["keys"][s], RECORD["values"][s] = key[i].clone(), value[i].clone()
         meta = fc.attn_metadata[name] if isinstance(fc.attn_metadata, dict) else fc.attn_metadata
         # the block table and lengths live in the runner's persistent buffers, rewritten by later steps: copy them
+        nd = meta.num_decodes  # the decodes come first, one token each; then the requests with host copies
         snapshot = SimpleNamespace(
-            query_start=list(meta.query_start),
-            seq_lens_host=list(meta.seq_lens_host),
+            query_start=list(range(nd)) + (list(meta.query_start) or [nd]),
+            seq_lens_host=meta.seq_lens.tolist(),
             seq_lens=meta.seq_lens.clone(),
             block_table=meta.block_table.clone(),
         )
@@ -52,13 +53,53 @@ def install(worker) -> str:
 
     attn.register_forward_pre_hook(pre)
     attn.register_forward_hook(post)
+    _guard_decode_path(attn.impl)
     return name
+
+
+def _guard_decode_path(impl) -> None:
+    """Decode-only steps (the batches a CUDA graph captures) run the builder, the write and the attention
+    with every host-read API raising; RECORD counts the guarded calls."""
+    from host_reads import no_host_reads
+
+    from minikv.vllm import backend
+
+    RECORD.update(guarded={"build": 0, "write": 0, "forward": 0})
+
+    def decode_only(meta) -> bool:
+        return meta is not None and meta.num_decodes > 0 and not meta.query_start
+
+    def guarded(name, fn, meta_of):
+        def call(*args, **kwargs):
+            meta = meta_of(*args, **kwargs)
+            if not decode_only(meta):
+                return fn(*args, **kwargs)
+            RECORD["guarded"][name] += 1
+            with no_host_reads():
+                return fn(*args, **kwargs)
+
+        return call
+
+    impl.forward = guarded("forward", impl.forward, lambda layer, q, k, v, cache, meta, *a, **kw: meta)
+    impl.do_kv_cache_update = guarded(
+        "write", impl.do_kv_cache_update, lambda layer, *a, **kw: backend._metadata(layer)
+    )
+    build = backend.MiniKVMetadataBuilder.build
+
+    def build_guarded(self, common_prefix_len, m, fast_build=False):
+        if m.max_query_len != 1 or not self.quantized:
+            return build(self, common_prefix_len, m, fast_build)
+        RECORD["guarded"]["build"] += 1
+        with no_host_reads():
+            return build(self, common_prefix_len, m, fast_build)
+
+    backend.MiniKVMetadataBuilder.build = build_guarded
 
 
 def check(worker) -> dict:
     from minikv.kernels import ops
     from minikv.rotation import rotate
-    from minikv.vllm import paged
+    from minikv.vllm import backend, paged
 
     name, attn = _layer(worker)
     impl = attn.impl
@@ -76,6 +117,8 @@ def check(worker) -> dict:
         "attention_max_err": 0.0,
         "attention_ref_max": 0.0,
         "decode_rows": 0,
+        "guarded": dict(RECORD.get("guarded", {})),
+        "cudagraph_support": backend.MiniKVMetadataBuilder.get_cudagraph_support(None, None).name,
     }
     for r, L in enumerate(meta.seq_lens_host):
         bt = meta.block_table[r]

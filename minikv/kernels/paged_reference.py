@@ -1,0 +1,76 @@
+"""Reference of ``minikv::paged_decode_attention``: one new query per sequence over its vLLM pages.
+
+The pages are the regions of :class:`minikv.vllm.layout.PageLayout`, each a view ``[num_blocks, Hkv, ...]``
+of vLLM's cache tensor (any strides): keys ``k_codes [NB, Hkv, N*kb/32, D]`` (word-major),
+``k_scale/k_mn [NB, Hkv, N/G, D]``; values ``v_codes [NB, Hkv, N, D*vb/32]``, ``v_scale/v_mn
+[NB, Hkv, N, D/G]``; the open key group ``k_res [NB, Hkv, G, D]`` in the model dtype. Sequence ``b``
+holds ``seq_lens[b]`` tokens in the blocks ``block_table[b]``; its first ``seq_lens[b] // G * G`` keys are
+in complete groups, the rest in the residual of the block that holds them. Rows with ``seq_lens == 0``
+(vLLM's padding) give zeros. Shape-static and free of host reads: a CUDA graph may capture it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quant import unpack_dequantize
+from .reference import _logits, _softmax
+
+
+def _tokens(pages: torch.Tensor, bt: torch.Tensor, token_axis: int) -> torch.Tensor:
+    """Region pages ``[NB, H, ...]`` gathered through ``bt [B, nb]`` -> ``[B, H, ...]`` with the blocks
+    concatenated along ``token_axis`` (an axis of the page, counted from the page's first axis)."""
+    x = pages[bt].movedim(1, 2 + token_axis)  # [B, H, ..., nb, X, ...]: the block axis before the token axis
+    return x.flatten(2 + token_axis, 3 + token_axis)
+
+
+def paged_keys_values(
+    k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_table, seq_lens, k_bits: int, v_bits: int, G: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sequence's keys and values ``[B, Hkv, nb*N, D]`` fp32 as stored, and ``valid [B, nb*N]``
+    (token < seq_len); values of invalid tokens are zero (their pages may hold anything)."""
+    bt = block_table.long()
+    N = v_codes.shape[2]
+    kc = _tokens(k_codes, bt, 0).transpose(-1, -2)  # [B, H, D, nb*W]
+    ks, km = (_tokens(x, bt, 0).transpose(-1, -2) for x in (k_scale, k_mn))  # [B, H, D, nb*N/G]
+    keys = unpack_dequantize(kc, ks, km, k_bits, G, torch.float32).transpose(-1, -2)  # [B, H, nb*N, D]
+    vals = unpack_dequantize(
+        _tokens(v_codes, bt, 0), _tokens(v_scale, bt, 0), _tokens(v_mn, bt, 0), v_bits, G, torch.float32
+    )
+    L = seq_lens.long()
+    n_packed = L // G * G
+    t = torch.arange(bt.shape[1] * N, device=bt.device)
+    valid = t[None] < L[:, None]  # [B, T]
+    res_page = bt.gather(1, (n_packed // N).clamp_max(bt.shape[1] - 1)[:, None])[:, 0]  # holds the open group
+    res = k_res[res_page].float()[:, :, t % G]  # [B, H, T, D]: row t - n_packed of the residual for t >= n_packed
+    keys = torch.where((t[None] >= n_packed[:, None])[:, None, :, None], res, keys)
+    vals = torch.where(valid[:, None, :, None], vals, 0.0)
+    return keys, vals, valid
+
+
+def paged_decode_attention(
+    q,
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    k_res,
+    block_table,
+    seq_lens,
+    scale: float,
+    softcap: float,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
+):
+    """``q [B, Hq, D]`` over each sequence's stored tokens -> ``[B, Hq, D]`` (dtype of q), fp32 math."""
+    keys, vals, valid = paged_keys_values(
+        k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_table, seq_lens, k_bits, v_bits, group_size
+    )
+    B, Hq, D = q.shape
+    H = keys.shape[1]
+    s = _logits(q.float().view(B, H, Hq // H, 1, D), keys, scale, softcap)  # [B, H, g, 1, T]
+    p = _softmax(s, valid[:, None, None, None, :])
+    return torch.einsum("bhgmn,bhnd->bhgmd", p, vals).reshape(B, Hq, D).to(q.dtype)

@@ -1,0 +1,189 @@
+"""The paged decode path of the vLLM backend, without vLLM: ``minikv::paged_decode_attention`` reads each
+sequence's tokens from the pages in place through its block table.
+
+- The reference equals fp64 attention over the stored tokens (rebuilt from the pages by another route,
+  :func:`minikv.vllm.paged.dense`) for random block tables and page orders, partial last pages, open key
+  groups and padded rows (``seq_len`` 0).
+- The Triton kernel (interpreted) equals the reference on every named shape: mixed key/value widths,
+  G 16/32/64, head_dim 64/128/256, GQA and MQA, soft-capped logits; ``opcheck`` passes.
+- The decode write (:func:`minikv.vllm.paged.write_decode`) stores the same codes as the general write,
+  never touches a block other than its own and block 0 (vLLM's null block), and neither it nor the
+  decode reads anything back to the host (every host-sync API raises while they run).
+"""
+
+import os
+
+import pytest
+import torch
+from torch.library import opcheck
+from vllm_engine.host_reads import no_host_reads
+
+from minikv.kernels import ops, paged_reference, use_triton_on_cpu
+from minikv.kernels.triton_paged_decode import page_tile
+from minikv.vllm import paged
+from minikv.vllm.layout import PageLayout
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pages(lay: PageLayout, blocks: int, H: int, seed: int) -> dict:
+    """Region views of a cache ``[blocks, H, N, C]`` filled with random bytes (a page never written holds
+    anything), then random codes, sane scales and residual keys (what a write could leave)."""
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randint(-(2**31), 2**31 - 1, (blocks, H, lay.block_size * lay.slot_bytes // 4), generator=g)
+    views = lay.views(cache.to(torch.int32).view(lay.dtype))
+    for name in ("k_codes", "v_codes"):
+        views[name].copy_(torch.randint(-(2**31), 2**31 - 1, views[name].shape, generator=g))
+    for name in ("k_scale", "v_scale"):
+        views[name].copy_(torch.rand(views[name].shape, generator=g) * 0.5 + 0.01)
+    for name in ("k_mn", "v_mn"):
+        views[name].copy_(torch.randn(views[name].shape, generator=g))
+    views["k_res"].copy_(torch.randn(views["k_res"].shape, generator=g) * 2)
+    return views
+
+
+def _tables(lens: list[int], N: int, seed: int) -> tuple[torch.Tensor, int]:
+    """Random distinct blocks (never block 0) per sequence, padded with 0 past each sequence's pages;
+    and the number of blocks of a cache that holds them (a few left unused)."""
+    g = torch.Generator().manual_seed(seed)
+    nb = max(1, max(-(-n // N) for n in lens))
+    blocks = len(lens) * nb + 4
+    ids = (torch.randperm(blocks - 1, generator=g) + 1)[: len(lens) * nb].view(len(lens), nb)
+    used = torch.arange(nb)[None] < torch.tensor([-(-n // N) for n in lens])[:, None]
+    return torch.where(used, ids, 0).to(torch.int32), blocks
+
+
+def _fp64(q, views, lay, table, lens, scale, softcap):
+    """Attention in fp64 over the stored tokens, rebuilt by gather + dense (the store's own layout)."""
+    store = paged.gather(views, lay, table, lens)
+    keys, vals = paged.dense(store, lay, table.shape[1] * lay.block_size)
+    B, Hq, D = q.shape
+    H = keys.shape[1]
+    out = torch.zeros(B, Hq, D, dtype=torch.float64)
+    for b, n in enumerate(lens.tolist()):
+        if n == 0:
+            continue
+        k, v = keys[b, :, :n].double(), vals[b, :, :n].double()
+        s = torch.einsum("hgd,hnd->hgn", q[b].double().view(H, Hq // H, D), k) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        out[b] = torch.einsum("hgn,hnd->hgd", torch.softmax(s, -1), v).reshape(Hq, D)
+    return out
+
+
+@pytest.mark.parametrize("k_bits,v_bits", [(4, 2), (2, 2), (2, 4), (4, 4)])
+@pytest.mark.parametrize("G,N", [(16, 16), (32, 64), (64, 128)])
+def test_the_reference_equals_fp64_attention_over_the_stored_tokens(k_bits, v_bits, G, N):
+    H, Hq, D = 2, 6, 64
+    lay = PageLayout(D, N, torch.float16, k_bits, v_bits, G)
+    lens = torch.tensor([3 * N - 5, 0, N, G + 1, 1], dtype=torch.int32)  # partial pages, padded row, open groups
+    table, blocks = _tables(lens.tolist(), N, seed=N)
+    views = _pages(lay, blocks, H, seed=k_bits + G)
+    q = torch.randn(len(lens), Hq, D, generator=torch.Generator().manual_seed(3)).half()
+    for softcap in (0.0, 8.0):
+        got = ops.paged_decode_attention(
+            q, *(views[n] for n in paged.REGIONS), table, lens, D**-0.5, softcap, k_bits, v_bits, G
+        )
+        want = _fp64(q, views, lay, table, lens, D**-0.5, softcap)
+        err = (got.double() - want).abs().max()
+        assert err <= 2e-3 * want.abs().max(), float(err)  # fp16 output of fp32 math
+        assert torch.equal(got[1], torch.zeros_like(got[1]))  # the padded row
+
+
+NAMED = [  # (Hq, Hkv, D, G, N, k_bits, v_bits)
+    (8, 2, 64, 16, 16, 4, 2),
+    (8, 2, 64, 32, 64, 2, 2),
+    (4, 1, 128, 32, 128, 4, 2),  # MQA
+    (16, 4, 128, 64, 128, 2, 4),
+    (8, 8, 256, 32, 32, 4, 4),  # MHA, head_dim 256
+    (6, 2, 256, 64, 64, 2, 2),
+]
+
+
+@pytest.fixture
+def triton_on_cpu():
+    use_triton_on_cpu(True)
+    yield
+    use_triton_on_cpu(False)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("Hq,Hkv,D,G,N,k_bits,v_bits", NAMED)
+def test_the_triton_kernel_equals_the_reference(triton_on_cpu, Hq, Hkv, D, G, N, k_bits, v_bits):
+    lay = PageLayout(D, N, torch.float32, k_bits, v_bits, G)
+    lens = torch.tensor([2 * N + G // 2 + 3, 0, N, 1], dtype=torch.int32)
+    table, blocks = _tables(lens.tolist(), N, seed=Hq)
+    views = _pages(lay, blocks, Hkv, seed=D + G)
+    q = torch.randn(len(lens), Hq, D, generator=torch.Generator().manual_seed(D))
+    args = (*(views[n] for n in paged.REGIONS), table, lens, D**-0.5)
+    softcap = 30.0 if D == 256 else 0.0
+    got = ops.paged_decode_attention(q, *args, softcap, k_bits, v_bits, G)
+    want = paged_reference.paged_decode_attention(q, *args, softcap, k_bits, v_bits, G)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert page_tile(D, G, N)[0] <= N
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
+def test_opcheck(triton_on_cpu):
+    lay = PageLayout(64, 32, torch.float32, 4, 2, 32)
+    lens = torch.tensor([40, 0], dtype=torch.int32)
+    table, blocks = _tables(lens.tolist(), 32, seed=0)
+    views = _pages(lay, blocks, 2, seed=0)
+    q = torch.randn(2, 4, 64)
+    opcheck(
+        ops.paged_decode_attention,
+        (q, *(views[n] for n in paged.REGIONS), table, lens, 0.125, 0.0, 4, 2, 32),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+@pytest.mark.parametrize("k_bits,v_bits,G,N", [(4, 2, 32, 64), (2, 2, 16, 16)])
+def test_the_decode_write_stores_what_the_general_write_does_and_reads_nothing_back(k_bits, v_bits, G, N):
+    H, D = 2, 64
+    lay = PageLayout(D, N, torch.float32, k_bits, v_bits, G)
+    g = torch.Generator().manual_seed(G)
+    lens = [2 * N + 7, N - 1]
+    table, blocks = _tables([n + 40 for n in lens], N, seed=1)
+    K = [torch.randn(n + 40, H, D, generator=g) for n in lens]
+    V = [torch.randn(n + 40, H, D, generator=g) for n in lens]
+    caches = [torch.zeros(blocks, H, N, lay.slot_bytes // 4) for _ in range(2)]
+    general, decoded = (lay.views(c) for c in caches)
+
+    def slots(b, a, e):
+        p = torch.arange(a, e)
+        return table[b].long()[p // N] * N + p % N
+
+    for views in (general, decoded):  # the prompts, written alike
+        for b, n in enumerate(lens):
+            paged.write(views, lay, K[b][:n], V[b][:n], slots(b, 0, n), clip=True)
+    for step in range(40):  # then 40 decode steps of both sequences and a padding slot
+        key = torch.cat([K[0][lens[0] + step : lens[0] + step + 1], K[1][lens[1] + step : lens[1] + step + 1]])
+        val = torch.cat([V[0][lens[0] + step : lens[0] + step + 1], V[1][lens[1] + step : lens[1] + step + 1]])
+        slot = torch.cat([slots(0, lens[0] + step, lens[0] + step + 1), slots(1, lens[1] + step, lens[1] + step + 1)])
+        key, val = torch.cat([key, torch.full((1, H, D), float("nan"))]), torch.cat([val, torch.zeros(1, H, D)])
+        slot = torch.cat([slot, torch.tensor([-1])])
+        paged.write(general, lay, key, val, slot, clip=True)
+        with no_host_reads():
+            paged.write_decode(decoded, lay, key, val, slot, clip=True)
+    lens_now = torch.tensor([n + 40 for n in lens], dtype=torch.int32)
+    a, b = (paged.gather(v, lay, table, lens_now) for v in (general, decoded))
+    assert torch.equal(a["n_packed"], b["n_packed"]) and torch.equal(a["res_len"], b["res_len"])
+    for s, n in enumerate(lens_now.tolist()):  # each sequence's tokens (its table's padding is block 0)
+        groups = n // G
+        for name in ("v_codes", "v_scale", "v_mn"):
+            assert torch.equal(a[name][s, :, :n], b[name][s, :, :n]), name
+        for name in ("k_scale", "k_mn"):
+            assert torch.equal(a[name][s, :, :, :groups], b[name][s, :, :, :groups]), name
+        words = groups * G * k_bits // 32  # the complete groups' codes (the open group is in the residual)
+        assert torch.equal(a["k_codes"][s, :, :, :words], b["k_codes"][s, :, :, :words])
+        assert torch.equal(a["res_k"][s, :, : n - groups * G], b["res_k"][s, :, : n - groups * G])
+    used = torch.zeros(blocks, dtype=torch.bool)
+    used[table.long().flatten()] = True
+    used[0] = True  # the null block takes what has no target
+    assert not caches[1][~used].any()  # nothing written anywhere else
+
+    q = torch.randn(2, 4, D, generator=g)
+    with no_host_reads():
+        out = paged.decode(q, decoded, lay, table, lens_now, D**-0.5, 0.0)
+    want = _fp64(q, decoded, lay, table, lens_now, D**-0.5, 0.0)
+    assert (out.double() - want).abs().max() <= 1e-5 * want.abs().max()
