@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of every minikv Triton kernel for an H100 (sm_90) and an A100 (sm_80),
 on a machine without a GPU: compile errors, registers, spills, shared memory, occupancy, and the
-global-load bytes the decode kernel's main loop issues per packed byte it covers.
+global-load bytes the decode kernels' main loops (the contiguous store, vLLM's pages) issue per
+packed byte they cover.
 
     python benchmarks/aot_check.py                 # the full grid, sm_90 and sm_80 (a few minutes)
     python benchmarks/aot_check.py --quick         # the named shapes only (what the tests run)
@@ -35,7 +36,8 @@ from triton.runtime import driver  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minikv.kernels import triton_append, triton_decode, triton_prefill, triton_quant  # noqa: E402
+from minikv.kernels import triton_append, triton_decode, triton_paged_decode, triton_prefill, triton_quant  # noqa: E402
+from minikv.vllm.layout import PageLayout  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SM = {  # per-SM limits used for the occupancy estimate
@@ -146,6 +148,20 @@ def decode_case(
     triton_decode.decode_attention(q, *k, *v, n_packed, res, res, n, 0.1, 0.0, k_bits, v_bits, G)
 
 
+def paged_decode_case(dtype: str, D: int, k_bits: int, v_bits: int, G: int, g: int, N: int = 256, Hkv: int = 8):
+    """vLLM's pages (minikv.vllm.layout) of a cache tensor in the model dtype, a block table, lengths."""
+    dt = DTYPES[dtype]
+    lay = PageLayout(D, N, dt, k_bits, v_bits, G)
+    B, nb = 4, 8
+    cache = torch.zeros(16, Hkv, N, lay.slot_bytes // dt.itemsize, dtype=dt)
+    views = lay.views(cache)
+    regions = [views[n] for n in ("k_codes", "k_scale", "k_mn", "v_codes", "v_scale", "v_mn", "k_res")]
+    table = torch.zeros(B, nb, dtype=torch.int32)
+    lens = torch.zeros(B, dtype=torch.int32)
+    q = torch.zeros(B, Hkv * g, D, dtype=dt)
+    triton_paged_decode.paged_decode_attention(q, *regions, table, lens, 0.1, 0.0, k_bits, v_bits, G)
+
+
 def prefill_case(dtype: str, D: int, g: int = 4, T: int = 512, Hkv: int = 2):
     dt = DTYPES[dtype]
     q = torch.zeros(1, Hkv * g, T, D, dtype=dt)
@@ -193,6 +209,12 @@ def configurations(quick: bool) -> list[tuple[str, dict, callable]]:
         if D % G == 0:
             p = dict(dtype=dtype, D=D, k_bits=kb, v_bits=vb, G=G, g=g, Lq=Lq)
             out.append(("decode", p, lambda p=p: decode_case(**p)))
+    for dtype, D, (kb, vb), G, g in itertools.product(
+        dtypes, (64, 128, 256), pairs, [32] if quick else [16, 32, 64], [4] if quick else [1, 4, 8]
+    ):
+        if D % G == 0:
+            p = dict(dtype=dtype, D=D, k_bits=kb, v_bits=vb, G=G, g=g)
+            out.append(("paged_decode", p, lambda p=p: paged_decode_case(**p)))
     for dtype, D in itertools.product(dtypes, (64, 128, 256)):
         p = dict(dtype=dtype, D=D)
         out.append(("prefill", p, lambda p=p: prefill_case(**p)))
@@ -209,6 +231,7 @@ def configurations(quick: bool) -> list[tuple[str, dict, callable]]:
 
 LAUNCHED = {
     "decode": (triton_decode, ["_decode_attention_kernel"]),
+    "paged_decode": (triton_paged_decode, ["_paged_decode_kernel"]),
     "prefill": (triton_prefill, ["_prefill_forward_kernel", "_prefill_scores_kernel"]),
     "quantize": (triton_quant, ["_quantize_pack_kernel"]),
     "append": (triton_append, ["_append_kernel"]),
@@ -315,7 +338,7 @@ def rows_of(arch: int, family: str, params: dict, compiled: list[Compiled]) -> l
             ctas_per_sm=occupancy(arch, res["regs"], c.num_warps, c.shared),
             fma_f32=len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", c.ptx)),
         )
-        if family == "decode":
+        if family in ("decode", "paged_decode"):
             issued = loop_load_bytes(c.ptx, 32 * c.num_warps)
             row["loop_load_bytes"] = issued
             row["packed_bytes"] = decode_packed_bytes(c)

@@ -1,6 +1,6 @@
 """Every Triton kernel compiles for an H100 (sm_90) and an A100 (sm_80) without a GPU, through its real
 launcher: no compile error, no register spills in fp16/bf16 at head_dim 64/128/256, and the decode
-kernel's main loop requests each packed byte about once (``benchmarks/aot_check.py``)."""
+kernels' main loops (the contiguous store's and vLLM's pages') request each packed byte about once (``benchmarks/aot_check.py``)."""
 
 import csv
 import os
@@ -33,9 +33,10 @@ def table(tmp_path_factory):
 
 def test_every_kernel_compiles_for_sm90_and_sm80(table):
     seen = {(r["arch"], r["kernel"]) for r in table}
-    kernels = {"decode_attention", "prefill_forward", "prefill_scores", "quantize_pack", "append"}
+    kernels = {"decode_attention", "paged_decode", "prefill_forward", "prefill_scores", "quantize_pack", "append"}
     assert seen == {(arch, k) for arch in ("sm_90", "sm_80") for k in kernels}
-    assert {int(r["D"]) for r in table if r["kernel"] == "decode_attention"} == {64, 128, 256}
+    for kernel in ("decode_attention", "paged_decode"):
+        assert {int(r["D"]) for r in table if r["kernel"] == kernel} == {64, 128, 256}
     assert all(int(r["regs"]) > 0 and int(r["ctas_per_sm"]) >= 1 for r in table)
 
 
@@ -56,11 +57,13 @@ def test_quantizers_are_compiled_without_fma_contraction(table):
     assert any(int(r["fma_f32"]) > 0 for r in table if r["kernel"] == "decode_attention")  # the count sees FMAs
 
 
-def test_decode_main_loop_loads_each_packed_byte_about_once(table):
+@pytest.mark.parametrize("kernel", ["decode_attention", "paged_decode"])
+def test_decode_main_loop_loads_each_packed_byte_about_once(table, kernel):
+    """The paged kernel's loop also loads its page id from the block table once per tile."""
     ratios = {
         (r["arch"], r["dtype"], r["D"], r["k_bits"], r["v_bits"]): float(r["loads_per_packed_byte"])
         for r in table
-        if r["kernel"] == "decode_attention"
+        if r["kernel"] == kernel
     }
     assert len(ratios) == 24 and max(ratios.values()) <= 1.25, ratios
 

@@ -1,7 +1,7 @@
 """The paged decode path of the vLLM backend, without vLLM: ``minikv::paged_decode_attention`` reads each
 sequence's tokens from the pages in place through its block table.
 
-- The reference equals fp64 attention over the stored tokens (rebuilt from the pages by another route,
+- The reference and the CPU kernel (the pages copied for the C++ decode) equal fp64 attention over the stored tokens (rebuilt from the pages by another route,
   :func:`minikv.vllm.paged.dense`) for random block tables and page orders, partial last pages, open key
   groups and padded rows (``seq_len`` 0).
 - The Triton kernel (interpreted) equals the reference on every named shape: mixed key/value widths,
@@ -11,6 +11,7 @@ sequence's tokens from the pages in place through its block table.
   decode reads anything back to the host (every host-sync API raises while they run).
 """
 
+import itertools
 import os
 
 import pytest
@@ -80,10 +81,11 @@ def test_the_reference_equals_fp64_attention_over_the_stored_tokens(k_bits, v_bi
     table, blocks = _tables(lens.tolist(), N, seed=N)
     views = _pages(lay, blocks, H, seed=k_bits + G)
     q = torch.randn(len(lens), Hq, D, generator=torch.Generator().manual_seed(3)).half()
-    for softcap in (0.0, 8.0):
-        got = ops.paged_decode_attention(
-            q, *(views[n] for n in paged.REGIONS), table, lens, D**-0.5, softcap, k_bits, v_bits, G
-        )
+    regions = [views[n] for n in paged.REGIONS]
+    for softcap, fn in itertools.product(
+        (0.0, 8.0), (paged_reference.paged_decode_attention, ops.paged_decode_attention)
+    ):
+        got = fn(q, *regions, table, lens, D**-0.5, softcap, k_bits, v_bits, G)  # the reference, the CPU kernel
         want = _fp64(q, views, lay, table, lens, D**-0.5, softcap)
         err = (got.double() - want).abs().max()
         assert err <= 2e-3 * want.abs().max(), float(err)  # fp16 output of fp32 math

@@ -46,6 +46,7 @@ CPU_KERNELS = {
     "decode_attention": cpu_ops.decode_attention,
     "append_kv": cpu_ops.append_kv,
     "reconstruct_attention": cpu_ops.reconstruct_attention,
+    "paged_decode_attention": cpu_ops.paged_decode_attention,
 }
 
 _registered: set[str] = set()

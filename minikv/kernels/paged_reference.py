@@ -24,6 +24,30 @@ def _tokens(pages: torch.Tensor, bt: torch.Tensor, token_axis: int) -> torch.Ten
     return x.flatten(2 + token_axis, 3 + token_axis)
 
 
+def gather_store(k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_table, seq_lens, v_bits: int, G: int):
+    """A copy of each sequence's pages as :class:`minikv.store.QuantizedStore`'s arrays over ``C = nb * N``
+    tokens (keys ``[B, H, D, C*kb/32]``, ``[B, H, D, C/G]``; values ``[B, H, C, ...]``), ``n_packed [B]``,
+    the open group ``res_k/res_v [B, H, G, D]`` (keys from the page's residual, values dequantized, in the
+    residual's dtype) and ``res_len [B]``: what ``minikv::decode_attention`` reads."""
+    bt = block_table.long()
+    nb, N = bt.shape[1], v_codes.shape[2]
+    store = {
+        name: _tokens(x, bt, 0).transpose(-1, -2)
+        for name, x in (("k_codes", k_codes), ("k_scale", k_scale), ("k_mn", k_mn))
+    }
+    store.update({name: _tokens(x, bt, 0) for name, x in (("v_codes", v_codes), ("v_scale", v_scale), ("v_mn", v_mn))})
+    L = seq_lens.long()
+    n_packed = L // G * G
+    res_page = bt.gather(1, (n_packed // N).clamp_max(nb - 1)[:, None])[:, 0]  # the block holding the open group
+    rows = (n_packed[:, None] + torch.arange(G, device=bt.device)[None]).clamp_max(nb * N - 1)  # [B, G]
+    take = lambda x: x.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))  # noqa: E731
+    res_v = unpack_dequantize(
+        take(store["v_codes"]), take(store["v_scale"]), take(store["v_mn"]), v_bits, G, k_res.dtype
+    )
+    store.update(n_packed=n_packed, res_k=k_res[res_page], res_v=res_v, res_len=L - n_packed)
+    return store
+
+
 def paged_keys_values(
     k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_table, seq_lens, k_bits: int, v_bits: int, G: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

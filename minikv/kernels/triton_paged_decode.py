@@ -1,11 +1,12 @@
 """Triton paged decode attention: one new query per sequence over its 2/4-bit vLLM pages, read in place.
 
-Grid ``(B, Hkv, S)``: program ``(b, h, s)`` takes split ``s`` of sequence ``b``'s tiles of ``BT`` tokens
-(a tile never straddles a page: ``N % BT == 0``), looks each tile's page up in the block table (one
-scalar load), and reads KV head ``h``'s words once for the whole query group (the ``g = Hq / Hkv``
+Grid ``(B, Hkv, S)``: program ``(b, h, s)`` takes split ``s`` of sequence ``b``'s packed tiles of ``BT``
+tokens (a tile never straddles a page: ``N % BT == 0``), looks each tile's page up in the block table
+(one scalar load), and reads KV head ``h``'s words once for the whole query group (the ``g = Hq / Hkv``
 query heads are the rows of one ``tl.dot`` tile). Keys are word-major (``[N*kb/32, D]`` per page:
-a tile's words are contiguous rows), dequantized in registers; the open group's keys come from the
-page's full-precision residual. Splits hold partial ``(acc, m, l)``, merged by their log-sum-exp.
+a tile's words are contiguous rows), dequantized in registers. The last split also reads the open
+group (fewer than G tokens): keys from the page's full-precision residual, values from their codes.
+Splits hold partial ``(acc, m, l)``, merged by their log-sum-exp.
 
 Capture-safe: the split count depends only on ``B * Hkv`` and the device (never on a sequence
 length), every bound is read on the device (``seq_lens``), a padded row (``seq_len == 0``) reads
@@ -74,8 +75,8 @@ def _paged_decode_kernel(
     n_splits = tl.num_programs(2)
     Hkv = tl.num_programs(1)
     L = tl.load(sl_ptr + b)
-    n_packed = L // G * G
-    tiles = tl.cdiv(L, BT)
+    n_packed = L // G * G  # tokens in complete key groups; the open group's keys are in its page's residual
+    tiles = tl.cdiv(n_packed, BT)
     per_split = tl.cdiv(tiles, n_splits)
     lo = split * per_split
     hi = tl.minimum(lo + per_split, tiles)
@@ -97,12 +98,12 @@ def _paged_decode_kernel(
     dgrp = tl.arange(0, DG)
     kshift = tl.arange(0, KPW) * K_BITS
     vshift = tl.arange(0, VPW) * V_BITS
-    for ti in range(lo, hi):
+    for ti in range(lo, hi):  # packed tiles: every word, scale and minimum of the tile loaded once, unmasked
         t0 = ti * BT
         page = tl.load(bt_ptr + b * bt_stride + t0 // N).to(tl.int64)
         o = t0 % N  # the tile's first slot in its page
         t = t0 + tok
-        t_ok = t < L
+        t_ok = t < n_packed  # a page's slots past the sequence hold anything: masked after the loads
         w_page = page * w_block + h * w_head
         h_page = page * h_block + h * h_head
         # keys [D, BT]: word rows (o / KPW + kword) of D channels; a scale and minimum per G tokens per channel
@@ -112,14 +113,6 @@ def _paged_decode_kernel(
         ksc = tl.load(ks_ptr + kg).to(tl.float32)
         kmn = tl.load(km_ptr + kg).to(tl.float32)
         k = tl.reshape(kq.to(tl.float32) * ksc[:, :, None] + kmn[:, :, None], [D, BT])
-        # the open group (tokens n_packed..L-1, all in this tile's page): full-precision keys of its residual
-        in_res = (t >= n_packed) & t_ok
-        kr = tl.load(
-            kr_ptr + page * r_block + h * r_head + ((t - n_packed) % G)[None, :] * D + d[:, None],
-            mask=in_res[None, :],
-            other=0.0,
-        )
-        k = tl.where(in_res[None, :], kr.to(tl.float32), k)
         s = tl.dot(q, k.to(dot_dtype), input_precision="ieee") * scale
         s = _softcapped(s, softcap, SOFTCAP)
         p, alpha, m, l = _online_update(s, row_ok[:, None] & t_ok[None, :], m, l)
@@ -131,7 +124,25 @@ def _paged_decode_kernel(
         vsc = tl.load(vs_ptr + vg).to(tl.float32)
         vmn = tl.load(vm_ptr + vg).to(tl.float32)
         v = tl.reshape(vq.to(tl.float32) * vsc[:, :, None] + vmn[:, :, None], [BT, D])
-        v = tl.where(t_ok[:, None], v, 0.0)  # slots past the sequence hold anything
+        v = tl.where(t_ok[:, None], v, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype), input_precision="ieee")
+    if split == n_splits - 1:  # the open group (< G tokens): keys from the page's residual, values from codes
+        r = tl.arange(0, G)
+        r_ok = r < L - n_packed
+        page = tl.load(bt_ptr + b * bt_stride + n_packed // N, mask=L > n_packed, other=0).to(tl.int64)
+        slot = n_packed % N + r
+        k = tl.load(kr_ptr + page * r_block + h * r_head + r[None, :] * D + d[:, None], mask=r_ok[None, :], other=0.0)
+        s = tl.dot(q, k.to(dot_dtype), input_precision="ieee") * scale
+        s = _softcapped(s, softcap, SOFTCAP)
+        p, alpha, m, l = _online_update(s, row_ok[:, None] & r_ok[None, :], m, l)
+        w_page = page * w_block + h * w_head
+        h_page = page * h_block + h * h_head
+        vw = tl.load(vc_ptr + w_page + slot[:, None] * VW + vword[None, :], mask=r_ok[:, None], other=0)
+        vq = tl.reshape((vw[:, :, None] >> vshift[None, None, :]) & VMAX, [G, DG, G])
+        vg = h_page + slot[:, None] * DG + dgrp[None, :]
+        vsc = tl.load(vs_ptr + vg, mask=r_ok[:, None], other=0.0).to(tl.float32)
+        vmn = tl.load(vm_ptr + vg, mask=r_ok[:, None], other=0.0).to(tl.float32)
+        v = tl.reshape(vq.to(tl.float32) * vsc[:, :, None] + vmn[:, :, None], [G, D])
         acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype), input_precision="ieee")
     out = ((b * Hkv + h) * n_splits + split) * BQ
     tl.store(acc_ptr + (out + rows[:, None]) * D + d[None, :], acc)

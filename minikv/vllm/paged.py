@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import ops, reference
+from ..kernels import ops, paged_reference, reference
 from ..rotation import rotate, unrotate
 from .layout import PageLayout
 
@@ -107,31 +107,10 @@ def write_decode(
 
 def gather(views: dict, layout: PageLayout, block_table, seq_lens) -> dict:
     """The store of each sequence ``block_table [B, nb]`` (int), ``seq_lens [B]``: minikv's packed arrays
-    over ``C = nb * N`` tokens, ``n_packed`` (tokens in complete groups), and the residual
-    ``res_k/res_v [B, H, G, D]`` (keys from the page's residual, values dequantized), ``res_len``."""
-    B, nb = block_table.shape
-    N, G = layout.block_size, layout.group_size
-    bt = block_table.long()
-
-    def cat_tokens(x, axis):  # region [blocks, H, ...] with tokens along `axis` -> [B, H, ...] over nb * N tokens
-        x = x[bt].movedim(1, axis)  # [B, nb, H, ...] -> the block axis just before the token axis
-        return x.flatten(axis, axis + 1)
-
-    store = {  # word-major pages [.., X, D] -> the store's [B, H, D, nb*X]
-        name: cat_tokens(views[name].transpose(-1, -2), 3) for name in ("k_codes", "k_scale", "k_mn")
-    }
-    store.update({name: cat_tokens(views[name], 2) for name in ("v_codes", "v_scale", "v_mn")})  # [B, H, nb*N, X]
-    seq_lens = seq_lens.long()
-    n_packed = seq_lens // G * G
-    res_block = bt.gather(1, (n_packed // N).clamp_max(nb - 1)[:, None])[:, 0]  # the block holding the open group
-    res_k = views["k_res"][res_block]  # [B, H, G, D]
-    rows = (n_packed[:, None] + torch.arange(G, device=bt.device)[None]).clamp_max(nb * N - 1)  # [B, G]
-    take = lambda x: x.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))  # noqa: E731
-    res_v = ops.unpack_dequantize(
-        take(store["v_codes"]), take(store["v_scale"]), take(store["v_mn"]), layout.v_bits, G, layout.dtype
-    )
-    store.update(n_packed=n_packed, res_k=res_k, res_v=res_v, res_len=seq_lens - n_packed)
-    return store
+    over ``C = nb * N`` tokens, ``n_packed``, the residual ``res_k/res_v [B, H, G, D]``, ``res_len``
+    (:func:`minikv.kernels.paged_reference.gather_store`; a copy)."""
+    regions = (views[name] for name in REGIONS)
+    return paged_reference.gather_store(*regions, block_table, seq_lens, layout.v_bits, layout.group_size)
 
 
 def dense(store: dict, layout: PageLayout, length: int, rot_k=None, rot_v=None):
