@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINIKV_TEST_CUDA=1 python -m pytest -q tests/test_cuda.py
+# issue 21: vLLM's pages read in place (Llama-3.1-8B heads, 8k/32k/128k, batch 1/8/32) against bf16 SDPA
+# and flash_attn_with_kvcache (bf16/fp8 pages) when installed; the CUDA-graph replay test is in test_cuda.py
+python benchmarks/bench_paged.py --device cuda
 python benchmarks/bench_quantize.py --device cuda
 python benchmarks/bench_decode.py --device cuda --bits 2 --group 32
 python benchmarks/bench_decode.py --device cuda --bits 2 --k-bits 4 --group 32 --out benchmarks/results/decode_k4v2.csv
