@@ -36,7 +36,7 @@ from triton.runtime import driver  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minikv.kernels import triton_append, triton_decode, triton_paged_decode, triton_prefill, triton_quant  # noqa: E402
+from minikv.kernels import triton_append, triton_decode, triton_paged, triton_prefill, triton_quant  # noqa: E402
 from minikv.vllm.layout import PageLayout  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -148,8 +148,9 @@ def decode_case(
     triton_decode.decode_attention(q, *k, *v, n_packed, res, res, n, 0.1, 0.0, k_bits, v_bits, G)
 
 
-def paged_decode_case(dtype: str, D: int, k_bits: int, v_bits: int, G: int, g: int, N: int = 256, Hkv: int = 8):
-    """vLLM's pages (minikv.vllm.layout) of a cache tensor in the model dtype, a block table, lengths."""
+def paged_case(dtype: str, D: int, k_bits: int, v_bits: int, G: int, g: int, Lq: int = 1, N: int = 256, Hkv: int = 8):
+    """vLLM's pages (minikv.vllm.layout) of a cache tensor in the model dtype, a block table, lengths;
+    ``Lq`` new queries per sequence (1: decode; more: a prefill chunk over its stored context)."""
     dt = DTYPES[dtype]
     lay = PageLayout(D, N, dt, k_bits, v_bits, G)
     B, nb = 4, 8
@@ -158,8 +159,8 @@ def paged_decode_case(dtype: str, D: int, k_bits: int, v_bits: int, G: int, g: i
     regions = [views[n] for n in ("k_codes", "k_scale", "k_mn", "v_codes", "v_scale", "v_mn", "k_res")]
     table = torch.zeros(B, nb, dtype=torch.int32)
     lens = torch.zeros(B, dtype=torch.int32)
-    q = torch.zeros(B, Hkv * g, D, dtype=dt)
-    triton_paged_decode.paged_decode_attention(q, *regions, table, lens, 0.1, 0.0, k_bits, v_bits, G)
+    q = torch.zeros(B, Hkv * g, Lq, D, dtype=dt)
+    triton_paged.paged_attention(q, *regions, table, lens, lens, 0.1, 0.0, k_bits, v_bits, G)
 
 
 def prefill_case(dtype: str, D: int, g: int = 4, T: int = 512, Hkv: int = 2):
@@ -209,12 +210,11 @@ def configurations(quick: bool) -> list[tuple[str, dict, callable]]:
         if D % G == 0:
             p = dict(dtype=dtype, D=D, k_bits=kb, v_bits=vb, G=G, g=g, Lq=Lq)
             out.append(("decode", p, lambda p=p: decode_case(**p)))
-    for dtype, D, (kb, vb), G, g in itertools.product(
-        dtypes, (64, 128, 256), pairs, [32] if quick else [16, 32, 64], [4] if quick else [1, 4, 8]
-    ):
+    paged_rows = [(4, 1), (4, 16)] if quick else [(1, 1), (4, 1), (8, 1), (4, 16)]  # (g, Lq): decode, a chunk
+    for dtype, D, (kb, vb), G, (g, Lq) in itertools.product(dtypes, (64, 128, 256), pairs, groups, paged_rows):
         if D % G == 0:
-            p = dict(dtype=dtype, D=D, k_bits=kb, v_bits=vb, G=G, g=g)
-            out.append(("paged_decode", p, lambda p=p: paged_decode_case(**p)))
+            p = dict(dtype=dtype, D=D, k_bits=kb, v_bits=vb, G=G, g=g, Lq=Lq)
+            out.append(("paged", p, lambda p=p: paged_case(**p)))
     for dtype, D in itertools.product(dtypes, (64, 128, 256)):
         p = dict(dtype=dtype, D=D)
         out.append(("prefill", p, lambda p=p: prefill_case(**p)))
@@ -231,7 +231,7 @@ def configurations(quick: bool) -> list[tuple[str, dict, callable]]:
 
 LAUNCHED = {
     "decode": (triton_decode, ["_decode_attention_kernel"]),
-    "paged_decode": (triton_paged_decode, ["_paged_decode_kernel"]),
+    "paged": (triton_paged, ["_paged_attention_kernel"]),
     "prefill": (triton_prefill, ["_prefill_forward_kernel", "_prefill_scores_kernel"]),
     "quantize": (triton_quant, ["_quantize_pack_kernel"]),
     "append": (triton_append, ["_append_kernel"]),
@@ -338,7 +338,7 @@ def rows_of(arch: int, family: str, params: dict, compiled: list[Compiled]) -> l
             ctas_per_sm=occupancy(arch, res["regs"], c.num_warps, c.shared),
             fma_f32=len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", c.ptx)),
         )
-        if family in ("decode", "paged_decode"):
+        if family in ("decode", "paged"):
             issued = loop_load_bytes(c.ptx, 32 * c.num_warps)
             row["loop_load_bytes"] = issued
             row["packed_bytes"] = decode_packed_bytes(c)

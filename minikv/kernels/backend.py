@@ -28,7 +28,8 @@ TRITON_LAUNCHERS = {
     "decode_attention": ("triton_decode", "decode_attention"),
     "prefill_attention": ("triton_prefill", "prefill_attention"),
     "append_kv": ("triton_append", "append_kv"),
-    "paged_decode_attention": ("triton_paged_decode", "paged_decode_attention"),
+    "paged_decode_attention": ("triton_paged", "paged_decode_attention"),
+    "paged_attention": ("triton_paged", "paged_attention"),
 }
 REFERENCE = types.SimpleNamespace(
     quantize_pack=quant.quantize_pack,
@@ -39,6 +40,7 @@ REFERENCE = types.SimpleNamespace(
     append_kv=reference.append_kv,
     decode_attention=reference.decode_attention,
     paged_decode_attention=paged_reference.paged_decode_attention,
+    paged_attention=paged_reference.paged_attention,
 )
 
 CPU_KERNELS = {

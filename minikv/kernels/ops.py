@@ -225,6 +225,69 @@ def _(
     return q.new_empty(q.shape)  # contiguous, as the kernels
 
 
+@torch.library.custom_op("minikv::paged_attention", mutates_args=())
+def paged_attention(
+    q: Tensor,
+    k_codes: Tensor,
+    k_scale: Tensor,
+    k_mn: Tensor,
+    v_codes: Tensor,
+    v_scale: Tensor,
+    v_mn: Tensor,
+    k_res: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    ctx_lens: Tensor,
+    scale: float,
+    softcap: float,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
+) -> tuple[Tensor, Tensor]:
+    """New queries ``q [B, Hq, M, D]`` over the first ``ctx_lens`` of each sequence's tokens in vLLM's pages,
+    read through ``block_table [B, nb]`` -> ``out [B, Hq, M, D]`` and ``lse [B, Hq, M]`` (:mod:`.paged_reference`)."""
+    return paged_reference.paged_attention(
+        q,
+        k_codes,
+        k_scale,
+        k_mn,
+        v_codes,
+        v_scale,
+        v_mn,
+        k_res,
+        block_table,
+        seq_lens,
+        ctx_lens,
+        scale,
+        softcap,
+        k_bits,
+        v_bits,
+        group_size,
+    )
+
+
+@paged_attention.register_fake
+def _(
+    q,
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    k_res,
+    block_table,
+    seq_lens,
+    ctx_lens,
+    scale,
+    softcap,
+    k_bits,
+    v_bits,
+    group_size,
+):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
 @torch.library.custom_op("minikv::paged_decode_attention", mutates_args=())
 def paged_decode_attention(
     q: Tensor,

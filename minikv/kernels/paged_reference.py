@@ -1,4 +1,4 @@
-"""Reference of ``minikv::paged_decode_attention``: one new query per sequence over its vLLM pages.
+"""Reference of ``minikv::paged_attention``: new queries over the tokens stored in vLLM's pages.
 
 The pages are the regions of :class:`minikv.vllm.layout.PageLayout`, each a view ``[num_blocks, Hkv, ...]``
 of vLLM's cache tensor (any strides): keys ``k_codes [NB, Hkv, N*kb/32, D]`` (word-major),
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .quant import unpack_dequantize
-from .reference import _logits, _softmax
+from .reference import QUERY_BLOCK, _logits, _softmax
 
 
 def _tokens(pages: torch.Tensor, bt: torch.Tensor, token_axis: int) -> torch.Tensor:
@@ -72,7 +72,7 @@ def paged_keys_values(
     return keys, vals, valid
 
 
-def paged_decode_attention(
+def paged_attention(
     q,
     k_codes,
     k_scale,
@@ -83,18 +83,41 @@ def paged_decode_attention(
     k_res,
     block_table,
     seq_lens,
+    ctx_lens,
     scale: float,
     softcap: float,
     k_bits: int,
     v_bits: int,
     group_size: int,
 ):
-    """``q [B, Hq, D]`` over each sequence's stored tokens -> ``[B, Hq, D]`` (dtype of q), fp32 math."""
+    """New queries ``q [B, Hq, M, D]`` over the first ``ctx_lens[b]`` of sequence ``b``'s ``seq_lens[b]``
+    stored tokens (every query sees all of them) -> ``out [B, Hq, M, D]`` (dtype of q) and the log-sum-exp
+    of each query's logits ``lse [B, Hq, M]`` fp32 (``-inf`` over an empty context, whose ``out`` is 0),
+    to merge with attention over tokens held elsewhere. Decode: ``M = 1``, ``ctx_lens = seq_lens``.
+    Queries are taken ``QUERY_BLOCK`` at a time (memory ``O(QUERY_BLOCK * T)``)."""
     keys, vals, valid = paged_keys_values(
         k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_table, seq_lens, k_bits, v_bits, group_size
     )
-    B, Hq, D = q.shape
+    B, Hq, M, D = q.shape
     H = keys.shape[1]
-    s = _logits(q.float().view(B, H, Hq // H, 1, D), keys, scale, softcap)  # [B, H, g, 1, T]
-    p = _softmax(s, valid[:, None, None, None, :])
-    return torch.einsum("bhgmn,bhnd->bhgmd", p, vals).reshape(B, Hq, D).to(q.dtype)
+    allowed = (valid & (torch.arange(valid.shape[1], device=q.device)[None] < ctx_lens.long()[:, None]))[
+        :, None, None, None, :
+    ]
+    qf = q.float().view(B, H, Hq // H, M, D)
+    outs, lses = [], []
+    for m0 in range(0, M, QUERY_BLOCK):
+        s = _logits(qf[:, :, :, m0 : m0 + QUERY_BLOCK], keys, scale, softcap)  # [B, H, g, m, T]
+        lses.append(torch.logsumexp(s.masked_fill(~allowed, float("-inf")), -1))
+        outs.append(torch.einsum("bhgmn,bhnd->bhgmd", _softmax(s, allowed), vals))
+    out = torch.cat(outs, 3).reshape(B, Hq, M, D).to(q.dtype)
+    return out, torch.cat(lses, 3).reshape(B, Hq, M)
+
+
+def paged_decode_attention(q, *regions_and_rest):
+    """Decode: ``q [B, Hq, D]``, one new query per sequence over all of its stored tokens -> ``[B, Hq, D]``
+    (``paged_attention`` with ``M = 1`` and ``ctx_lens = seq_lens``)."""
+    *regions, block_table, seq_lens, scale, softcap, k_bits, v_bits, group_size = regions_and_rest
+    out, _ = paged_attention(
+        q[:, :, None], *regions, block_table, seq_lens, seq_lens, scale, softcap, k_bits, v_bits, group_size
+    )
+    return out[:, :, 0]

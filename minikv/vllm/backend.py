@@ -5,8 +5,9 @@ keys kept in the block's residual until their group of G is complete, then quant
 (:mod:`.paged`). Attention (``forward``): the batch is ordered decodes first; requests decoding one
 token read their whole stored sequence from the pages in place (``minikv::paged_decode_attention``,
 one launch for all of them); a request with several new tokens (prefill, a chunk, a later turn)
-attends over its stored context plus its new tokens in full precision, as minikv's patched prefill
-does. Declares ``state_content_bytes`` (the packed bytes per token slot) through ``customize_spec``,
+attends over its stored context, read from the pages by the same kernel
+(``minikv::paged_attention``), and over its new tokens in full precision, as minikv's patched
+prefill does. Declares ``state_content_bytes`` (the packed bytes per token slot) through ``customize_spec``,
 so vLLM's scheduler fits more tokens in the same memory.
 
 CUDA graphs: a batch of decodes only is capture-safe (``UNIFORM_SINGLE_TOKEN_DECODE``): the builder,
@@ -239,9 +240,22 @@ class MiniKVAttentionImpl(AttentionImpl):
         """Request ``num_decodes + r``'s new tokens over its stored context and themselves in full precision."""
         ctx = m.seq_lens_host[r] - q.shape[0]
         i = m.num_decodes + r
-        if lay.quantized:
-            store = paged.gather(views, lay, m.block_table[i : i + 1], m.seq_lens[i : i + 1])
-            k_ctx, v_ctx = (x[0].transpose(0, 1) for x in paged.dense(store, lay, ctx, rot_k, rot_v))  # [ctx, H, D]
+        if lay.quantized and ctx > 0:  # the context read from the pages in place, merged with the new tokens
+            return paged.extend(
+                q,
+                k_new,
+                v_new,
+                views,
+                lay,
+                m.block_table[i : i + 1],
+                m.seq_lens[i : i + 1],
+                self.scale,
+                self.softcap,
+                rot_k,
+                rot_v,
+            )
+        if lay.quantized:  # a first chunk: the new tokens only
+            k_ctx = v_ctx = k_new[:0]
         else:
             blocks = m.block_table[i, : -(-ctx // lay.block_size)].long()
             k_ctx = views["k"][blocks].transpose(1, 2).flatten(0, 1)[:ctx]  # [ctx, H, D]

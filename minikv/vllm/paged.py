@@ -8,8 +8,10 @@ Tokens arrive as vLLM hands them to a backend: ``key/value [T, H, D]`` with a ``
   capture it.
 - :func:`decode` reads each sequence's pages in place through its block table
   (``minikv::paged_decode_attention``: Triton on CUDA, the reference on CPU).
-- :func:`gather` / :func:`dense` rebuild a sequence's stored tokens for a chunk of new tokens
-  (:func:`attend`), which attend in full precision over the stored context and themselves.
+- :func:`extend` attends a request's new tokens (a prefill chunk, a later turn) over its stored context,
+  read from the pages by the same kernel (``minikv::paged_attention``), and over themselves in full
+  precision, merged by their log-sum-exps; :func:`attend` is the first chunk (no context yet).
+- :func:`gather` / :func:`dense` rebuild a sequence's stored tokens (a copy: for checks).
 """
 
 from __future__ import annotations
@@ -146,6 +148,65 @@ def decode(
         layout.group_size,
     )
     return unrotate(out, rot_v)
+
+
+def extend(
+    q,
+    k_new,
+    v_new,
+    views: dict,
+    layout: PageLayout,
+    block_table,
+    seq_lens,
+    scale: float,
+    softcap: float,
+    rot_k=None,
+    rot_v=None,
+):
+    """A request's ``Lq`` new tokens, ``q [Lq, Hq, D]``, ``k_new/v_new [Lq, H, D]`` (already written, the last
+    ``Lq`` of its ``seq_lens [1]`` stored tokens): over the stored tokens before them, read from the pages
+    by ``minikv::paged_attention``, and causally over themselves in full precision -> ``[Lq, Hq, D]`` fp32."""
+    Lq = q.shape[0]
+    out_c, lse_c = ops.paged_attention(
+        rotate(q, rot_k).transpose(0, 1)[None],
+        *(views[name] for name in REGIONS),
+        block_table,
+        seq_lens,
+        seq_lens - Lq,
+        scale,
+        softcap,
+        layout.k_bits,
+        layout.v_bits,
+        layout.group_size,
+    )
+    out_c = unrotate(out_c[0].transpose(0, 1).float(), rot_v)  # [Lq, Hq, D]
+    out_n, lse_n = _causal_with_lse(q, k_new, v_new, scale, softcap)
+    lse_c = lse_c[0].transpose(0, 1)  # [Lq, Hq]
+    top = torch.maximum(lse_c, lse_n)  # finite: every query sees itself
+    w_c, w_n = torch.exp(lse_c - top), torch.exp(lse_n - top)
+    return (out_c * w_c[..., None] + out_n * w_n[..., None]) / (w_c + w_n)[..., None]
+
+
+def _causal_with_lse(q, k, v, scale: float, softcap: float):
+    """Causal attention of ``q [Lq, Hq, D]`` over ``k/v [Lq, H, D]`` in fp32, ``QUERY_BLOCK`` queries at a time
+    -> ``out [Lq, Hq, D]`` and the log-sum-exp of each query's logits ``[Lq, Hq]``."""
+    Lq, Hq, D = q.shape
+    H = k.shape[1]
+    qf = q.float().transpose(0, 1).reshape(H, Hq // H, Lq, D)
+    kf, vf = k.float().transpose(0, 1), v.float().transpose(0, 1)  # [H, Lq, D]
+    keys = torch.arange(Lq, device=q.device)
+    outs, lses = [], []
+    for m0 in range(0, Lq, reference.QUERY_BLOCK):
+        s = torch.einsum("hgmd,hnd->hgmn", qf[:, :, m0 : m0 + reference.QUERY_BLOCK], kf) * scale
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        rows = torch.arange(m0, m0 + s.shape[2], device=q.device)
+        s = s.masked_fill(keys[None] > rows[:, None], float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        outs.append(torch.einsum("hgmn,hnd->hgmd", torch.exp(s - lse[..., None]), vf))
+        lses.append(lse)
+    out = torch.cat(outs, 2).reshape(Hq, Lq, D).transpose(0, 1)
+    return out, torch.cat(lses, 2).reshape(Hq, Lq).transpose(0, 1)
 
 
 def attend(q, k_ctx, v_ctx, k_new, v_new, scale: float, softcap: float):

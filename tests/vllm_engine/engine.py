@@ -77,6 +77,7 @@ def tiny(out: str, check: bool) -> None:
         block_size=int(os.environ.get("BLOCK_SIZE", "128")),
         seed=0,
         tensor_parallel_size=int(os.environ.get("TP", "1")),
+        **({"max_num_batched_tokens": int(os.environ["CHUNK"])} if os.environ.get("CHUNK") else {}),
     )
     init_s = time.time() - start
     if check:
@@ -110,6 +111,7 @@ def passkey(out: str, model_dir: str, n: int = 5, tokens: int = 3800) -> None:
         kv_cache_memory_bytes=1 << 30,
         block_size=256,
         seed=0,
+        kv_cache_dtype=os.environ.get("KV_CACHE_DTYPE", "auto"),  # vLLM's own KV quantization, side by side
     )
     init_s = time.time() - start
     cases = [passkey_prompt(tok, tokens, seed=seed) for seed in range(n)]
@@ -137,6 +139,7 @@ def _dump(out: str, llm, init_s: float, **fields) -> None:
         "env": os.environ.get("MINIKV_VLLM"),
         "num_blocks": cache.num_gpu_blocks,
         "block_size": cache.block_size,
+        "kv_cache_dtype": cache.cache_dtype,
         "capacity_tokens": cache.num_gpu_blocks * cache.block_size,
         "init_s": round(init_s, 1),
         **fields,

@@ -50,6 +50,9 @@ def install(worker) -> str:
             return
         q, meta = RECORD.pop("pending")
         RECORD["last"] = (q, output.clone(), meta)
+        starts, lens = meta.query_start, meta.seq_lens_host
+        if any(b - a > 1 and n > b - a for a, b, n in zip(starts, starts[1:], lens)):  # a later prefill chunk
+            RECORD["chunk"] = RECORD["last"]
 
     attn.register_forward_pre_hook(pre)
     attn.register_forward_hook(post)
@@ -120,6 +123,31 @@ def check(worker) -> dict:
         "guarded": dict(RECORD.get("guarded", {})),
         "cudagraph_support": backend.MiniKVMetadataBuilder.get_cudagraph_support(None, None).name,
     }
+    result["chunk_rows"], result["chunk_max_err"], result["chunk_ref_max"] = 0, 0.0, 0.0
+    if "chunk" in RECORD and lay.quantized:  # a later chunk: its context as stored, itself in full precision
+        cq, cout, cmeta = RECORD["chunk"]
+        for r, L in enumerate(cmeta.seq_lens_host):
+            a, b = cmeta.query_start[r], cmeta.query_start[r + 1]
+            if b - a <= 1 or L == b - a:
+                continue
+            ctx = L - (b - a)
+            bt = cmeta.block_table[r]
+            pos = torch.arange(ctx, L)
+            new = (bt[pos // N].long() * N + pos % N).tolist()
+            store = paged.gather(views, lay, cmeta.block_table[r : r + 1], cmeta.seq_lens[r : r + 1])
+            kd, vd = (x[0].double() for x in paged.dense(store, lay, ctx, rot_k, rot_v))  # [H, ctx, D]
+            kn = torch.stack([RECORD["keys"][s] for s in new]).double().transpose(0, 1)  # [H, n, D]
+            vn = torch.stack([RECORD["values"][s] for s in new]).double().transpose(0, 1)
+            keys, vals = torch.cat([kd, kn], 1), torch.cat([vd, vn], 1)
+            qr = cq.view(-1, attn.num_heads, D)[a:b].double().view(b - a, H, -1, D)  # [n, H, g, D]
+            s = torch.einsum("nhgd,hld->nhgl", qr, keys) * impl.scale
+            causal = torch.arange(L)[None] <= ctx + torch.arange(b - a)[:, None]  # [n, L]
+            p = torch.softmax(s.masked_fill(~causal[:, None, None], float("-inf")), -1)
+            ref = torch.einsum("nhgl,hld->nhgd", p, vals).reshape(b - a, -1)
+            got = cout.view(-1, attn.num_heads * D)[a:b].double()
+            result["chunk_max_err"] = max(result["chunk_max_err"], float((got - ref).abs().max()))
+            result["chunk_ref_max"] = max(result["chunk_ref_max"], float(ref.abs().max()))
+            result["chunk_rows"] += 1
     for r, L in enumerate(meta.seq_lens_host):
         bt = meta.block_table[r]
         pos = torch.arange(L)

@@ -1,11 +1,15 @@
-"""The paged decode path of the vLLM backend, without vLLM: ``minikv::paged_decode_attention`` reads each
-sequence's tokens from the pages in place through its block table.
+"""The paged path of the vLLM backend, without vLLM: ``minikv::paged_decode_attention`` (decode) and
+``minikv::paged_attention`` (new queries over a prefix of the stored tokens, with log-sum-exps: a
+prefill chunk's context) read each sequence's tokens from the pages in place through its block table.
 
 - The reference and the CPU kernel (the pages copied for the C++ decode) equal fp64 attention over the stored tokens (rebuilt from the pages by another route,
   :func:`minikv.vllm.paged.dense`) for random block tables and page orders, partial last pages, open key
   groups and padded rows (``seq_len`` 0).
 - The Triton kernel (interpreted) equals the reference on every named shape: mixed key/value widths,
-  G 16/32/64, head_dim 64/128/256, GQA and MQA, soft-capped logits; ``opcheck`` passes.
+  G 16/32/64, head_dim 64/128/256, GQA and MQA, soft-capped logits, chunks of queries over context
+  prefixes (outputs and log-sum-exps); ``opcheck`` passes.
+- A prefill chunk's attention (:func:`minikv.vllm.paged.extend`: context from the pages, the chunk's own
+  tokens in full precision, merged) equals attention over ``[stored context ; new tokens]`` in fp64.
 - The decode write (:func:`minikv.vllm.paged.write_decode`) stores the same codes as the general write,
   never touches a block other than its own and block 0 (vLLM's null block), and neither it nor the
   decode reads anything back to the host (every host-sync API raises while they run).
@@ -20,7 +24,7 @@ from torch.library import opcheck
 from vllm_engine.host_reads import no_host_reads
 
 from minikv.kernels import ops, paged_reference, use_triton_on_cpu
-from minikv.kernels.triton_paged_decode import page_tile
+from minikv.kernels.triton_paged import page_tile
 from minikv.vllm import paged
 from minikv.vllm.layout import PageLayout
 
@@ -54,22 +58,27 @@ def _tables(lens: list[int], N: int, seed: int) -> tuple[torch.Tensor, int]:
     return torch.where(used, ids, 0).to(torch.int32), blocks
 
 
-def _fp64(q, views, lay, table, lens, scale, softcap):
-    """Attention in fp64 over the stored tokens, rebuilt by gather + dense (the store's own layout)."""
+def _fp64(q, views, lay, table, lens, scale, softcap, ctx=None):
+    """Attention in fp64 of ``q [B, Hq, (M,) D]`` over the first ``ctx`` (default: all) stored tokens, rebuilt
+    by gather + dense (the store's own layout) -> out, and the log-sum-exp ``[B, Hq, M]``."""
     store = paged.gather(views, lay, table, lens)
     keys, vals = paged.dense(store, lay, table.shape[1] * lay.block_size)
-    B, Hq, D = q.shape
+    decode = q.dim() == 3
+    q = q[:, :, None] if decode else q
+    B, Hq, M, D = q.shape
     H = keys.shape[1]
-    out = torch.zeros(B, Hq, D, dtype=torch.float64)
-    for b, n in enumerate(lens.tolist()):
+    out = torch.zeros(B, Hq, M, D, dtype=torch.float64)
+    lse = torch.full((B, Hq, M), float("-inf"), dtype=torch.float64)
+    for b, n in enumerate((lens if ctx is None else ctx).tolist()):
         if n == 0:
             continue
         k, v = keys[b, :, :n].double(), vals[b, :, :n].double()
-        s = torch.einsum("hgd,hnd->hgn", q[b].double().view(H, Hq // H, D), k) * scale
+        s = torch.einsum("hgmd,hnd->hgmn", q[b].double().view(H, Hq // H, M, D), k) * scale
         if softcap:
             s = softcap * torch.tanh(s / softcap)
-        out[b] = torch.einsum("hgn,hnd->hgd", torch.softmax(s, -1), v).reshape(Hq, D)
-    return out
+        out[b] = torch.einsum("hgmn,hnd->hgmd", torch.softmax(s, -1), v).reshape(Hq, M, D)
+        lse[b] = torch.logsumexp(s, -1).reshape(Hq, M)
+    return (out[:, :, 0] if decode else out), lse
 
 
 @pytest.mark.parametrize("k_bits,v_bits", [(4, 2), (2, 2), (2, 4), (4, 4)])
@@ -86,7 +95,7 @@ def test_the_reference_equals_fp64_attention_over_the_stored_tokens(k_bits, v_bi
         (0.0, 8.0), (paged_reference.paged_decode_attention, ops.paged_decode_attention)
     ):
         got = fn(q, *regions, table, lens, D**-0.5, softcap, k_bits, v_bits, G)  # the reference, the CPU kernel
-        want = _fp64(q, views, lay, table, lens, D**-0.5, softcap)
+        want = _fp64(q, views, lay, table, lens, D**-0.5, softcap)[0]
         err = (got.double() - want).abs().max()
         assert err <= 2e-3 * want.abs().max(), float(err)  # fp16 output of fp32 math
         assert torch.equal(got[1], torch.zeros_like(got[1]))  # the padded row
@@ -125,6 +134,72 @@ def test_the_triton_kernel_equals_the_reference(triton_on_cpu, Hq, Hkv, D, G, N,
     assert page_tile(D, G, N)[0] <= N
 
 
+def _chunk_case(Hq, Hkv, D, G, N, k_bits, v_bits, M, seed):
+    lay = PageLayout(D, N, torch.float32, k_bits, v_bits, G)
+    lens = torch.tensor([2 * N + G // 2 + 3, 0, N + 5, G + 3], dtype=torch.int32)
+    ctx = torch.tensor([2 * N + 1, 0, N, 0], dtype=torch.int32)  # mid open group, padded, a page's end, empty
+    table, blocks = _tables(lens.tolist(), N, seed=seed)
+    views = _pages(lay, blocks, Hkv, seed=seed)
+    q = torch.randn(len(lens), Hq, M, D, generator=torch.Generator().manual_seed(seed))
+    return lay, views, table, lens, ctx, q
+
+
+def test_paged_attention_over_a_context_prefix_equals_fp64():
+    lay, views, table, lens, ctx, q = _chunk_case(6, 2, 64, 32, 64, 4, 2, M=7, seed=5)
+    out, lse = ops.paged_attention(q, *(views[n] for n in paged.REGIONS), table, lens, ctx, 0.125, 0.0, 4, 2, 32)
+    want, want_lse = _fp64(q, views, lay, table, lens, 0.125, 0.0, ctx)
+    assert (out.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    finite = ctx > 0
+    assert torch.allclose(lse[finite].double(), want_lse[finite], atol=1e-5)
+    assert torch.isneginf(lse[~finite]).all() and not out[~finite].any()  # an empty context: nothing, -inf
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("Hq,Hkv,D,G,N,k_bits,v_bits,M", [(8, 2, 64, 32, 64, 4, 2, 24), (4, 1, 128, 16, 32, 2, 4, 5)])
+def test_the_triton_kernel_over_chunks_of_queries_equals_the_reference(
+    triton_on_cpu, Hq, Hkv, D, G, N, k_bits, v_bits, M
+):
+    """96 rows per KV head take two programs of 64; 20 rows one."""
+    lay, views, table, lens, ctx, q = _chunk_case(Hq, Hkv, D, G, N, k_bits, v_bits, M, seed=D)
+    args = (*(views[n] for n in paged.REGIONS), table, lens, ctx, D**-0.5, 0.0, k_bits, v_bits, G)
+    out, lse = ops.paged_attention(q, *args)
+    want, want_lse = paged_reference.paged_attention(q, *args)
+    assert (out - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
+    finite = ~torch.isneginf(want_lse)
+    assert torch.allclose(lse[finite], want_lse[finite], atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 20.0])
+def test_a_prefill_chunk_attends_over_the_stored_context_and_itself(softcap):
+    """Written as vLLM does (the chunk first), then attended: context as stored, new tokens as given."""
+    Hq, H, D, G, N, ctx, Lq = 6, 2, 32, 16, 32, 75, 150  # the context ends inside a group; 150 > QUERY_BLOCK
+    lay = PageLayout(D, N, torch.float32, 4, 2, G)
+    g = torch.Generator().manual_seed(7)
+    table, blocks = _tables([ctx + Lq], N, seed=7)
+    cache = torch.zeros(blocks, H, N, lay.slot_bytes // 4)
+    views = lay.views(cache)
+    k, v = torch.randn(ctx + Lq, H, D, generator=g), torch.randn(ctx + Lq, H, D, generator=g)
+    slots = table[0].long()[torch.arange(ctx + Lq) // N] * N + torch.arange(ctx + Lq) % N
+    paged.write(views, lay, k[:ctx], v[:ctx], slots[:ctx])
+    paged.write(views, lay, k[ctx:], v[ctx:], slots[ctx:])  # the chunk, written before its attention
+    # the context as stored now: the chunk completed the context's open group, whose keys are now codes
+    stored = paged.dense(paged.gather(views, lay, table, torch.tensor([ctx + Lq])), lay, ctx)
+    q = torch.randn(Lq, Hq, D, generator=g)
+    out = paged.extend(
+        q, k[ctx:], v[ctx:], views, lay, table, torch.tensor([ctx + Lq], dtype=torch.int32), 0.2, softcap
+    )
+    keys = torch.cat([stored[0][0].transpose(0, 1), k[ctx:]]).double()  # [ctx + Lq, H, D]
+    vals = torch.cat([stored[1][0].transpose(0, 1), v[ctx:]]).double()
+    s = torch.einsum("mhgd,nhd->mhgn", q.double().view(Lq, H, Hq // H, D), keys) * 0.2
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    causal = torch.arange(ctx + Lq)[None] <= ctx + torch.arange(Lq)[:, None]
+    s = s.masked_fill(~causal[:, None, None], float("-inf"))
+    want = torch.einsum("mhgn,nhd->mhgd", torch.softmax(s, -1), vals).reshape(Lq, Hq, D)
+    assert (out.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
 def test_opcheck(triton_on_cpu):
     lay = PageLayout(64, 32, torch.float32, 4, 2, 32)
@@ -132,10 +207,11 @@ def test_opcheck(triton_on_cpu):
     table, blocks = _tables(lens.tolist(), 32, seed=0)
     views = _pages(lay, blocks, 2, seed=0)
     q = torch.randn(2, 4, 64)
+    regions = [views[n] for n in paged.REGIONS]
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    opcheck(ops.paged_decode_attention, (q, *regions, table, lens, 0.125, 0.0, 4, 2, 32), test_utils=utils)
     opcheck(
-        ops.paged_decode_attention,
-        (q, *(views[n] for n in paged.REGIONS), table, lens, 0.125, 0.0, 4, 2, 32),
-        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+        ops.paged_attention, (q[:, :, None], *regions, table, lens, lens - 1, 0.125, 0.0, 4, 2, 32), test_utils=utils
     )
 
 
@@ -187,5 +263,5 @@ def test_the_decode_write_stores_what_the_general_write_does_and_reads_nothing_b
     q = torch.randn(2, 4, D, generator=g)
     with no_host_reads():
         out = paged.decode(q, decoded, lay, table, lens_now, D**-0.5, 0.0)
-    want = _fp64(q, decoded, lay, table, lens_now, D**-0.5, 0.0)
+    want = _fp64(q, decoded, lay, table, lens_now, D**-0.5, 0.0)[0]
     assert (out.double() - want).abs().max() <= 1e-5 * want.abs().max()

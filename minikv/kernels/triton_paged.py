@@ -1,12 +1,14 @@
-"""Triton paged decode attention: one new query per sequence over its 2/4-bit vLLM pages, read in place.
+"""Triton paged attention: new queries over the 2/4-bit tokens stored in vLLM's pages, read in place.
 
-Grid ``(B, Hkv, S)``: program ``(b, h, s)`` takes split ``s`` of sequence ``b``'s packed tiles of ``BT``
-tokens (a tile never straddles a page: ``N % BT == 0``), looks each tile's page up in the block table
-(one scalar load), and reads KV head ``h``'s words once for the whole query group (the ``g = Hq / Hkv``
-query heads are the rows of one ``tl.dot`` tile). Keys are word-major (``[N*kb/32, D]`` per page:
+Grid ``(B * QB, Hkv, S)``: program ``(b, qb, h, s)`` takes split ``s`` of sequence ``b``'s packed tiles of
+``BT`` tokens (a tile never straddles a page: ``N % BT == 0``), looks each tile's page up in the block
+table (one scalar load), and reads KV head ``h``'s words once for a block of ``BQ`` query rows (the
+``g = Hq / Hkv`` query heads x ``M`` new queries of the KV head are the rows of one ``tl.dot`` tile;
+decode has ``M = 1`` and one block). Every row sees the first ``ctx_lens[b]`` stored tokens. Keys are word-major (``[N*kb/32, D]`` per page:
 a tile's words are contiguous rows), dequantized in registers. The last split also reads the open
 group (fewer than G tokens): keys from the page's full-precision residual, values from their codes.
-Splits hold partial ``(acc, m, l)``, merged by their log-sum-exp.
+Splits hold partial ``(acc, m, l)``, merged by their log-sum-exp, which is returned with the output
+(a prefill chunk merges it with its own tokens' attention).
 
 Capture-safe: the split count depends only on ``B * Hkv`` and the device (never on a sequence
 length), every bound is read on the device (``seq_lens``), a padded row (``seq_len == 0``) reads
@@ -23,11 +25,13 @@ import triton.language as tl
 
 from .triton_decode import _online_update, _sm_count, _softcapped, tile
 
-MAX_SPLITS = 16  # the scratch per call is [B, Hkv, S, BQ, D] fp32
+MAX_SPLITS = 16  # the scratch per call is [B, Hkv, S, rows, D] fp32
+ACC_ELEMENTS = 4096  # query rows per program x head_dim: 64 rows at D 64 ... 16 at D 256 (a chunk's rows take
+# several programs; `python benchmarks/aot_check.py`: 64 rows at D 128 spill on sm_80)
 
 
 @triton.jit
-def _paged_decode_kernel(
+def _paged_attention_kernel(
     q_ptr,
     kc_ptr,
     ks_ptr,
@@ -38,6 +42,7 @@ def _paged_decode_kernel(
     kr_ptr,
     bt_ptr,
     sl_ptr,
+    cl_ptr,
     acc_ptr,
     m_ptr,
     l_ptr,
@@ -57,6 +62,7 @@ def _paged_decode_kernel(
     N: tl.constexpr,
     GQ: tl.constexpr,
     BQ: tl.constexpr,
+    QB: tl.constexpr,
     BT: tl.constexpr,
     SOFTCAP: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -69,19 +75,23 @@ def _paged_decode_kernel(
     DG: tl.constexpr = D // G  # value groups per token
     KW: tl.constexpr = BT // KPW  # key word rows per tile
     VW: tl.constexpr = D // VPW  # value words per token
-    b = tl.program_id(0)
+    pid = tl.program_id(0)
+    b = pid // QB
+    qb = pid % QB
     h = tl.program_id(1)
     split = tl.program_id(2)
     n_splits = tl.num_programs(2)
     Hkv = tl.num_programs(1)
     L = tl.load(sl_ptr + b)
+    ctx = tl.minimum(tl.load(cl_ptr + b), L)  # the rows see tokens [0, ctx)
     n_packed = L // G * G  # tokens in complete key groups; the open group's keys are in its page's residual
-    tiles = tl.cdiv(n_packed, BT)
+    packed_seen = tl.minimum(n_packed, ctx)
+    tiles = tl.cdiv(packed_seen, BT)
     per_split = tl.cdiv(tiles, n_splits)
     lo = split * per_split
     hi = tl.minimum(lo + per_split, tiles)
 
-    rows = tl.arange(0, BQ)
+    rows = qb * BQ + tl.arange(0, BQ)  # (query head of the group, new query) pairs of KV head h
     row_ok = rows < GQ
     d = tl.arange(0, D)
     tok = tl.arange(0, BT)
@@ -103,7 +113,7 @@ def _paged_decode_kernel(
         page = tl.load(bt_ptr + b * bt_stride + t0 // N).to(tl.int64)
         o = t0 % N  # the tile's first slot in its page
         t = t0 + tok
-        t_ok = t < n_packed  # a page's slots past the sequence hold anything: masked after the loads
+        t_ok = t < packed_seen  # a page's slots past the sequence hold anything: masked after the loads
         w_page = page * w_block + h * w_head
         h_page = page * h_block + h * h_head
         # keys [D, BT]: word rows (o / KPW + kword) of D channels; a scale and minimum per G tokens per channel
@@ -128,8 +138,8 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype), input_precision="ieee")
     if split == n_splits - 1:  # the open group (< G tokens): keys from the page's residual, values from codes
         r = tl.arange(0, G)
-        r_ok = r < L - n_packed
-        page = tl.load(bt_ptr + b * bt_stride + n_packed // N, mask=L > n_packed, other=0).to(tl.int64)
+        r_ok = r < ctx - n_packed
+        page = tl.load(bt_ptr + b * bt_stride + n_packed // N, mask=ctx > n_packed, other=0).to(tl.int64)
         slot = n_packed % N + r
         k = tl.load(kr_ptr + page * r_block + h * r_head + r[None, :] * D + d[:, None], mask=r_ok[None, :], other=0.0)
         s = tl.dot(q, k.to(dot_dtype), input_precision="ieee") * scale
@@ -144,7 +154,7 @@ def _paged_decode_kernel(
         vmn = tl.load(vm_ptr + vg, mask=r_ok[:, None], other=0.0).to(tl.float32)
         v = tl.reshape(vq.to(tl.float32) * vsc[:, :, None] + vmn[:, :, None], [G, D])
         acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype), input_precision="ieee")
-    out = ((b * Hkv + h) * n_splits + split) * BQ
+    out = ((b * Hkv + h) * n_splits + split) * (QB * BQ)  # rows already count the block's offset
     tl.store(acc_ptr + (out + rows[:, None]) * D + d[None, :], acc)
     tl.store(m_ptr + out + rows, m)
     tl.store(l_ptr + out + rows, l)
@@ -172,7 +182,7 @@ def _strides(x: torch.Tensor) -> tuple[int, int]:
     return x.stride(0), x.stride(1) if x.shape[1] > 1 else 0
 
 
-def paged_decode_attention(
+def paged_attention(
     q,
     k_codes,
     k_scale,
@@ -183,31 +193,33 @@ def paged_decode_attention(
     k_res,
     block_table,
     seq_lens,
+    ctx_lens,
     scale: float,
     softcap: float,
     k_bits: int,
     v_bits: int,
     group_size: int,
 ):
-    """Triton launcher of ``minikv::paged_decode_attention`` (same contract as the reference)."""
-    B, Hq, D = q.shape
+    """Triton launcher of ``minikv::paged_attention`` (same contract as the reference)."""
+    B, Hq, M, D = q.shape
     Hkv, N = v_codes.shape[1], v_codes.shape[2]
     G = group_size
-    GQ = Hq // Hkv
-    BQ = max(16, triton.next_power_of_2(GQ))
+    GQ = Hq // Hkv * M  # rows per KV head
+    BQ = max(16, min(ACC_ELEMENTS // D, triton.next_power_of_2(GQ)))
+    QB = triton.cdiv(GQ, BQ)
     BT, warps = page_tile(D, G, N)
-    S = num_splits(B * Hkv, q.device)
+    S = num_splits(B * Hkv * QB, q.device)
     # the regions are views of one cache tensor: the same page strides in elements of their own dtype
     if _strides(k_codes) != _strides(v_codes) or not (
         _strides(k_scale) == _strides(k_mn) == _strides(v_scale) == _strides(v_mn)
     ):
-        raise ValueError("paged_decode_attention: the regions must be views of one paged cache tensor")
-    acc = torch.empty(B, Hkv, S, BQ, D, dtype=torch.float32, device=q.device)
-    m = torch.empty(B, Hkv, S, BQ, dtype=torch.float32, device=q.device)
+        raise ValueError("paged_attention: the regions must be views of one paged cache tensor")
+    acc = torch.empty(B, Hkv, S, QB * BQ, D, dtype=torch.float32, device=q.device)
+    m = torch.empty(B, Hkv, S, QB * BQ, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     dot_fp32 = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     with torch.device(q.device):
-        _paged_decode_kernel[(B, Hkv, S)](
+        _paged_attention_kernel[(B * QB, Hkv, S)](
             q.contiguous(),
             k_codes,
             k_scale,
@@ -218,6 +230,7 @@ def paged_decode_attention(
             k_res,
             block_table,
             seq_lens,
+            ctx_lens,
             acc,
             m,
             l,
@@ -234,13 +247,27 @@ def paged_decode_attention(
             N=N,
             GQ=GQ,
             BQ=BQ,
+            QB=QB,
             BT=BT,
             SOFTCAP=softcap > 0,
             DOT_FP32=dot_fp32,
             num_warps=warps,
         )
-    # merge the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s (an empty row gives zeros)
-    M = m.amax(2, keepdim=True)
-    w = torch.exp(m - torch.where(M == float("-inf"), 0.0, M))  # [B, Hkv, S, BQ]
-    out = (w[..., None] * acc).sum(2) / (w * l).sum(2).clamp_min(1e-30)[..., None]  # [B, Hkv, BQ, D]
-    return out[:, :, :GQ].reshape(B, Hq, D).to(q.dtype)
+    # merge the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s; an empty row gives 0, lse -inf
+    mx = m.amax(2, keepdim=True)
+    safe = torch.where(mx == float("-inf"), 0.0, mx)
+    w = torch.exp(m - safe)  # [B, Hkv, S, rows]
+    total = (w * l).sum(2)  # [B, Hkv, rows]
+    out = (w[..., None] * acc).sum(2) / total.clamp_min(1e-30)[..., None]
+    lse = safe[:, :, 0] + torch.log(total)
+    shape = (B, Hq, M)
+    return out[:, :, :GQ].reshape(*shape, D).to(q.dtype), lse[:, :, :GQ].reshape(shape)
+
+
+def paged_decode_attention(q, *regions_and_rest):
+    """Triton launcher of ``minikv::paged_decode_attention``: :func:`paged_attention` with ``M = 1``."""
+    *regions, block_table, seq_lens, scale, softcap, k_bits, v_bits, group_size = regions_and_rest
+    out, _ = paged_attention(
+        q[:, :, None], *regions, block_table, seq_lens, seq_lens, scale, softcap, k_bits, v_bits, group_size
+    )
+    return out[:, :, 0]
