@@ -18,8 +18,17 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETTINGS = [None, "k_bits=4,v_bits=2", "k_bits=2,v_bits=2", "k_bits=4,v_bits=4"]  # None: vLLM's own backend
-BLOCK_SIZES = (128, 256, 512)
+# None: vLLM's own backend; keys=token: keys per token (no residual in the page). At block 16 (vLLM's GPU
+# default) the per-channel settings take group_size=16 (a block must hold whole key groups).
+SETTINGS = [
+    None,
+    "k_bits=4,v_bits=2",
+    "k_bits=2,v_bits=2",
+    "k_bits=4,v_bits=4",
+    "keys=token",
+    "k_bits=2,v_bits=2,keys=token",
+]
+BLOCK_SIZES = (16, 64, 256)
 MEMORY = 1 << 30
 
 
@@ -82,6 +91,8 @@ def main() -> None:
         for block_size in BLOCK_SIZES:
             own = None
             for setting in SETTINGS:
+                if setting and block_size < 32 and "keys=token" not in setting:
+                    setting += ",group_size=16"
                 env = {k: v for k, v in os.environ.items() if k != "MINIKV_VLLM"}
                 env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
                 if setting is not None:
@@ -95,7 +106,13 @@ def main() -> None:
                 got = json.loads(line[0][7:])
                 own = own or got
                 s = parse(setting) if setting else None
-                lay = PageLayout(head_dim, block_size, torch.bfloat16, s.k_bits, s.v_bits, s.group_size) if s else None
+                lay = (
+                    PageLayout(
+                        head_dim, block_size, torch.bfloat16, s.k_bits, s.v_bits, s.group_size, s.keys == "token"
+                    )
+                    if s
+                    else None
+                )
                 row = {
                     "model": name,
                     "block_size": block_size,
@@ -113,7 +130,7 @@ def main() -> None:
         "vllm": vllm.__version__,
         "transformers": transformers.__version__,
         "kv_cache_memory_bytes": MEMORY,
-        "group_size": 32,
+        "group_size": "32 (16 at block 16 for per-channel keys)",
         "note": "clip / rotate change no bytes",
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -28,10 +28,20 @@ SETTINGS = [
     ("MINIKV_VLLM=1 (K4 V2, clip, rotate kv)", {"MINIKV_VLLM": "1"}),
     ("MINIKV_VLLM=k_bits=2,v_bits=2", {"MINIKV_VLLM": "k_bits=2,v_bits=2"}),
     ("MINIKV_VLLM=bits=2,clip=0,rotate=none (plain KIVI-2)", {"MINIKV_VLLM": "bits=2,clip=0,rotate=none"}),
+    ("MINIKV_VLLM=keys=token (K4 V2, keys per token: no residual in the page)", {"MINIKV_VLLM": "keys=token"}),
+    ("MINIKV_VLLM=keys=token, block 16 (vLLM's GPU default)", {"MINIKV_VLLM": "keys=token", "BLOCK_SIZE": "16"}),
+    ("vLLM's own (bf16), block 16", {"BLOCK_SIZE": "16"}),
 ]
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--only", nargs="*", help="run the settings whose label contains one of these; keep the other saved rows"
+    )
+    args = ap.parse_args()
     sys.path.insert(0, ROOT)
     import torch
     import transformers
@@ -41,9 +51,15 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp()
     model_dir = save_dense("smollm2", os.path.join(tmp, "smollm2"))
+    path = os.path.join(ROOT, "benchmarks", "results", "vllm_passkey")
+    saved = {r["setting"]: r for r in json.load(open(path + ".json"))["rows"]} if args.only else {}
     rows = []
     for label, extra in SETTINGS:
-        env = {k: v for k, v in os.environ.items() if k not in ("MINIKV_VLLM", "KV_CACHE_DTYPE")}
+        if args.only and not any(part in label for part in args.only):
+            if label in saved:
+                rows.append(saved[label])
+            continue
+        env = {k: v for k, v in os.environ.items() if k not in ("MINIKV_VLLM", "KV_CACHE_DTYPE", "BLOCK_SIZE")}
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         env.update(extra)
         out = os.path.join(tmp, "run.json")
@@ -74,14 +90,14 @@ def main() -> None:
         "torch": torch.__version__,
         "vllm": vllm.__version__,
         "transformers": transformers.__version__,
-        "block_size": 256,
+        "block_size": "256 unless the row says",
         "kv_cache_memory_bytes": 1 << 30,
     }
-    path = os.path.join(ROOT, "benchmarks", "results", "vllm_passkey")
     with open(path + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [
-        f"SmolLM2-135M through vllm.LLM, 5 pass-key prompts of {rows[0]['prompt_tokens']:,}+ tokens, block 256, 1 GiB of KV; "
+        f"SmolLM2-135M through vllm.LLM, 5 pass-key prompts of {rows[0]['prompt_tokens']:,}+ tokens, block 256 unless "
+        f"the row says, 1 GiB of KV; "
         f"{meta['machine']}, torch {meta['torch']}, vLLM {meta['vllm']} (`benchmarks/vllm_passkey.py`)",
         "",
         "| backend | pass keys found | KV capacity (tokens) | generate (s, 5 prompts + 8 tokens each) |",

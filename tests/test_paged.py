@@ -43,7 +43,8 @@ def _pages(lay: PageLayout, blocks: int, H: int, seed: int) -> dict:
         views[name].copy_(torch.rand(views[name].shape, generator=g) * 0.5 + 0.01)
     for name in ("k_mn", "v_mn"):
         views[name].copy_(torch.randn(views[name].shape, generator=g))
-    views["k_res"].copy_(torch.randn(views["k_res"].shape, generator=g) * 2)
+    if "k_res" in views:
+        views["k_res"].copy_(torch.randn(views["k_res"].shape, generator=g) * 2)
     return views
 
 
@@ -145,13 +146,15 @@ def _chunk_case(Hq, Hkv, D, G, N, k_bits, v_bits, M, seed):
 
 
 def test_paged_attention_over_a_context_prefix_equals_fp64():
+    """The reference and the CPU kernel (the pages dequantized, then PyTorch's flash attention for CPU)."""
     lay, views, table, lens, ctx, q = _chunk_case(6, 2, 64, 32, 64, 4, 2, M=7, seed=5)
-    out, lse = ops.paged_attention(q, *(views[n] for n in paged.REGIONS), table, lens, ctx, 0.125, 0.0, 4, 2, 32)
     want, want_lse = _fp64(q, views, lay, table, lens, 0.125, 0.0, ctx)
-    assert (out.double() - want).abs().max() <= 1e-5 * want.abs().max()
-    finite = ctx > 0
-    assert torch.allclose(lse[finite].double(), want_lse[finite], atol=1e-5)
-    assert torch.isneginf(lse[~finite]).all() and not out[~finite].any()  # an empty context: nothing, -inf
+    for fn in (paged_reference.paged_attention, ops.paged_attention):
+        out, lse = fn(q, *paged.regions(views), table, lens, ctx, 0.125, 0.0, 4, 2, 32)
+        assert (out.double() - want).abs().max() <= 1e-5 * want.abs().max()
+        finite = ctx > 0
+        assert torch.allclose(lse[finite].double(), want_lse[finite], atol=1e-5)
+        assert torch.isneginf(lse[~finite]).all() and not out[~finite].any()  # an empty context: nothing, -inf
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
@@ -265,3 +268,70 @@ def test_the_decode_write_stores_what_the_general_write_does_and_reads_nothing_b
         out = paged.decode(q, decoded, lay, table, lens_now, D**-0.5, 0.0)
     want = _fp64(q, decoded, lay, table, lens_now, D**-0.5, 0.0)[0]
     assert (out.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+# ---- per-token keys: no open group, no residual in the page -------------------------------------
+
+
+@pytest.mark.parametrize("k_bits,v_bits,G,N", [(4, 2, 32, 16), (2, 2, 16, 64), (4, 4, 32, 32)])
+def test_per_token_keys_store_quantize_pack_codes_and_decode_equals_fp64(k_bits, v_bits, G, N):
+    """Keys quantized per token over G channels, as values, in any block size (16: vLLM's default): the pages
+    hold ``quantize_pack`` of each token, the decode write stores what the general write does without host
+    reads, and decode over the pages equals fp64 attention over the dequantized codes."""
+    H, Hq, D = 2, 8, 64
+    lay = PageLayout(D, N, torch.float32, k_bits, v_bits, G, keys_per_token=True)
+    assert (
+        "k_res" not in lay.regions() and lay.slot_bytes < PageLayout(D, N, torch.float32, k_bits, v_bits, 16).slot_bytes
+    )
+    lens = [3 * N + 5, 7]
+    table, blocks = _tables(lens, N, seed=G)
+    g = torch.Generator().manual_seed(N)
+    K = [torch.randn(n, H, D, generator=g) for n in lens]
+    V = [torch.randn(n, H, D, generator=g) for n in lens]
+    caches = [torch.zeros(blocks, H, N, lay.slot_bytes // 4) for _ in range(2)]
+    general, decoded = (lay.views(c) for c in caches)
+    for b, n in enumerate(lens):
+        p = torch.arange(n)
+        slots = table[b].long()[p // N] * N + p % N
+        paged.write(general, lay, K[b], V[b], slots, clip=True)
+        paged.write(decoded, lay, K[b][:-1], V[b][:-1], slots[:-1], clip=True)  # all but the last token, then:
+        with no_host_reads():
+            paged.write_decode(decoded, lay, K[b][-1:], V[b][-1:], slots[-1:], clip=True)
+        for kind, x, bits in (("k", K[b], k_bits), ("v", V[b], v_bits)):
+            codes, scale, mn = ops.quantize_pack(x, bits, G, True)
+            blk, off = slots // N, slots % N
+            assert torch.equal(general[f"{kind}_codes"][blk, :, off], codes)
+            assert torch.equal(general[f"{kind}_scale"][blk, :, off], scale)
+    for name in general:
+        assert torch.equal(general[name], decoded[name]), (
+            name,
+            (general[name] != decoded[name]).nonzero()[:4].tolist(),
+        )
+    q = torch.randn(len(lens), Hq, D, generator=g)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    out = ops.paged_decode_attention(q, *paged.regions(general), table, lens_t, D**-0.5, 0.0, k_bits, v_bits, G, True)
+    for b, n in enumerate(lens):
+        k, v = (
+            ops.unpack_dequantize(*ops.quantize_pack(x, bits, G, True), bits, G, torch.float64).transpose(0, 1)
+            for x, bits in ((K[b], k_bits), (V[b], v_bits))
+        )  # [H, n, D]
+        p = torch.softmax(torch.einsum("hgd,hnd->hgn", q[b].double().view(H, Hq // H, D), k) * D**-0.5, -1)
+        want = torch.einsum("hgn,hnd->hgd", p, v).reshape(Hq, D)
+        assert (out[b].double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("D,G,N,M", [(64, 32, 16, 1), (128, 16, 64, 1), (64, 32, 32, 6)])
+def test_the_triton_kernel_with_per_token_keys_equals_the_reference(triton_on_cpu, D, G, N, M):
+    lay = PageLayout(D, N, torch.float32, 4, 2, G, keys_per_token=True)
+    lens = torch.tensor([3 * N + 5, 0, N, 1], dtype=torch.int32)
+    ctx = torch.tensor([3 * N + 1, 0, N, 1], dtype=torch.int32)
+    table, blocks = _tables(lens.tolist(), N, seed=D)
+    views = _pages(lay, blocks, 2, seed=G)
+    q = torch.randn(len(lens), 8, M, D, generator=torch.Generator().manual_seed(N))
+    args = (*paged.regions(views), table, lens, ctx, D**-0.5, 0.0, 4, 2, G, True)
+    out, lse = ops.paged_attention(q, *args)
+    want, want_lse = paged_reference.paged_attention(q, *args)
+    assert (out - want).abs().max() <= 1e-5 * want.abs().max()
+    finite = ~torch.isneginf(want_lse)
+    assert torch.equal(torch.isneginf(lse), ~finite) and torch.allclose(lse[finite], want_lse[finite], atol=1e-5)

@@ -187,6 +187,8 @@ def test_settings_parse_and_refuse_by_name():
     assert parse("1") == Settings()
     assert parse("bits=2,group_size=16,clip=0,rotate=v") == Settings(2, 2, 16, False, "v")
     assert parse("bits=16") == Settings(16, 16, 32, False, "none")
+    assert parse("keys=token").keys == "token"
+    Settings(keys="token").check_model(64, 16)  # no open group: vLLM's default block size
     for text, name in [
         ("bits=3", "k_bits"),
         ("k_bits=4,v_bits=16", "k_bits and v_bits"),
@@ -196,6 +198,7 @@ def test_settings_parse_and_refuse_by_name():
         ("bits", "key=value"),
         ("budget=0.5", "key=value"),
         ("k_bits=four", "k_bits"),
+        ("keys=head", "keys must be one of"),
     ]:
         with pytest.raises(ValueError, match=name):
             parse(text)

@@ -49,6 +49,7 @@ CPU_KERNELS = {
     "append_kv": cpu_ops.append_kv,
     "reconstruct_attention": cpu_ops.reconstruct_attention,
     "paged_decode_attention": cpu_ops.paged_decode_attention,
+    "paged_attention": cpu_ops.paged_attention,
 }
 
 _registered: set[str] = set()

@@ -68,10 +68,18 @@ def decode_attention(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, *rest):
     return reference.decode_attention(*args)
 
 
-def paged_decode_attention(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_table, seq_lens, *rest):
+def paged_decode_attention(
+    q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_table, seq_lens, *rest, keys_per_token=False
+):
     """:func:`minikv.kernels.paged_reference.paged_decode_attention`'s contract: on CPU the pages are copied
     into the store's own layout and read by the C++ decode kernel (here 2.5x faster than the reference,
-    which dequantizes every page in fp32; a CPU has no CUDA graph to keep the copy out of)."""
+    which dequantizes every page in fp32; a CPU has no CUDA graph to keep the copy out of). Per-token keys
+    (not the store's layout) take the reference."""
+    if keys_per_token or (len(rest) == 6 and rest[5]):
+        return paged_reference.paged_decode_attention(
+            q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_table, seq_lens, *rest[:5], True
+        )
+    rest = rest[:5]
     store = paged_reference.gather_store(
         k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_table, seq_lens, rest[3], rest[4]
     )
@@ -80,6 +88,55 @@ def paged_decode_attention(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_
     packed = (s[name] for name in ("k_codes", "k_scale", "k_mn", "v_codes", "v_scale", "v_mn"))
     out = decode_attention(q[:, :, None], *packed, n_packed, s["res_k"], s["res_v"], s["res_len"], *rest)
     return out[:, :, 0]
+
+
+def attention_with_lse(q, k, v, scale: float, allowed=None, causal: bool = False):
+    """``q [B, Hq, M, D]`` over ``k/v [B, Hq, T, D]`` in fp32 by PyTorch's flash attention for CPU, which also
+    returns each row's log-sum-exp; ``allowed [B, T]`` masks keys (rows with none: zeros and ``-inf``)."""
+    mask = None
+    if allowed is not None:
+        mask = torch.zeros(allowed.shape, device=q.device).masked_fill(~allowed, float("-inf"))[:, None, None]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.float(), k.float(), v.float(), 0.0, causal, attn_mask=mask, scale=scale
+    )
+    if allowed is not None:
+        some = allowed.any(1)[:, None, None]
+        out, lse = torch.where(some[..., None], out, 0.0), torch.where(some, lse, float("-inf"))
+    return out, lse
+
+
+def paged_attention(
+    q,
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    k_res,
+    block_table,
+    seq_lens,
+    ctx_lens,
+    scale: float,
+    softcap: float,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
+    keys_per_token: bool = False,
+):
+    """:func:`minikv.kernels.paged_reference.paged_attention`'s contract: the pages dequantized once, then
+    PyTorch's flash attention for CPU (the reference's blockwise fp32 softmax is several times slower on a
+    prefill chunk); soft-capped logits take the reference."""
+    args = (q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_table, seq_lens)
+    if softcap > 0:
+        return paged_reference.paged_attention(
+            *args, ctx_lens, scale, softcap, k_bits, v_bits, group_size, keys_per_token
+        )
+    keys, vals, valid = paged_reference.paged_keys_values(*args[1:], k_bits, v_bits, group_size, keys_per_token)
+    g = q.shape[1] // keys.shape[1]
+    allowed = valid & (torch.arange(valid.shape[1], device=q.device)[None] < ctx_lens.long()[:, None])
+    out, lse = attention_with_lse(q, keys.repeat_interleave(g, 1), vals.repeat_interleave(g, 1), scale, allowed)
+    return out.to(q.dtype), lse
 
 
 def _packed_as_stored(*tensors) -> bool:

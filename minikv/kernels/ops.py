@@ -243,6 +243,7 @@ def paged_attention(
     k_bits: int,
     v_bits: int,
     group_size: int,
+    keys_per_token: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """New queries ``q [B, Hq, M, D]`` over the first ``ctx_lens`` of each sequence's tokens in vLLM's pages,
     read through ``block_table [B, nb]`` -> ``out [B, Hq, M, D]`` and ``lse [B, Hq, M]`` (:mod:`.paged_reference`)."""
@@ -263,6 +264,7 @@ def paged_attention(
         k_bits,
         v_bits,
         group_size,
+        keys_per_token,
     )
 
 
@@ -284,6 +286,7 @@ def _(
     k_bits,
     v_bits,
     group_size,
+    keys_per_token=False,
 ):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
@@ -305,6 +308,7 @@ def paged_decode_attention(
     k_bits: int,
     v_bits: int,
     group_size: int,
+    keys_per_token: bool = False,
 ) -> Tensor:
     """One new query per sequence ``q [B, Hq, D]`` over its tokens in vLLM's pages, read through
     ``block_table [B, nb]`` (:mod:`.paged_reference`) -> ``[B, Hq, D]``."""
@@ -324,6 +328,7 @@ def paged_decode_attention(
         k_bits,
         v_bits,
         group_size,
+        keys_per_token,
     )
 
 
@@ -344,5 +349,6 @@ def _(
     k_bits,
     v_bits,
     group_size,
+    keys_per_token=False,
 ):
     return q.new_empty(q.shape)

@@ -49,26 +49,43 @@ def gather_store(k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_ta
 
 
 def paged_keys_values(
-    k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_table, seq_lens, k_bits: int, v_bits: int, G: int
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    k_res,
+    block_table,
+    seq_lens,
+    k_bits: int,
+    v_bits: int,
+    G: int,
+    keys_per_token: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each sequence's keys and values ``[B, Hkv, nb*N, D]`` fp32 as stored, and ``valid [B, nb*N]``
-    (token < seq_len); values of invalid tokens are zero (their pages may hold anything)."""
+    (token < seq_len); values of invalid tokens are zero (their pages may hold anything). With
+    ``keys_per_token`` the keys are laid out as the values and every token is coded (no residual)."""
     bt = block_table.long()
     N = v_codes.shape[2]
-    kc = _tokens(k_codes, bt, 0).transpose(-1, -2)  # [B, H, D, nb*W]
-    ks, km = (_tokens(x, bt, 0).transpose(-1, -2) for x in (k_scale, k_mn))  # [B, H, D, nb*N/G]
-    keys = unpack_dequantize(kc, ks, km, k_bits, G, torch.float32).transpose(-1, -2)  # [B, H, nb*N, D]
     vals = unpack_dequantize(
         _tokens(v_codes, bt, 0), _tokens(v_scale, bt, 0), _tokens(v_mn, bt, 0), v_bits, G, torch.float32
     )
-    L = seq_lens.long()
-    n_packed = L // G * G
     t = torch.arange(bt.shape[1] * N, device=bt.device)
-    valid = t[None] < L[:, None]  # [B, T]
+    valid = t[None] < seq_lens.long()[:, None]  # [B, T]
+    vals = torch.where(valid[:, None, :, None], vals, 0.0)
+    if keys_per_token:
+        keys = unpack_dequantize(
+            _tokens(k_codes, bt, 0), _tokens(k_scale, bt, 0), _tokens(k_mn, bt, 0), k_bits, G, torch.float32
+        )
+        return keys, vals, valid
+    kc = _tokens(k_codes, bt, 0).transpose(-1, -2)  # [B, H, D, nb*W]
+    ks, km = (_tokens(x, bt, 0).transpose(-1, -2) for x in (k_scale, k_mn))  # [B, H, D, nb*N/G]
+    keys = unpack_dequantize(kc, ks, km, k_bits, G, torch.float32).transpose(-1, -2)  # [B, H, nb*N, D]
+    n_packed = seq_lens.long() // G * G
     res_page = bt.gather(1, (n_packed // N).clamp_max(bt.shape[1] - 1)[:, None])[:, 0]  # holds the open group
     res = k_res[res_page].float()[:, :, t % G]  # [B, H, T, D]: row t - n_packed of the residual for t >= n_packed
     keys = torch.where((t[None] >= n_packed[:, None])[:, None, :, None], res, keys)
-    vals = torch.where(valid[:, None, :, None], vals, 0.0)
     return keys, vals, valid
 
 
@@ -89,6 +106,7 @@ def paged_attention(
     k_bits: int,
     v_bits: int,
     group_size: int,
+    keys_per_token: bool = False,
 ):
     """New queries ``q [B, Hq, M, D]`` over the first ``ctx_lens[b]`` of sequence ``b``'s ``seq_lens[b]``
     stored tokens (every query sees all of them) -> ``out [B, Hq, M, D]`` (dtype of q) and the log-sum-exp
@@ -96,7 +114,19 @@ def paged_attention(
     to merge with attention over tokens held elsewhere. Decode: ``M = 1``, ``ctx_lens = seq_lens``.
     Queries are taken ``QUERY_BLOCK`` at a time (memory ``O(QUERY_BLOCK * T)``)."""
     keys, vals, valid = paged_keys_values(
-        k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_table, seq_lens, k_bits, v_bits, group_size
+        k_codes,
+        k_scale,
+        k_mn,
+        v_codes,
+        v_scale,
+        v_mn,
+        k_res,
+        block_table,
+        seq_lens,
+        k_bits,
+        v_bits,
+        group_size,
+        keys_per_token,
     )
     B, Hq, M, D = q.shape
     H = keys.shape[1]
@@ -113,11 +143,38 @@ def paged_attention(
     return out, torch.cat(lses, 3).reshape(B, Hq, M)
 
 
-def paged_decode_attention(q, *regions_and_rest):
+def paged_decode_attention(
+    q,
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    k_res,
+    block_table,
+    seq_lens,
+    scale: float,
+    softcap: float,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
+    keys_per_token: bool = False,
+):
     """Decode: ``q [B, Hq, D]``, one new query per sequence over all of its stored tokens -> ``[B, Hq, D]``
     (``paged_attention`` with ``M = 1`` and ``ctx_lens = seq_lens``)."""
-    *regions, block_table, seq_lens, scale, softcap, k_bits, v_bits, group_size = regions_and_rest
+    regions = (k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res)
     out, _ = paged_attention(
-        q[:, :, None], *regions, block_table, seq_lens, seq_lens, scale, softcap, k_bits, v_bits, group_size
+        q[:, :, None],
+        *regions,
+        block_table,
+        seq_lens,
+        seq_lens,
+        scale,
+        softcap,
+        k_bits,
+        v_bits,
+        group_size,
+        keys_per_token,
     )
     return out[:, :, 0]

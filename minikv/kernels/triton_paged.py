@@ -31,6 +31,63 @@ ACC_ELEMENTS = 4096  # query rows per program x head_dim: 64 rows at D 64 ... 16
 
 
 @triton.jit
+def _per_token(
+    codes_ptr,
+    sc_ptr,
+    mn_ptr,
+    w_page,
+    h_page,
+    slot,
+    ok,
+    BITS: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Tokens ``slot [BT]`` of a page quantized per token (values; keys with ``keys_per_token``): ``[BT, D]``
+    fp32 from ``D * BITS / 32`` words and ``D / G`` scales and minimums per token."""
+    PW: tl.constexpr = 32 // BITS
+    W: tl.constexpr = D // PW
+    DG: tl.constexpr = D // G
+    word = tl.arange(0, W)
+    grp = tl.arange(0, DG)
+    shift = tl.arange(0, PW) * BITS
+    off = h_page + slot[:, None] * DG + grp[None, :]
+    if MASKED:
+        w = tl.load(codes_ptr + w_page + slot[:, None] * W + word[None, :], mask=ok[:, None], other=0)
+        sc = tl.load(sc_ptr + off, mask=ok[:, None], other=0.0).to(tl.float32)
+        mn = tl.load(mn_ptr + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    else:  # whole tiles of a page: in bounds; slots past the sequence are masked by the caller
+        w = tl.load(codes_ptr + w_page + slot[:, None] * W + word[None, :])
+        sc = tl.load(sc_ptr + off).to(tl.float32)
+        mn = tl.load(mn_ptr + off).to(tl.float32)
+    BT: tl.constexpr = slot.shape[0]
+    x = tl.reshape((w[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1), [BT, DG, G])
+    return tl.reshape(x.to(tl.float32) * sc[:, :, None] + mn[:, :, None], [BT, D])
+
+
+@triton.jit
+def _per_channel_keys(
+    kc_ptr, ks_ptr, km_ptr, w_page, h_page, o, K_BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr
+):
+    """Keys of slots ``o .. o + BT`` quantized per channel over G tokens (word-major): ``[D, BT]`` fp32 from
+    word rows ``o / KPW ..`` of D channels and a scale and minimum per G tokens per channel."""
+    KPW: tl.constexpr = 32 // K_BITS
+    KW: tl.constexpr = BT // KPW
+    TG: tl.constexpr = BT // G
+    d = tl.arange(0, D)
+    kword = tl.arange(0, KW)
+    tgrp = tl.arange(0, TG)
+    kshift = tl.arange(0, KPW) * K_BITS
+    kw = tl.load(kc_ptr + w_page + (o // KPW + kword)[None, :] * D + d[:, None])
+    kq = tl.reshape((kw[:, :, None] >> kshift[None, None, :]) & ((1 << K_BITS) - 1), [D, TG, G])
+    kg = h_page + (o // G + tgrp)[None, :] * D + d[:, None]
+    ksc = tl.load(ks_ptr + kg).to(tl.float32)
+    kmn = tl.load(km_ptr + kg).to(tl.float32)
+    return tl.reshape(kq.to(tl.float32) * ksc[:, :, None] + kmn[:, :, None], [D, BT])
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr,
     kc_ptr,
@@ -66,15 +123,8 @@ def _paged_attention_kernel(
     BT: tl.constexpr,
     SOFTCAP: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    KEYS_PER_TOKEN: tl.constexpr,
 ):
-    KPW: tl.constexpr = 32 // K_BITS  # codes per int32 word
-    VPW: tl.constexpr = 32 // V_BITS
-    KMAX: tl.constexpr = (1 << K_BITS) - 1
-    VMAX: tl.constexpr = (1 << V_BITS) - 1
-    TG: tl.constexpr = BT // G  # key groups per tile
-    DG: tl.constexpr = D // G  # value groups per token
-    KW: tl.constexpr = BT // KPW  # key word rows per tile
-    VW: tl.constexpr = D // VPW  # value words per token
     pid = tl.program_id(0)
     b = pid // QB
     qb = pid % QB
@@ -84,7 +134,10 @@ def _paged_attention_kernel(
     Hkv = tl.num_programs(1)
     L = tl.load(sl_ptr + b)
     ctx = tl.minimum(tl.load(cl_ptr + b), L)  # the rows see tokens [0, ctx)
-    n_packed = L // G * G  # tokens in complete key groups; the open group's keys are in its page's residual
+    if KEYS_PER_TOKEN:  # every stored token is coded
+        n_packed = L
+    else:  # tokens in complete key groups; the open group's keys are in its page's residual
+        n_packed = L // G * G
     packed_seen = tl.minimum(n_packed, ctx)
     tiles = tl.cdiv(packed_seen, BT)
     per_split = tl.cdiv(tiles, n_splits)
@@ -102,12 +155,6 @@ def _paged_attention_kernel(
     l = tl.zeros([BQ], tl.float32)
     acc = tl.zeros([BQ, D], tl.float32)
 
-    kword = tl.arange(0, KW)
-    vword = tl.arange(0, VW)
-    tgrp = tl.arange(0, TG)
-    dgrp = tl.arange(0, DG)
-    kshift = tl.arange(0, KPW) * K_BITS
-    vshift = tl.arange(0, VPW) * V_BITS
     for ti in range(lo, hi):  # packed tiles: every word, scale and minimum of the tile loaded once, unmasked
         t0 = ti * BT
         page = tl.load(bt_ptr + b * bt_stride + t0 // N).to(tl.int64)
@@ -116,44 +163,32 @@ def _paged_attention_kernel(
         t_ok = t < packed_seen  # a page's slots past the sequence hold anything: masked after the loads
         w_page = page * w_block + h * w_head
         h_page = page * h_block + h * h_head
-        # keys [D, BT]: word rows (o / KPW + kword) of D channels; a scale and minimum per G tokens per channel
-        kw = tl.load(kc_ptr + w_page + (o // KPW + kword)[None, :] * D + d[:, None])
-        kq = tl.reshape((kw[:, :, None] >> kshift[None, None, :]) & KMAX, [D, TG, G])
-        kg = h_page + (o // G + tgrp)[None, :] * D + d[:, None]
-        ksc = tl.load(ks_ptr + kg).to(tl.float32)
-        kmn = tl.load(km_ptr + kg).to(tl.float32)
-        k = tl.reshape(kq.to(tl.float32) * ksc[:, :, None] + kmn[:, :, None], [D, BT])
+        slot = o + tok
+        if KEYS_PER_TOKEN:
+            k = tl.trans(_per_token(kc_ptr, ks_ptr, km_ptr, w_page, h_page, slot, t_ok, K_BITS, G, D, False))
+        else:
+            k = _per_channel_keys(kc_ptr, ks_ptr, km_ptr, w_page, h_page, o, K_BITS, G, D, BT)
         s = tl.dot(q, k.to(dot_dtype), input_precision="ieee") * scale
         s = _softcapped(s, softcap, SOFTCAP)
         p, alpha, m, l = _online_update(s, row_ok[:, None] & t_ok[None, :], m, l)
-        # values [BT, D]: per token, VPW channels per word, a scale and minimum per G channels
-        slot = o + tok
-        vw = tl.load(vc_ptr + w_page + slot[:, None] * VW + vword[None, :])
-        vq = tl.reshape((vw[:, :, None] >> vshift[None, None, :]) & VMAX, [BT, DG, G])
-        vg = h_page + slot[:, None] * DG + dgrp[None, :]
-        vsc = tl.load(vs_ptr + vg).to(tl.float32)
-        vmn = tl.load(vm_ptr + vg).to(tl.float32)
-        v = tl.reshape(vq.to(tl.float32) * vsc[:, :, None] + vmn[:, :, None], [BT, D])
+        v = _per_token(vc_ptr, vs_ptr, vm_ptr, w_page, h_page, slot, t_ok, V_BITS, G, D, False)
         v = tl.where(t_ok[:, None], v, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype), input_precision="ieee")
-    if split == n_splits - 1:  # the open group (< G tokens): keys from the page's residual, values from codes
-        r = tl.arange(0, G)
-        r_ok = r < ctx - n_packed
-        page = tl.load(bt_ptr + b * bt_stride + n_packed // N, mask=ctx > n_packed, other=0).to(tl.int64)
-        slot = n_packed % N + r
-        k = tl.load(kr_ptr + page * r_block + h * r_head + r[None, :] * D + d[:, None], mask=r_ok[None, :], other=0.0)
-        s = tl.dot(q, k.to(dot_dtype), input_precision="ieee") * scale
-        s = _softcapped(s, softcap, SOFTCAP)
-        p, alpha, m, l = _online_update(s, row_ok[:, None] & r_ok[None, :], m, l)
-        w_page = page * w_block + h * w_head
-        h_page = page * h_block + h * h_head
-        vw = tl.load(vc_ptr + w_page + slot[:, None] * VW + vword[None, :], mask=r_ok[:, None], other=0)
-        vq = tl.reshape((vw[:, :, None] >> vshift[None, None, :]) & VMAX, [G, DG, G])
-        vg = h_page + slot[:, None] * DG + dgrp[None, :]
-        vsc = tl.load(vs_ptr + vg, mask=r_ok[:, None], other=0.0).to(tl.float32)
-        vmn = tl.load(vm_ptr + vg, mask=r_ok[:, None], other=0.0).to(tl.float32)
-        v = tl.reshape(vq.to(tl.float32) * vsc[:, :, None] + vmn[:, :, None], [G, D])
-        acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype), input_precision="ieee")
+    if not KEYS_PER_TOKEN:
+        if split == n_splits - 1:  # the open group (< G tokens): keys from the page's residual, values from codes
+            r = tl.arange(0, G)
+            r_ok = r < ctx - n_packed
+            page = tl.load(bt_ptr + b * bt_stride + n_packed // N, mask=ctx > n_packed, other=0).to(tl.int64)
+            k = tl.load(
+                kr_ptr + page * r_block + h * r_head + r[None, :] * D + d[:, None], mask=r_ok[None, :], other=0.0
+            )
+            s = tl.dot(q, k.to(dot_dtype), input_precision="ieee") * scale
+            s = _softcapped(s, softcap, SOFTCAP)
+            p, alpha, m, l = _online_update(s, row_ok[:, None] & r_ok[None, :], m, l)
+            w_page = page * w_block + h * w_head
+            h_page = page * h_block + h * h_head
+            v = _per_token(vc_ptr, vs_ptr, vm_ptr, w_page, h_page, n_packed % N + r, r_ok, V_BITS, G, D, True)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype), input_precision="ieee")
     out = ((b * Hkv + h) * n_splits + split) * (QB * BQ)  # rows already count the block's offset
     tl.store(acc_ptr + (out + rows[:, None]) * D + d[None, :], acc)
     tl.store(m_ptr + out + rows, m)
@@ -161,10 +196,13 @@ def _paged_attention_kernel(
 
 
 def page_tile(head_dim: int, group_size: int, block_size: int) -> tuple[int, int]:
-    """(tokens per tile, warps): the decode kernel's tile, halved until it divides the block size."""
+    """(tokens per tile, warps): the decode kernel's tile, halved until it divides the block size (per-token
+    keys: down to 16 tokens, below a group; per-channel keys: a multiple of G, since G divides the block)."""
     bt, warps = tile(head_dim, group_size)
-    while block_size % bt:
+    while block_size % bt and bt > 16:
         bt //= 2
+    if block_size % bt:
+        raise ValueError(f"paged attention: block size {block_size} must be a multiple of 16")
     return bt, warps
 
 
@@ -178,7 +216,10 @@ def num_splits(rows: int, device: torch.device) -> int:
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int]:
-    """(block, KV head) strides; a single head's stride is never used (and a view may give it any value)."""
+    """(block, KV head) strides; a single head's stride is never used (and a view may give it any value),
+    nor an empty region's (per-token keys have no residual)."""
+    if x.numel() == 0:
+        return 0, 0
     return x.stride(0), x.stride(1) if x.shape[1] > 1 else 0
 
 
@@ -199,6 +240,7 @@ def paged_attention(
     k_bits: int,
     v_bits: int,
     group_size: int,
+    keys_per_token: bool = False,
 ):
     """Triton launcher of ``minikv::paged_attention`` (same contract as the reference)."""
     B, Hq, M, D = q.shape
@@ -251,6 +293,7 @@ def paged_attention(
             BT=BT,
             SOFTCAP=softcap > 0,
             DOT_FP32=dot_fp32,
+            KEYS_PER_TOKEN=keys_per_token,
             num_warps=warps,
         )
     # merge the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s; an empty row gives 0, lse -inf
@@ -264,10 +307,37 @@ def paged_attention(
     return out[:, :, :GQ].reshape(*shape, D).to(q.dtype), lse[:, :, :GQ].reshape(shape)
 
 
-def paged_decode_attention(q, *regions_and_rest):
+def paged_decode_attention(
+    q,
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    k_res,
+    block_table,
+    seq_lens,
+    scale: float,
+    softcap: float,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
+    keys_per_token: bool = False,
+):
     """Triton launcher of ``minikv::paged_decode_attention``: :func:`paged_attention` with ``M = 1``."""
-    *regions, block_table, seq_lens, scale, softcap, k_bits, v_bits, group_size = regions_and_rest
+    regions = (k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res)
     out, _ = paged_attention(
-        q[:, :, None], *regions, block_table, seq_lens, seq_lens, scale, softcap, k_bits, v_bits, group_size
+        q[:, :, None],
+        *regions,
+        block_table,
+        seq_lens,
+        seq_lens,
+        scale,
+        softcap,
+        k_bits,
+        v_bits,
+        group_size,
+        keys_per_token,
     )
     return out[:, :, 0]

@@ -57,7 +57,7 @@ def settings() -> Settings:
 
 def layout_for(head_size: int, block_size: int, dtype: torch.dtype) -> PageLayout:
     s = settings()
-    return PageLayout(head_size, block_size, dtype, s.k_bits, s.v_bits, s.group_size)
+    return PageLayout(head_size, block_size, dtype, s.k_bits, s.v_bits, s.group_size, s.keys == "token")
 
 
 class MiniKVAttentionBackend(AttentionBackend):
@@ -71,7 +71,8 @@ class MiniKVAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
-        return [MultipleOf(settings().group_size if settings().quantized else 16)]
+        s = settings()
+        return [MultipleOf(s.group_size if s.quantized and s.keys == "channel" else 16)]
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple:

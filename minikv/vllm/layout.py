@@ -20,7 +20,9 @@ k_res       ``[G, D]``                   the model  the keys of the block's inco
 ==========  ===========================  =========  ====================================================
 
 Values are quantized when they are written (a token's value group is complete at once); keys wait
-in ``k_res`` until their group is (KIVI's residual, bounded by one group per block). ``C`` is the
+in ``k_res`` until their group is (KIVI's residual, bounded by one group per block). With
+``keys_per_token`` the keys are laid out as the values (``[N, D * k_bits / 32]`` codes, ``[N, D / G]``
+scales and minimums, quantized as written) and the page holds no residual. ``C`` is the
 page's bytes divided by ``N``, rounded up to 4 bytes. At 16 bits the page is vLLM's own dense
 ``[N, 2 * D]`` (keys then values).
 """
@@ -49,6 +51,7 @@ class PageLayout:
     k_bits: int
     v_bits: int
     group_size: int
+    keys_per_token: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -59,6 +62,15 @@ class PageLayout:
         D, N, G = self.head_size, self.block_size, self.group_size
         if not self.quantized:
             parts = [("k", (N, D), self.dtype), ("v", (N, D), self.dtype)]
+        elif self.keys_per_token:
+            parts = [
+                ("k_codes", (N, D * self.k_bits // 32), torch.int32),
+                ("k_scale", (N, D // G), META_DTYPE),
+                ("k_mn", (N, D // G), META_DTYPE),
+                ("v_codes", (N, D * self.v_bits // 32), torch.int32),
+                ("v_scale", (N, D // G), META_DTYPE),
+                ("v_mn", (N, D // G), META_DTYPE),
+            ]
         else:
             parts = [
                 ("k_codes", (N * self.k_bits // 32, D), torch.int32),

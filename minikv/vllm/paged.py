@@ -19,11 +19,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import ops, paged_reference, reference
+from ..kernels import cpu_ops, ops, paged_reference, reference
 from ..rotation import rotate, unrotate
 from .layout import PageLayout
 
 REGIONS = ("k_codes", "k_scale", "k_mn", "v_codes", "v_scale", "v_mn", "k_res")  # the paged op's order
+
+
+def regions(views: dict) -> list[torch.Tensor]:
+    """The paged ops' region arguments (per-token keys have no residual: an empty view stands in)."""
+    return [views[name] if name in views else views["v_codes"][:, :, :0] for name in REGIONS]
+
+
+def stored(views: dict, layout: PageLayout, block_table, seq_lens, rot_k=None, rot_v=None):
+    """Every sequence's tokens as stored, ``keys/values [B, H, nb*N, D]`` fp32 rotated back (a copy, for
+    checks): the paged ops' own reading of the pages (:func:`minikv.kernels.paged_reference.paged_keys_values`)."""
+    keys, vals, _ = paged_reference.paged_keys_values(
+        *regions(views),
+        block_table,
+        seq_lens,
+        layout.k_bits,
+        layout.v_bits,
+        layout.group_size,
+        layout.keys_per_token,
+    )
+    return unrotate(keys, rot_k), unrotate(vals, rot_v)
 
 
 def write(
@@ -44,10 +64,10 @@ def write(
     G = layout.group_size
     key, value = rotate(key.to(layout.dtype), rot_k), rotate(value.to(layout.dtype), rot_v)
     # values: per token, complete at once
-    vc, vs, vm = ops.quantize_pack(value, layout.v_bits, G, clip)  # [T, H, D*b/32], [T, H, D/G]
-    views["v_codes"][block, :, offset] = vc
-    views["v_scale"][block, :, offset] = vs
-    views["v_mn"][block, :, offset] = vm
+    _store_tokens(views, "v", block, offset, *ops.quantize_pack(value, layout.v_bits, G, clip))
+    if layout.keys_per_token:  # keys as values: complete at once
+        _store_tokens(views, "k", block, offset, *ops.quantize_pack(key, layout.k_bits, G, clip))
+        return
     # keys: a group is quantized when its last token arrives, from this call's tokens and the residual
     T = slot.shape[0]
     index = torch.arange(T, device=slot.device)
@@ -73,6 +93,13 @@ def write(
         views["k_res"][block[p], :, in_group[p]] = key[p]
 
 
+def _store_tokens(views: dict, kind: str, block, offset, codes, scale, mn) -> None:
+    """Tokens at ``(block, offset) [T]`` quantized per token: codes ``[T, H, W]``, scales/minimums ``[T, H, D/G]``."""
+    views[f"{kind}_codes"][block, :, offset] = codes
+    views[f"{kind}_scale"][block, :, offset] = scale
+    views[f"{kind}_mn"][block, :, offset] = mn
+
+
 def _store_groups(views: dict, block, g, kc, ks, km) -> None:
     """Group ``g [n]`` of blocks ``block [n]``: codes ``kc [n, H, D, W]``, scales/minimums ``[n, H, D, 1]``
     into the word-major key regions (``k_codes [.., N*kb/32, D]``, ``k_scale/k_mn [.., N/G, D]``)."""
@@ -96,10 +123,10 @@ def write_decode(
     N, G = layout.block_size, layout.group_size
     block, offset = slot // N, slot % N
     key, value = rotate(key.to(layout.dtype), rot_k), rotate(value.to(layout.dtype), rot_v)
-    vc, vs, vm = ops.quantize_pack(value, layout.v_bits, G, clip)
-    views["v_codes"][block, :, offset] = vc
-    views["v_scale"][block, :, offset] = vs
-    views["v_mn"][block, :, offset] = vm
+    _store_tokens(views, "v", block, offset, *ops.quantize_pack(value, layout.v_bits, G, clip))
+    if layout.keys_per_token:
+        _store_tokens(views, "k", block, offset, *ops.quantize_pack(key, layout.k_bits, G, clip))
+        return
     row = offset % G
     views["k_res"][block, :, row] = key
     done = row == G - 1
@@ -138,7 +165,7 @@ def decode(
     included), read from the pages in place by ``minikv::paged_decode_attention`` -> ``[B, Hq, D]``."""
     out = ops.paged_decode_attention(
         rotate(q, rot_k),
-        *(views[name] for name in REGIONS),
+        *regions(views),
         block_table,
         seq_lens,
         scale,
@@ -146,6 +173,7 @@ def decode(
         layout.k_bits,
         layout.v_bits,
         layout.group_size,
+        layout.keys_per_token,
     )
     return unrotate(out, rot_v)
 
@@ -169,7 +197,7 @@ def extend(
     Lq = q.shape[0]
     out_c, lse_c = ops.paged_attention(
         rotate(q, rot_k).transpose(0, 1)[None],
-        *(views[name] for name in REGIONS),
+        *regions(views),
         block_table,
         seq_lens,
         seq_lens - Lq,
@@ -178,6 +206,7 @@ def extend(
         layout.k_bits,
         layout.v_bits,
         layout.group_size,
+        layout.keys_per_token,
     )
     out_c = unrotate(out_c[0].transpose(0, 1).float(), rot_v)  # [Lq, Hq, D]
     out_n, lse_n = _causal_with_lse(q, k_new, v_new, scale, softcap)
@@ -192,6 +221,10 @@ def _causal_with_lse(q, k, v, scale: float, softcap: float):
     -> ``out [Lq, Hq, D]`` and the log-sum-exp of each query's logits ``[Lq, Hq]``."""
     Lq, Hq, D = q.shape
     H = k.shape[1]
+    if q.device.type == "cpu" and softcap == 0:  # PyTorch's flash attention for CPU returns the log-sum-exp
+        rep = lambda x: x.transpose(0, 1).repeat_interleave(Hq // H, 0)[None]  # noqa: E731  [1, Hq, Lq, D]
+        out, lse = cpu_ops.attention_with_lse(q.transpose(0, 1)[None], rep(k), rep(v), scale, causal=True)
+        return out[0].transpose(0, 1), lse[0].transpose(0, 1)
     qf = q.float().transpose(0, 1).reshape(H, Hq // H, Lq, D)
     kf, vf = k.float().transpose(0, 1), v.float().transpose(0, 1)  # [H, Lq, D]
     keys = torch.arange(Lq, device=q.device)

@@ -17,6 +17,7 @@ from ..config import QUANT_BITS, ROTATIONS
 
 ENV = "MINIKV_VLLM"
 GROUP_SIZES = (16, 32, 64, 128)
+KEY_AXES = ("channel", "token")
 VLLM_VERSIONS = ("0.32",)  # the minor versions the backend is written and tested against (customize_spec)
 
 
@@ -24,13 +25,16 @@ VLLM_VERSIONS = ("0.32",)  # the minor versions the backend is written and teste
 class Settings:
     """k_bits / v_bits: 2 or 4 (both 16: vLLM's dense layout through the same plumbing, no quantization);
     group_size: G, tokens per key group (per channel) and channels per value group (per token);
-    clip: clipped scales (CLIP_GRID) at quantize time; rotate: "none", "k", "v" or "kv"."""
+    clip: clipped scales (CLIP_GRID) at quantize time; rotate: "none", "k", "v" or "kv";
+    keys: "channel" (KIVI: per channel over G tokens, the block's open group in full precision) or
+    "token" (per token over G channels, as values: no open group, no residual in the page)."""
 
     k_bits: int = 4
     v_bits: int = 2
     group_size: int = 32
     clip: bool = True
     rotate: str = "kv"
+    keys: str = "channel"
 
     def __post_init__(self) -> None:
         if (self.k_bits == 16) != (self.v_bits == 16):
@@ -46,6 +50,8 @@ class Settings:
             raise ValueError(f"{ENV}: group_size must be one of {list(GROUP_SIZES)}, got {self.group_size!r}")
         if self.rotate not in ROTATIONS:
             raise ValueError(f"{ENV}: rotate must be one of {list(ROTATIONS)}, got {self.rotate!r}")
+        if self.keys not in KEY_AXES:
+            raise ValueError(f"{ENV}: keys must be one of {list(KEY_AXES)}, got {self.keys!r}")
         if not self.quantized and (self.clip or self.rotate != "none"):
             object.__setattr__(self, "clip", False)  # 16 bits: nothing is quantized, nothing to shape
             object.__setattr__(self, "rotate", "none")
@@ -64,14 +70,14 @@ class Settings:
                 f"{ENV}: group_size={self.group_size} must divide the model's head_dim={head_size} "
                 f"(valid here: {valid})"
             )
-        if block_size % self.group_size:
+        if block_size % self.group_size and self.keys == "channel":
             raise ValueError(
                 f"{ENV}: vLLM's block size ({block_size}) must be a multiple of group_size={self.group_size}: "
                 f"pass --block-size 256 (or another multiple of {self.group_size}; larger blocks hold more, docs/serving.md)"
             )
 
 
-_FIELDS = {"k_bits": int, "v_bits": int, "bits": int, "group_size": int, "clip": bool, "rotate": str}
+_FIELDS = {"k_bits": int, "v_bits": int, "bits": int, "group_size": int, "clip": bool, "rotate": str, "keys": str}
 
 
 def parse(text: str | None) -> Settings | None:

@@ -109,7 +109,7 @@ def passkey(out: str, model_dir: str, n: int = 5, tokens: int = 3800) -> None:
         enforce_eager=True,
         max_model_len=8192,
         kv_cache_memory_bytes=1 << 30,
-        block_size=256,
+        block_size=int(os.environ.get("BLOCK_SIZE", "256")),
         seed=0,
         kv_cache_dtype=os.environ.get("KV_CACHE_DTYPE", "auto"),  # vLLM's own KV quantization, side by side
     )

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from minikv.vllm.layout import PageLayout  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-QUANTIZED = ["1", "bits=2,clip=0,rotate=none", "k_bits=2,v_bits=4,group_size=16,rotate=k"]
+QUANTIZED = ["1", "bits=2,clip=0,rotate=none", "k_bits=2,v_bits=4,group_size=16,rotate=k", "keys=token"]
 
 
 def _engine(tmp_path, env_value: str | None, *args: str, expect_ok: bool = True, extra_env: dict | None = None):
@@ -99,7 +99,7 @@ def test_vllms_capacity_grows_by_the_byte_ratio(runs, setting):
 
     s = parse(setting)
     own = runs[None]
-    lay = PageLayout(32, own["block_size"], torch.float32, s.k_bits, s.v_bits, s.group_size)
+    lay = PageLayout(32, own["block_size"], torch.float32, s.k_bits, s.v_bits, s.group_size, s.keys == "token")
     ratio = runs[setting]["num_blocks"] / own["num_blocks"]
     assert abs(ratio - lay.dense_slot_bytes / lay.slot_bytes) < 2 / own["num_blocks"] * ratio + 1e-9
     assert ratio > 3  # float32 head_dim 32: 4.0x to 4.6x here

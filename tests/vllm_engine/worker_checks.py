@@ -134,8 +134,10 @@ def check(worker) -> dict:
             bt = cmeta.block_table[r]
             pos = torch.arange(ctx, L)
             new = (bt[pos // N].long() * N + pos % N).tolist()
-            store = paged.gather(views, lay, cmeta.block_table[r : r + 1], cmeta.seq_lens[r : r + 1])
-            kd, vd = (x[0].double() for x in paged.dense(store, lay, ctx, rot_k, rot_v))  # [H, ctx, D]
+            kd, vd = (
+                x[0, :, :ctx].double()
+                for x in paged.stored(views, lay, cmeta.block_table[r : r + 1], cmeta.seq_lens[r : r + 1], rot_k, rot_v)
+            )  # [H, ctx, D]
             kn = torch.stack([RECORD["keys"][s] for s in new]).double().transpose(0, 1)  # [H, n, D]
             vn = torch.stack([RECORD["values"][s] for s in new]).double().transpose(0, 1)
             keys, vals = torch.cat([kd, kn], 1), torch.cat([vd, vn], 1)
@@ -161,28 +163,40 @@ def check(worker) -> dict:
             stored_v = views["v"].transpose(1, 2).flatten(0, 1)[idx]
             result["residual_mismatch"] += int((stored_k != k).sum()) + int((stored_v != v).sum())
             continue
-        store = paged.gather(views, lay, meta.block_table[r : r + 1], meta.seq_lens[r : r + 1])
         clip = impl.settings.clip
-        W = G * lay.k_bits // 32
-        for j in range(L // G):
-            codes, scale, mn = ops.quantize_pack(k[j * G : (j + 1) * G].permute(1, 2, 0), lay.k_bits, G, clip)
-            stored = store["k_codes"][0, :, :, j * W : (j + 1) * W]
-            result["key_code_mismatch"] += int((stored != codes).sum()) + int(
-                (store["k_scale"][0, :, :, j] != scale[..., 0]).sum()
+        if lay.keys_per_token:  # keys as values: every token's codes, no residual
+            blk, off = torch.tensor(slots) // N, torch.tensor(slots) % N
+            for kind, x, bits in (("k", k, lay.k_bits), ("v", v, lay.v_bits)):
+                codes, scale, mn = ops.quantize_pack(x, bits, G, clip)
+                bad = int((views[f"{kind}_codes"][blk, :, off] != codes).sum())
+                bad += int((views[f"{kind}_scale"][blk, :, off] != scale).sum())
+                result["key_code_mismatch" if kind == "k" else "value_code_mismatch"] += bad
+            result["groups"] += L // G
+        else:
+            store = paged.gather(views, lay, meta.block_table[r : r + 1], meta.seq_lens[r : r + 1])
+            W = G * lay.k_bits // 32
+            for j in range(L // G):
+                codes, scale, mn = ops.quantize_pack(k[j * G : (j + 1) * G].permute(1, 2, 0), lay.k_bits, G, clip)
+                stored = store["k_codes"][0, :, :, j * W : (j + 1) * W]
+                result["key_code_mismatch"] += int((stored != codes).sum()) + int(
+                    (store["k_scale"][0, :, :, j] != scale[..., 0]).sum()
+                )
+                result["groups"] += 1
+            vc, vs, vm = ops.quantize_pack(v, lay.v_bits, G, clip)
+            result["value_code_mismatch"] += int((store["v_codes"][0, :, :L] != vc.transpose(0, 1)).sum())
+            n_packed = L // G * G
+            diff = store["res_k"][0, :, : L - n_packed] - k[n_packed:].transpose(0, 1)
+            result["residual_mismatch"] += int((diff != 0).sum())
+            result["residual_max_err"] = max(
+                result.get("residual_max_err", 0.0), float(diff.abs().max()) if diff.numel() else 0.0
             )
-            result["groups"] += 1
-        vc, vs, vm = ops.quantize_pack(v, lay.v_bits, G, clip)
-        result["value_code_mismatch"] += int((store["v_codes"][0, :, :L] != vc.transpose(0, 1)).sum())
-        n_packed = L // G * G
-        diff = store["res_k"][0, :, : L - n_packed] - k[n_packed:].transpose(0, 1)
-        result["residual_mismatch"] += int((diff != 0).sum())
-        result["residual_max_err"] = max(
-            result.get("residual_max_err", 0.0), float(diff.abs().max()) if diff.numel() else 0.0
-        )
         # the output of a decode step against fp64 attention over the stored tokens
         a, b = meta.query_start[r], meta.query_start[r + 1]
         if b - a == 1:
-            kd, vd = (x[0].double() for x in paged.dense(store, lay, L, rot_k, rot_v))  # [H, L, D]
+            kd, vd = (
+                x[0, :, :L].double()
+                for x in paged.stored(views, lay, meta.block_table[r : r + 1], meta.seq_lens[r : r + 1], rot_k, rot_v)
+            )  # [H, L, D]
             qr = q.view(-1, attn.num_heads, D)[a].double().view(H, -1, D)  # [H, g, D]
             p = torch.softmax(torch.einsum("hgd,hld->hgl", qr, kd) * impl.scale, -1)
             ref = torch.einsum("hgl,hld->hgd", p, vd).reshape(-1)
