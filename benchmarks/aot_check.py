@@ -148,19 +148,33 @@ def decode_case(
     triton_decode.decode_attention(q, *k, *v, n_packed, res, res, n, 0.1, 0.0, k_bits, v_bits, G)
 
 
-def paged_case(dtype: str, D: int, k_bits: int, v_bits: int, G: int, g: int, Lq: int = 1, N: int = 256, Hkv: int = 8):
+def paged_case(
+    dtype: str,
+    D: int,
+    k_bits: int,
+    v_bits: int,
+    G: int,
+    g: int,
+    Lq: int = 1,
+    N: int = 256,
+    Hkv: int = 8,
+    keys: str = "channel",
+):
     """vLLM's pages (minikv.vllm.layout) of a cache tensor in the model dtype, a block table, lengths;
     ``Lq`` new queries per sequence (1: decode; more: a prefill chunk over its stored context)."""
     dt = DTYPES[dtype]
-    lay = PageLayout(D, N, dt, k_bits, v_bits, G)
+    lay = PageLayout(D, N, dt, k_bits, v_bits, G, keys == "token")
     B, nb = 4, 8
     cache = torch.zeros(16, Hkv, N, lay.slot_bytes // dt.itemsize, dtype=dt)
     views = lay.views(cache)
-    regions = [views[n] for n in ("k_codes", "k_scale", "k_mn", "v_codes", "v_scale", "v_mn", "k_res")]
+    regions = [
+        views.get(n, views["v_codes"][:, :, :0])
+        for n in ("k_codes", "k_scale", "k_mn", "v_codes", "v_scale", "v_mn", "k_res")
+    ]
     table = torch.zeros(B, nb, dtype=torch.int32)
     lens = torch.zeros(B, dtype=torch.int32)
     q = torch.zeros(B, Hkv * g, Lq, D, dtype=dt)
-    triton_paged.paged_attention(q, *regions, table, lens, lens, 0.1, 0.0, k_bits, v_bits, G)
+    triton_paged.paged_attention(q, *regions, table, lens, lens, 0.1, 0.0, k_bits, v_bits, G, keys == "token")
 
 
 def prefill_case(dtype: str, D: int, g: int = 4, T: int = 512, Hkv: int = 2):
@@ -210,10 +224,13 @@ def configurations(quick: bool) -> list[tuple[str, dict, callable]]:
         if D % G == 0:
             p = dict(dtype=dtype, D=D, k_bits=kb, v_bits=vb, G=G, g=g, Lq=Lq)
             out.append(("decode", p, lambda p=p: decode_case(**p)))
-    paged_rows = [(4, 1), (4, 16)] if quick else [(1, 1), (4, 1), (8, 1), (4, 16)]  # (g, Lq): decode, a chunk
-    for dtype, D, (kb, vb), G, (g, Lq) in itertools.product(dtypes, (64, 128, 256), pairs, groups, paged_rows):
+    # (g, Lq, keys): decode, a prefill chunk; keys per channel (the default) or per token
+    paged_rows = [(4, 1, "channel"), (4, 16, "channel"), (4, 1, "token")]
+    if not quick:
+        paged_rows += [(1, 1, "channel"), (8, 1, "channel"), (4, 16, "token")]
+    for dtype, D, (kb, vb), G, (g, Lq, keys) in itertools.product(dtypes, (64, 128, 256), pairs, groups, paged_rows):
         if D % G == 0:
-            p = dict(dtype=dtype, D=D, k_bits=kb, v_bits=vb, G=G, g=g, Lq=Lq)
+            p = dict(dtype=dtype, D=D, k_bits=kb, v_bits=vb, G=G, g=g, Lq=Lq, keys=keys)
             out.append(("paged", p, lambda p=p: paged_case(**p)))
     for dtype, D in itertools.product(dtypes, (64, 128, 256)):
         p = dict(dtype=dtype, D=D)

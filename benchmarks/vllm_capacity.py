@@ -28,7 +28,7 @@ SETTINGS = [
     "keys=token",
     "k_bits=2,v_bits=2,keys=token",
 ]
-BLOCK_SIZES = (16, 64, 256)
+BLOCK_SIZES = (64, 256, 16)  # vLLM's own CPU backend refuses 16: its gain is against the same model's own count
 MEMORY = 1 << 30
 
 
@@ -88,8 +88,8 @@ def main() -> None:
     }
     rows = []
     for name, (path, head_dim) in models.items():
+        own = None  # vLLM's own tokens (bf16 bytes per token do not depend on the block size)
         for block_size in BLOCK_SIZES:
-            own = None
             for setting in SETTINGS:
                 if setting and block_size < 32 and "keys=token" not in setting:
                     setting += ",group_size=16"
@@ -101,6 +101,10 @@ def main() -> None:
                     [sys.executable, __file__, "--one", path, str(block_size)], env=env, capture_output=True, text=True
                 )
                 line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                if setting is None and (proc.returncode or not line):  # vLLM's CPU backend: blocks of 32k
+                    errors = [x for x in proc.stderr.splitlines() if "Error" in x]
+                    print(f"{name} block {block_size}: vLLM's own refused: {errors[-1:]}", flush=True)
+                    continue
                 if proc.returncode or not line:
                     raise RuntimeError(f"{name} block {block_size} {setting}: {proc.stderr[-3000:]}")
                 got = json.loads(line[0][7:])
