@@ -19,3 +19,5 @@ python benchmarks/bench_generate.py --llama8b --device cuda --batch 1 8 32 --con
     --out benchmarks/results/generate_llama8b_cuda.csv
 python benchmarks/bench_prefill_compile.py --device cuda --lengths 4096 8192 16384 \
     --out benchmarks/results/prefill_compile_cuda.csv
+# issue 21: vllm.LLM output tokens/s with and without the plugin (skipped without vLLM on the machine)
+python benchmarks/vllm_throughput.py --prompts 32 --prompt-tokens 4096 --new 128
