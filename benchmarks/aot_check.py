@@ -248,7 +248,7 @@ def configurations(quick: bool) -> list[tuple[str, dict, callable]]:
 
 LAUNCHED = {
     "decode": (triton_decode, ["_decode_attention_kernel"]),
-    "paged": (triton_paged, ["_paged_attention_kernel"]),
+    "paged": (triton_paged, ["_paged_attention_kernel", "_merge_splits_kernel"]),
     "prefill": (triton_prefill, ["_prefill_forward_kernel", "_prefill_scores_kernel"]),
     "quantize": (triton_quant, ["_quantize_pack_kernel"]),
     "append": (triton_append, ["_append_kernel"]),
@@ -355,7 +355,7 @@ def rows_of(arch: int, family: str, params: dict, compiled: list[Compiled]) -> l
             ctas_per_sm=occupancy(arch, res["regs"], c.num_warps, c.shared),
             fma_f32=len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", c.ptx)),
         )
-        if family in ("decode", "paged"):
+        if c.kernel in ("_decode_attention_kernel", "_paged_attention_kernel"):  # the main loops
             issued = loop_load_bytes(c.ptx, 32 * c.num_warps)
             row["loop_load_bytes"] = issued
             row["packed_bytes"] = decode_packed_bytes(c)

@@ -33,7 +33,8 @@ def table(tmp_path_factory):
 
 def test_every_kernel_compiles_for_sm90_and_sm80(table):
     seen = {(r["arch"], r["kernel"]) for r in table}
-    kernels = {"decode_attention", "paged_attention", "prefill_forward", "prefill_scores", "quantize_pack", "append"}
+    kernels = {"decode_attention", "paged_attention", "merge_splits", "prefill_forward", "prefill_scores"}
+    kernels |= {"quantize_pack", "append"}
     assert seen == {(arch, k) for arch in ("sm_90", "sm_80") for k in kernels}
     for kernel in ("decode_attention", "paged_attention"):
         assert {int(r["D"]) for r in table if r["kernel"] == kernel} == {64, 128, 256}

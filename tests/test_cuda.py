@@ -159,6 +159,9 @@ def test_paged_decode_and_write_replay_in_a_cuda_graph(device, k_bits, v_bits, d
         key.copy_(torch.randn(B, Hkv, D, generator=g, device=device).to(dtype))
         value.copy_(torch.randn(B, Hkv, D, generator=g, device=device).to(dtype))
 
+    from minikv.kernels import triton_paged
+
+    triton_paged.reserve(B, Hkv, Hq, D, device)  # as the vLLM builder does, before capture
     fill(0, 0)
     step()  # warm up (compiles the kernels) outside the capture
     graph = torch.cuda.CUDAGraph()

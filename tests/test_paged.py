@@ -23,7 +23,7 @@ import torch
 from torch.library import opcheck
 from vllm_engine.host_reads import no_host_reads
 
-from minikv.kernels import ops, paged_reference, use_triton_on_cpu
+from minikv.kernels import ops, paged_reference, triton_paged, use_triton_on_cpu
 from minikv.kernels.triton_paged import page_tile
 from minikv.vllm import paged
 from minikv.vllm.layout import PageLayout
@@ -201,6 +201,25 @@ def test_a_prefill_chunk_attends_over_the_stored_context_and_itself(softcap):
     s = s.masked_fill(~causal[:, None, None], float("-inf"))
     want = torch.einsum("mhgn,nhd->mhgd", torch.softmax(s, -1), vals).reshape(Lq, Hq, D)
     assert (out.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
+def test_the_split_partials_live_in_a_workspace_reserved_once(triton_on_cpu):
+    """The builder reserves the workspace for its largest batch before capture: later calls of any batch up
+    to it reuse the same memory (a CUDA graph replays the same addresses); the merge kernel writes the output."""
+    lay = PageLayout(64, 32, torch.float32, 4, 2, 32)
+    triton_paged.reserve(8, 2, 8, 64, "cpu")
+    buf = triton_paged._WORKSPACE["cpu"]
+    assert buf.numel() == triton_paged.workspace_floats(8, 2, 8, 64, 1, "cpu")
+    for B in (1, 4, 8):
+        lens = torch.full((B,), 40, dtype=torch.int32)
+        table, blocks = _tables(lens.tolist(), 32, seed=B)
+        views = _pages(lay, blocks, 2, seed=B)
+        q = torch.randn(B, 8, 64)
+        args = (*paged.regions(views), table, lens, 0.125, 0.0, 4, 2, 32)
+        out = ops.paged_decode_attention(q, *args)
+        assert triton_paged._WORKSPACE["cpu"] is buf
+        assert (out - paged_reference.paged_decode_attention(q, *args)).abs().max() <= 1e-5 * out.abs().max()
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")

@@ -206,6 +206,64 @@ def page_tile(head_dim: int, group_size: int, block_size: int) -> tuple[int, int
     return bt, warps
 
 
+@triton.jit
+def _merge_splits_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, S, ROWS, GQ, D: tl.constexpr, BS: tl.constexpr):
+    """One (sequence, KV head, row): ``out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s`` and
+    ``lse = M + log(sum_s e^(m_s - M) l_s)``, written to the row's place in ``[B, Hq, M, D]`` (rows past
+    the group are padding: skipped); a row no split saw gives zeros and ``-inf``."""
+    bh = tl.program_id(0)
+    r = tl.program_id(1)
+    if r < GQ:
+        s = tl.arange(0, BS)
+        s_ok = s < S
+        base = bh * S * ROWS + s * ROWS + r
+        m = tl.load(m_ptr + base, mask=s_ok, other=float("-inf"))
+        l = tl.load(l_ptr + base, mask=s_ok, other=0.0)
+        top = tl.max(m, axis=0)
+        safe = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.exp(m - safe)
+        total = tl.sum(w * l, axis=0)
+        d = tl.arange(0, D)
+        acc = tl.load(acc_ptr + base[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
+        out = tl.sum(w[:, None] * acc, axis=0) / tl.maximum(total, 1e-30)
+        tl.store(out_ptr + (bh * GQ + r) * D + d, out.to(out_ptr.dtype.element_ty))
+        tl.store(lse_ptr + bh * GQ + r, safe + tl.log(total))
+
+
+_WORKSPACE: dict = {}  # device -> fp32 buffer for the splits' partials, grown by reserve() before capture
+
+
+def workspace_floats(batch: int, kv_heads: int, q_heads: int, head_dim: int, queries: int, device) -> int:
+    """Floats of the splits' partials ``acc [B, Hkv, S, rows, D]``, ``m`` and ``l`` of one call."""
+    GQ = q_heads // kv_heads * queries
+    BQ = max(16, min(ACC_ELEMENTS // head_dim, triton.next_power_of_2(GQ)))
+    rows = triton.cdiv(GQ, BQ) * BQ
+    S = num_splits(batch * kv_heads * triton.cdiv(GQ, BQ), torch.device(device))
+    return batch * kv_heads * S * rows * (head_dim + 2)
+
+
+def reserve(batch: int, kv_heads: int, q_heads: int, head_dim: int, device, queries: int = 1) -> None:
+    """Allocate (once, before CUDA-graph capture: the builder calls it) the workspace a call of up to
+    ``batch`` sequences needs, so that every captured call reads and writes the same memory."""
+    need = workspace_floats(batch, kv_heads, q_heads, head_dim, queries, device)
+    key = str(torch.device(device))
+    if key not in _WORKSPACE or _WORKSPACE[key].numel() < need:
+        _WORKSPACE[key] = torch.empty(need, dtype=torch.float32, device=device)
+
+
+def _scratch(device, floats: int) -> torch.Tensor:
+    """``floats`` of the persistent workspace (grown outside capture if a call needs more than reserved)."""
+    key = str(device)
+    if key not in _WORKSPACE or _WORKSPACE[key].numel() < floats:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "minikv paged attention: the workspace must be reserved before CUDA-graph capture "
+                f"(needs {floats} floats, has {_WORKSPACE[key].numel() if key in _WORKSPACE else 0})"
+            )
+        _WORKSPACE[key] = torch.empty(floats, dtype=torch.float32, device=device)
+    return _WORKSPACE[key][:floats]
+
+
 def num_splits(rows: int, device: torch.device) -> int:
     """Splits per (sequence, KV head): enough programs to fill the GPU (2 per SM), from the batch shape
     alone (fixed per captured batch size); two on the interpreter (the merge is exercised)."""
@@ -256,9 +314,11 @@ def paged_attention(
         _strides(k_scale) == _strides(k_mn) == _strides(v_scale) == _strides(v_mn)
     ):
         raise ValueError("paged_attention: the regions must be views of one paged cache tensor")
-    acc = torch.empty(B, Hkv, S, QB * BQ, D, dtype=torch.float32, device=q.device)
-    m = torch.empty(B, Hkv, S, QB * BQ, dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
+    R = QB * BQ
+    work = _scratch(q.device, B * Hkv * S * R * (D + 2))  # persistent: no allocation per step
+    acc = work[: B * Hkv * S * R * D]
+    m = work[B * Hkv * S * R * D :][: B * Hkv * S * R]
+    l = work[B * Hkv * S * R * (D + 1) :]
     dot_fp32 = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     with torch.device(q.device):
         _paged_attention_kernel[(B * QB, Hkv, S)](
@@ -296,15 +356,11 @@ def paged_attention(
             KEYS_PER_TOKEN=keys_per_token,
             num_warps=warps,
         )
-    # merge the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s; an empty row gives 0, lse -inf
-    mx = m.amax(2, keepdim=True)
-    safe = torch.where(mx == float("-inf"), 0.0, mx)
-    w = torch.exp(m - safe)  # [B, Hkv, S, rows]
-    total = (w * l).sum(2)  # [B, Hkv, rows]
-    out = (w[..., None] * acc).sum(2) / total.clamp_min(1e-30)[..., None]
-    lse = safe[:, :, 0] + torch.log(total)
-    shape = (B, Hq, M)
-    return out[:, :, :GQ].reshape(*shape, D).to(q.dtype), lse[:, :, :GQ].reshape(shape)
+    out = torch.empty(B, Hq, M, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, M, dtype=torch.float32, device=q.device)
+    with torch.device(q.device):
+        _merge_splits_kernel[(B * Hkv, R)](acc, m, l, out, lse, S, R, GQ, D=D, BS=triton.next_power_of_2(S))
+    return out, lse
 
 
 def paged_decode_attention(

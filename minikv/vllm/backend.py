@@ -12,7 +12,8 @@ so vLLM's scheduler fits more tokens in the same memory.
 
 CUDA graphs: a batch of decodes only is capture-safe (``UNIFORM_SINGLE_TOKEN_DECODE``): the builder,
 the write (:func:`.paged.write_decode`) and the decode read no device value on the host, pass the
-runner's persistent ``seq_lens`` and block table through, and launch fixed grids. Batches with a
+runner's persistent ``seq_lens`` and block table through, and launch fixed grids; the kernel's split
+partials live in a workspace the builder reserves for ``max_num_seqs`` before capture. Batches with a
 prefill run eagerly (vLLM's piecewise graphs), reading host copies vLLM already holds.
 
 Not done here, by design: token selection at prefill (vLLM's scheduler allocates a block for every
@@ -113,6 +114,17 @@ class MiniKVMetadataBuilder(AttentionMetadataBuilder[MiniKVMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)  # decodes first: their rows and tokens are [0, num_decodes)
         self.quantized = settings().quantized
+        if self.quantized and torch.device(device).type == "cuda":  # the kernel's split partials, before capture
+            from ..kernels import triton_paged
+
+            q_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+            triton_paged.reserve(
+                vllm_config.scheduler_config.max_num_seqs,
+                kv_cache_spec.num_kv_heads,
+                q_heads,
+                kv_cache_spec.head_size,
+                device,
+            )
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
