@@ -229,6 +229,8 @@ def configurations(quick: bool) -> list[tuple[str, dict, callable]]:
     if not quick:
         paged_rows += [(1, 1, "channel"), (8, 1, "channel"), (4, 16, "token")]
     for dtype, D, (kb, vb), G, (g, Lq, keys) in itertools.product(dtypes, (64, 128, 256), pairs, groups, paged_rows):
+        if quick and (kb, vb) != (4, 2) and (Lq, keys) != (1, "channel"):
+            continue  # quick: chunks and per-token keys at the defaults' widths only
         if D % G == 0:
             p = dict(dtype=dtype, D=D, k_bits=kb, v_bits=vb, G=G, g=g, Lq=Lq, keys=keys)
             out.append(("paged", p, lambda p=p: paged_case(**p)))
