@@ -210,7 +210,7 @@ def test_the_split_partials_live_in_a_workspace_reserved_once(triton_on_cpu):
     lay = PageLayout(64, 32, torch.float32, 4, 2, 32)
     triton_paged.reserve(8, 2, 8, 64, "cpu")
     buf = triton_paged._WORKSPACE["cpu"]
-    assert buf.numel() == triton_paged.workspace_floats(8, 2, 8, 64, 1, "cpu")
+    assert buf.numel() >= triton_paged.workspace_floats(8, 2, 8, 64, 1, "cpu")  # earlier calls may have grown it
     for B in (1, 4, 8):
         lens = torch.full((B,), 40, dtype=torch.int32)
         table, blocks = _tables(lens.tolist(), 32, seed=B)
