@@ -7,11 +7,11 @@ Tokens arrive as vLLM hands them to a backend: ``key/value [T, H, D]`` with a ``
   decode tokens (one per request) without reading anything back to the host: a CUDA graph may
   capture it.
 - :func:`decode` reads each sequence's pages in place through its block table
-  (``minikv::paged_decode_attention``: Triton on CUDA, the reference on CPU).
+  (``minikv::paged_decode_attention``: Triton on CUDA; on CPU a copy read by the C++ decode kernel).
 - :func:`extend` attends a request's new tokens (a prefill chunk, a later turn) over its stored context,
   read from the pages by the same kernel (``minikv::paged_attention``), and over themselves in full
   precision, merged by their log-sum-exps; :func:`attend` is the first chunk (no context yet).
-- :func:`gather` / :func:`dense` rebuild a sequence's stored tokens (a copy: for checks).
+- :func:`stored`, :func:`gather` / :func:`dense` rebuild the stored tokens (copies: for checks).
 """
 
 from __future__ import annotations
