@@ -90,9 +90,8 @@ def long_prompts(lm):
     return [passkey_prompt(lm[1], 4000, seed=s) for s in range(3)]  # three seeds: ~40 s each at the defaults
 
 
-def test_defaults_find_the_pass_key_at_2k_and_4k_tokens_in_at_most_15_percent(lm, prompts, long_prompts):
-    hits, _ = _found(*lm, prompts, **DEFAULTS)
-    assert sum(hits) >= 4, hits
+def test_defaults_find_the_pass_key_at_4k_tokens_in_at_most_15_percent(lm, long_prompts):
+    """The main job's length (2k at the defaults: evals/passkey.py; CI time: the reconstruction pass)."""
     hits, ratios = _found(*lm, long_prompts, **DEFAULTS)
     assert sum(hits) >= 2, hits
     assert max(ratios) <= 0.15, ratios  # every byte held: codes, fp16 scales/minimums, sinks, fp32 residual
