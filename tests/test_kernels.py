@@ -276,7 +276,8 @@ def test_patched_generation_with_triton_equals_the_reference(family, policy):
     mask[1, :11] = 0
     outs = {}
     for backend in ("reference", "triton"):
-        minikv.patch(model, bits=2, budget=0.5, residual_length=16, backend=backend, **policy)
+        # no clip search: interpreted it is most of the time here; its codes are checked bit for bit above
+        minikv.patch(model, bits=2, budget=0.5, residual_length=16, backend=backend, clip=False, **policy)
         outs[backend] = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
         minikv.unpatch(model)
     assert torch.equal(outs["reference"], outs["triton"])
