@@ -69,20 +69,32 @@ def decode_attention(q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, *rest):
 
 
 def paged_decode_attention(
-    q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_table, seq_lens, *rest, keys_per_token=False
+    q,
+    k_codes,
+    k_scale,
+    k_mn,
+    v_codes,
+    v_scale,
+    v_mn,
+    k_res,
+    block_table,
+    seq_lens,
+    scale: float,
+    softcap: float,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
+    keys_per_token: bool = False,
 ):
     """:func:`minikv.kernels.paged_reference.paged_decode_attention`'s contract: on CPU the pages are copied
     into the store's own layout and read by the C++ decode kernel (here 2.5x faster than the reference,
     which dequantizes every page in fp32; a CPU has no CUDA graph to keep the copy out of). Per-token keys
     (not the store's layout) take the reference."""
-    if keys_per_token or (len(rest) == 6 and rest[5]):
-        return paged_reference.paged_decode_attention(
-            q, k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_table, seq_lens, *rest[:5], True
-        )
-    rest = rest[:5]
-    store = paged_reference.gather_store(
-        k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res, block_table, seq_lens, rest[3], rest[4]
-    )
+    regions = (k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res)
+    rest = (scale, softcap, k_bits, v_bits, group_size)
+    if keys_per_token:
+        return paged_reference.paged_decode_attention(q, *regions, block_table, seq_lens, *rest, True)
+    store = paged_reference.gather_store(*regions, block_table, seq_lens, v_bits, group_size)
     s = {name: x.contiguous() for name, x in store.items()}
     n_packed = s["n_packed"][:, None].expand(-1, k_codes.shape[1]).contiguous()  # every head alike
     packed = (s[name] for name in ("k_codes", "k_scale", "k_mn", "v_codes", "v_scale", "v_mn"))

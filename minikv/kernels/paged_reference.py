@@ -143,38 +143,45 @@ def paged_attention(
     return out, torch.cat(lses, 3).reshape(B, Hq, M)
 
 
-def paged_decode_attention(
-    q,
-    k_codes,
-    k_scale,
-    k_mn,
-    v_codes,
-    v_scale,
-    v_mn,
-    k_res,
-    block_table,
-    seq_lens,
-    scale: float,
-    softcap: float,
-    k_bits: int,
-    v_bits: int,
-    group_size: int,
-    keys_per_token: bool = False,
-):
-    """Decode: ``q [B, Hq, D]``, one new query per sequence over all of its stored tokens -> ``[B, Hq, D]``
-    (``paged_attention`` with ``M = 1`` and ``ctx_lens = seq_lens``)."""
-    regions = (k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res)
-    out, _ = paged_attention(
-        q[:, :, None],
-        *regions,
+def decode_of(attention):
+    """The decode op's function from an implementation of ``paged_attention``: ``q [B, Hq, D]``, one new query
+    per sequence over all of its stored tokens -> ``[B, Hq, D]`` (``M = 1``, ``ctx_lens = seq_lens``)."""
+
+    def paged_decode_attention(
+        q,
+        k_codes,
+        k_scale,
+        k_mn,
+        v_codes,
+        v_scale,
+        v_mn,
+        k_res,
         block_table,
         seq_lens,
-        seq_lens,
-        scale,
-        softcap,
-        k_bits,
-        v_bits,
-        group_size,
-        keys_per_token,
-    )
-    return out[:, :, 0]
+        scale: float,
+        softcap: float,
+        k_bits: int,
+        v_bits: int,
+        group_size: int,
+        keys_per_token: bool = False,
+    ):
+        regions = (k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res)
+        out, _ = attention(
+            q[:, :, None],
+            *regions,
+            block_table,
+            seq_lens,
+            seq_lens,
+            scale,
+            softcap,
+            k_bits,
+            v_bits,
+            group_size,
+            keys_per_token,
+        )
+        return out[:, :, 0]
+
+    return paged_decode_attention
+
+
+paged_decode_attention = decode_of(paged_attention)

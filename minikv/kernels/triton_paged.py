@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import paged_reference
 from .triton_decode import _online_update, _sm_count, _softcapped, tile
 
 MAX_SPLITS = 16  # the scratch per call is [B, Hkv, S, rows, D] fp32
@@ -363,37 +364,4 @@ def paged_attention(
     return out, lse
 
 
-def paged_decode_attention(
-    q,
-    k_codes,
-    k_scale,
-    k_mn,
-    v_codes,
-    v_scale,
-    v_mn,
-    k_res,
-    block_table,
-    seq_lens,
-    scale: float,
-    softcap: float,
-    k_bits: int,
-    v_bits: int,
-    group_size: int,
-    keys_per_token: bool = False,
-):
-    """Triton launcher of ``minikv::paged_decode_attention``: :func:`paged_attention` with ``M = 1``."""
-    regions = (k_codes, k_scale, k_mn, v_codes, v_scale, v_mn, k_res)
-    out, _ = paged_attention(
-        q[:, :, None],
-        *regions,
-        block_table,
-        seq_lens,
-        seq_lens,
-        scale,
-        softcap,
-        k_bits,
-        v_bits,
-        group_size,
-        keys_per_token,
-    )
-    return out[:, :, 0]
+paged_decode_attention = paged_reference.decode_of(paged_attention)  # the Triton launcher of the decode op
