@@ -43,7 +43,8 @@ sys.path.insert(0, str(HERE))
 TASKS = ("key1", "key2", "key3", "passkey", "quote")
 QUOTE_WORDS, QUOTE_TOKENS = 6, 12
 
-CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's own cache)]
+CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's own cache; {"cache": "quanto",
+    # "bits": b}: transformers' QuantizedCache, the quantization-only baseline of the judge)]
     "core": [
         ("full cache", None),
         ("defaults (snapkv, 50%)", dict(preset="snapkv")),  # the defaults until issue 20
@@ -94,6 +95,8 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
             "KIVI-2 every token (K2V2 G32)",
             dict(budget=None, bits=2, k_bits=2, v_bits=2, q_group_size=32, sink_tokens=0, clip=False, rotate="none"),
         ),
+        ("HF QuantizedCache (quanto) int4", dict(cache="quanto", bits=4)),
+        ("HF QuantizedCache (quanto) int2", dict(cache="quanto", bits=2)),
     ],
     "heads_floor": [  # the default floor (0.25 of the uniform count, as the layers')
         (
@@ -123,6 +126,24 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
             dict(scorer="kvzip", schedule="global", budget=0.85, k_bits=2, v_bits=2, q_group_size=64),
         ),
         ("kvzip 58%, global", dict(scorer="kvzip", schedule="global", budget=0.58)),
+    ],
+    "gemma_global": [  # the global schedule's knobs on Gemma 3 (its defaults until the shared schedule)
+        ("kvzip 50%, uniform schedule", dict(scorer="kvzip", schedule="uniform", head_budgets="uniform")),
+        ("kvzip 50%, global, floor 0.5", dict(scorer="kvzip", schedule="global", head_floor=0.5)),
+        ("kvzip 50%, global, floor 0.75", dict(scorer="kvzip", schedule="global", head_floor=0.75)),
+        ("kvzip 50%, global, recent 32", dict(scorer="kvzip", schedule="global", recent=32)),
+        (
+            "kvzip 50%, global, recent 32, floor 0.75",
+            dict(scorer="kvzip", schedule="global", recent=32, head_floor=0.75),
+        ),
+        ("kvzip 50%, global, 16 bits (the selection alone)", dict(scorer="kvzip", schedule="global", bits=16)),
+    ],
+    "gemma_shared": [  # one set of tokens for every layer (the defaults on a model with one KV head per layer)
+        ("minikv defaults (one KV head: kvzip 50%, shared schedule)", {}),
+        ("kvzip 58%, shared schedule", dict(scorer="kvzip", schedule="shared", budget=0.58)),
+        ("kvzip 50%, shared schedule, recent 32", dict(scorer="kvzip", schedule="shared", recent=32)),
+        ("kvzip 55%, shared schedule, recent 32", dict(scorer="kvzip", schedule="shared", recent=32, budget=0.55)),
+        ("kvzip 58%, shared schedule, recent 32", dict(scorer="kvzip", schedule="shared", recent=32, budget=0.58)),
     ],
     "gemma2bit": [
         ("K2V2 G128 every token", dict(budget=None, k_bits=2, v_bits=2, q_group_size=128)),
@@ -214,6 +235,10 @@ def run_sample(model, dialogue, knobs, doc, turns, max_new: int = 64):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)
+    elif "cache" in knobs:  # transformers' QuantizedCache (optimum-quanto): HF's defaults, G 64, R 128
+        from transformers import QuantizedCache
+
+        cache = QuantizedCache("quanto", model.config, nbits=knobs["bits"])
     else:
         cache = MiniKVCache(model._minikv_patch.config, model.config, max_new_tokens=max_new)
     results, pos = [], 0
@@ -229,7 +254,7 @@ def run_sample(model, dialogue, knobs, doc, turns, max_new: int = 64):
                 logits_to_keep=1,
             )
             pos += ids.shape[1]
-        doc_ratio = cache.memory().ratio if knobs is not None else 1.0
+        doc_ratio = kv_ratio(model, cache, knobs, pos)
         for task, question, prefix, answer in turns:
             ids, n = dialogue.turn(question, prefix, answer)
             ids = torch.tensor([ids])
@@ -240,8 +265,18 @@ def run_sample(model, dialogue, knobs, doc, turns, max_new: int = 64):
             pred = logits[-n - 1 : -1].argmax(-1)
             hits = (pred == ids[0, -n:]).float()
             results.append((task, float(hits.mean()) if task == "quote" else float(hits.min())))
-    ratio = cache.memory().ratio if knobs is not None else 1.0
-    return results, (doc_ratio, ratio), int(doc_ids.shape[1])
+    return results, (doc_ratio, kv_ratio(model, cache, knobs, pos)), int(doc_ids.shape[1])
+
+
+def kv_ratio(model, cache, knobs, tokens: int) -> float:
+    """Bytes held over an fp16 cache's: minikv's own report, quanto's tensors (every layer), 1 for the full cache."""
+    if knobs is None:
+        return 1.0
+    if "cache" in knobs:
+        from minikv.harness.caches import fp16_bytes, quantized_cache_bytes
+
+        return quantized_cache_bytes(cache) / fp16_bytes(model.config, 1, tokens)
+    return cache.memory().ratio
 
 
 def main() -> int:
@@ -270,7 +305,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     samples = [make_sample(tok, args.tokens, args.seed, i) for i in range(args.samples)]
     for label, knobs in configs:
-        if knobs is not None:
+        if knobs is not None and "cache" not in knobs:
             if isinstance(knobs.get("reconstruct_prefix"), str):  # an instruction, in this model's tokens
                 knobs = dict(knobs, reconstruct_prefix=dialogue.ids("\n" + knobs["reconstruct_prefix"] + "\n"))
             minikv.patch(model, **knobs)
@@ -287,7 +322,7 @@ def main() -> int:
                     per_turn[i].append(score)
                     per_task[task].append(score)
         finally:
-            if knobs is not None:
+            if knobs is not None and "cache" not in knobs:
                 minikv.unpatch(model)
         every = [x for xs in per_turn for x in xs]
         row = dict(

@@ -97,6 +97,9 @@ GROUPS["kvzip_window_heads"] = [
         dict(cache="minikv", scorer="kvzip_window", schedule="global", head_budgets="adaptive"),
     )
 ]
+# the defaults on a model with one KV head per layer (Gemma 3): every layer keeps the same tokens, each
+# token's best score over the layers, max-pooled over 7 (docs/shared-context.md)
+GROUPS["shared"] = [("kvzip 50%, shared schedule", dict(cache="minikv", scorer="kvzip", schedule="shared"))]
 GROUPS["heads"] = [
     (
         "kvzip 50%, global, adaptive heads",

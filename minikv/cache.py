@@ -427,10 +427,12 @@ class MiniKVCache(Cache):
             cfg = cfg.replace(max_new_tokens=max_new_tokens)
         text = model_config.get_text_config(decoder=True)
         cfg = cfg.for_head_dim(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
-        self.cfg = cfg
         layer_types, layer_kwargs = layer_types_and_kwargs(text)
         check_layer_types(layer_types)
         num_compressed = sum(t in COMPRESSED_TYPES for t in layer_types)
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        cfg = cfg.for_model(kv_heads)
+        self.cfg = cfg
         layers, rank = [], 0
         for kind, kw in zip(layer_types, layer_kwargs):
             if kind in COMPRESSED_TYPES:
@@ -446,13 +448,19 @@ class MiniKVCache(Cache):
         layers = [layer for layer in self.layers if isinstance(layer, MiniKVLayer) and layer.pending is not None]
         for layer in layers:
             layer.pending.scores = selection.scorer(self.cfg.scorer).finish(layer.pending.scores, self.cfg)
-        if self.cfg.schedule == "global" and layers and not layers[0].pending.turn:
-            group = self.cfg.q_group_size if self.cfg.quantized else None
+        group = self.cfg.q_group_size if self.cfg.quantized else None
+        counts = [None] * len(layers)
+        if self.cfg.schedule == "shared" and layers:  # every layer and head the same tokens (a turn's too)
+            scores, shared = budget.shared(
+                self.cfg, [layer.pending.scores for layer in layers], layers[0].pending.valid, group
+            )
+            for layer, s in zip(layers, scores):
+                layer.pending.scores = s
+            counts = counts if layers[0].pending.turn else shared
+        elif self.cfg.schedule == "global" and layers and not layers[0].pending.turn:
             counts = budget.across_layers(
                 self.cfg, [layer.pending.scores for layer in layers], layers[0].pending.valid, group
             )
-        else:
-            counts = [None] * len(layers)
         for layer, c in zip(layers, counts):
             layer.commit(c)
 

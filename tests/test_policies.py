@@ -48,6 +48,11 @@ def test_snapkv_weights_are_the_last_window_and_pool_keeps_length():
     assert pooled.tolist() == [[[5.0, 5.0, 5.0, 1.0, 1.0, 1.0]]]
 
 
+def test_pool_kernel_1_keeps_the_scores():
+    scores = torch.tensor([[[0.0, 0.9, 0.1, 0.0, 0.0, 0.2, 0.0]]])
+    assert torch.equal(snapkv.finish(scores, _config(scorer="snapkv", pool_kernel=1)), scores)
+
+
 def test_keynorm_keeps_the_smallest_keys():
     k = torch.zeros(1, 1, 6, 2)
     k[0, 0, :, 0] = torch.tensor([3.0, 1.0, 5.0, 0.5, 2.0, 9.0])

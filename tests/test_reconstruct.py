@@ -291,6 +291,61 @@ def test_global_schedule_on_a_quantized_store_keeps_whole_groups_after_the_sinks
     assert bool((total <= 4 * keep).all()) and bool((total > 4 * keep - 4 * G).all())
 
 
+def test_shared_schedule_keeps_each_tokens_best_score_in_every_layer_in_whole_groups():
+    from minikv import MiniKVConfig
+    from minikv.budget import keep_counts, shared
+
+    cfg = MiniKVConfig(bits=2, budget=0.5, recent=8, sink_tokens=4, scorer="kvzip", schedule="shared")
+    g = torch.Generator().manual_seed(2)
+    B, H, T, G = 2, 2, 300, 16
+    scores = [torch.rand(B, H, T, generator=g) * w for w in (1.0, 2.0, 0.5)]
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :37] = 0
+    out, counts = shared(cfg, scores, valid, group=G)
+    best = torch.stack(scores).amax(dim=(0, 2))  # [B, T]: over the layers and heads, then max-pooled over 7
+    best = torch.stack([best[:, max(t - 3, 0) : t + 4].amax(-1) for t in range(T)], -1)
+    keep, recent = keep_counts(cfg.replace(schedule="uniform"), 0, 3, valid.sum(-1))
+    for s, (k, r) in zip(out, counts):
+        assert torch.equal(s, best[:, None].expand(B, H, T))
+        assert torch.equal(r, recent) and bool(((k - 4) % G == 0).all())
+        assert bool(((k - keep).abs() <= G // 2).all())
+
+
+def test_shared_schedule_gives_every_layer_and_head_the_same_scores_and_generates(captured):
+    model = minikv.patch(tiny_model("llama"), bits=2, budget=0.5, residual_length=16, scorer="kvzip", schedule="shared")
+    ids = torch.randint(1, 320, (2, 100), generator=torch.Generator().manual_seed(5))
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    assert len(captured) == 3 and all(torch.equal(s, captured[0]) for s in captured)
+    assert torch.equal(captured[0], captured[0][:, :1].expand_as(captured[0]))  # every head the same
+    layers = [layer for layer in getattr(out, KEY).layers if isinstance(layer, MiniKVLayer)]
+    held = {int(layer.store.lengths()[b, h]) for layer in layers for b in range(2) for h in range(2)}
+    assert len(held) == 1  # one count everywhere: 4 sinks + whole groups of 16 + 3 decoded tokens
+    assert (held.pop() - 4 - 3) % 16 == 0
+    with pytest.raises(ValueError, match="schedule='shared' .* needs scorer='kvzip'"):
+        minikv.patch(tiny_model("llama"), bits=2, budget=0.5, scorer="snapkv", schedule="shared")
+    with pytest.raises(ValueError, match="head_budgets='adaptive' .* needs schedule='uniform' or 'global'"):
+        minikv.patch(
+            tiny_model("llama"), bits=2, budget=0.5, scorer="kvzip", schedule="shared", head_budgets="adaptive"
+        )
+
+
+@pytest.mark.parametrize(
+    "family, kv_heads, knobs, expected",
+    [
+        ("llama", 2, {}, ("global", "adaptive")),
+        ("llama", 1, {}, ("shared", "uniform")),
+        ("gemma3_text", 1, {}, ("shared", "uniform")),
+        ("llama", 1, {"schedule": "global"}, ("global", "adaptive")),
+        ("llama", 1, {"scorer": "snapkv"}, ("uniform", "uniform")),
+    ],
+)
+def test_the_default_schedule_shares_the_tokens_on_a_model_with_one_kv_head(family, kv_heads, knobs, expected):
+    model = tiny_model(family, num_key_value_heads=kv_heads)
+    minikv.patch(model, **knobs)
+    cfg = MiniKVCache(model._minikv_patch.config, model.config).cfg
+    assert (cfg.schedule, cfg.head_budgets) == expected
+
+
 def test_the_decode_step_with_the_hook_compiles_into_one_graph():
     """The pass's hook sits on the decoder: a decode step (nothing pending) still compiles whole, once."""
     import torch._dynamo as dynamo

@@ -12,7 +12,10 @@ def query_weights(valid, cfg):
 
 
 def finish(scores, cfg):
-    """Max- or average-pool each head's scores along the tokens (kernel ``pool_kernel``, same length)."""
+    """Max- or average-pool each head's scores along the tokens (kernel ``pool_kernel``, same length;
+    1: as they are)."""
+    if cfg.pool_kernel == 1:
+        return scores
     B, H, T = scores.shape
     pool = F.max_pool1d if cfg.pool == "max" else F.avg_pool1d
     k = cfg.pool_kernel

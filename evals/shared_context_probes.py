@@ -1,0 +1,109 @@
+"""Probes behind the shared-context suite's choices: what the selection would score if it kept other tokens.
+
+    python evals/shared_context_probes.py --probe oracle --model gemma3-270m --knobs '{"schedule": "global"}'
+    python evals/shared_context_probes.py --probe pool7 --model gemma3-270m --knobs '{"schedule": "global", "recent": 32}'
+
+Each probe rewrites the reconstruction scores of the prompt's tokens just before the layers keep their
+budget (``MiniKVCache.commit_pending``), then runs ``evals/shared_context.py`` unchanged (the same samples,
+bytes and rows; ``--label`` names the row, ``--out`` the CSV). Probes, not features: they read the
+sample's needles (``oracle``) or run one more forward per prompt (``surprisal*``).
+
+- ``oracle``: the needle sentences' tokens (the four magic numbers' and the pass key's) score above
+  every other token in every compressed layer: what a scorer that found the needles would keep;
+- ``pool<k>`` / ``avgpool<k>``: each layer's scores max- / average-pooled over ``k`` tokens (a kept token
+  keeps its neighbours), per layer;
+- ``surprisal``: each token's surprisal under the model (-log p given the tokens before it, one more
+  forward with every position's logits) in every layer, as LLMLingua ranks prompt tokens;
+- ``surprisal_rankmax``: the larger of a token's rank (as a fraction) by the layer's score and by surprisal;
+- ``xlayer``: every layer the same scores, each token's best over the layers and heads (unpooled).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "tasks"))
+
+import shared_context as sc  # noqa: E402
+
+from minikv import cache as C  # noqa: E402
+
+STATE: dict = {}
+NEEDLES = r"(One of the special magic numbers for [^.]*\.|The pass key is [^.]*\. Remember it\. \d+ is the pass key\.)"
+
+
+def _rank(x: torch.Tensor) -> torch.Tensor:
+    return x.argsort(-1).argsort(-1).float() / x.shape[-1]
+
+
+def rewrite(probe: str, scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The scores ``[B, H, T]`` of each compressed layer, as ``probe`` rewrites them."""
+    if probe == "oracle":
+        mask = STATE["needles"].to(scores[0].device)
+        return [s.masked_fill(mask, float(s.max()) * 10 + 1) for s in scores]
+    if probe.startswith(("pool", "avgpool")):
+        k = int(probe.removeprefix("avg")[4:])
+        if probe.startswith("avg"):
+            return [
+                F.avg_pool1d(s.reshape(-1, 1, s.shape[-1]).float(), k, 1, k // 2, count_include_pad=False).view_as(s)
+                for s in scores
+            ]
+        return [F.max_pool1d(s.reshape(-1, 1, s.shape[-1]), k, 1, k // 2).view_as(s) for s in scores]
+    if probe == "xlayer":
+        best = torch.stack([s.amax(1, keepdim=True) for s in scores]).amax(0)
+        return [best.expand_as(s).contiguous() for s in scores]
+    surprisal = STATE["surprisal"].to(scores[0].device)
+    if probe == "surprisal":
+        return [surprisal.expand_as(s).contiguous() for s in scores]
+    if probe == "surprisal_rankmax":
+        return [torch.maximum(_rank(s.float()), _rank(surprisal).expand_as(s)) for s in scores]
+    raise ValueError(f"unknown probe {probe!r}")
+
+
+def install(probe: str) -> None:
+    run_sample, commit = sc.run_sample, C.MiniKVCache.commit_pending
+
+    def probed_run(model, dialogue, knobs, doc, turns, max_new: int = 64):
+        ids = dialogue.document(doc)
+        if probe == "oracle":  # the needle sentences' tokens
+            text = dialogue.tok.decode(ids)
+            enc = dialogue.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            if len(enc.input_ids) != len(ids):
+                raise RuntimeError("the document does not re-tokenize to its own ids: no offsets for the oracle")
+            mask = torch.zeros(len(ids), dtype=torch.bool)
+            for m in re.finditer(NEEDLES, text):
+                mask |= torch.tensor([a < m.end() and b > m.start() for a, b in enc.offset_mapping])
+            STATE["needles"] = mask
+        if probe.startswith("surprisal"):
+            with torch.inference_mode():
+                logits = model(torch.tensor([ids]), use_cache=False).logits[0].float()
+            lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+            STATE["surprisal"] = torch.cat([torch.tensor([1e4]), -lp])
+        return run_sample(model, dialogue, knobs, doc, turns, max_new)
+
+    def probed_commit(self):
+        layers = [layer for layer in self.layers if isinstance(layer, C.MiniKVLayer) and layer.pending is not None]
+        if layers and not layers[0].pending.turn:  # the document's tokens (turns are scored as they are)
+            for layer, s in zip(layers, rewrite(probe, [layer.pending.scores for layer in layers])):
+                layer.pending.scores = s.to(layer.pending.scores.dtype)
+        return commit(self)
+
+    sc.run_sample = probed_run
+    C.MiniKVCache.commit_pending = probed_commit
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if "--probe" not in args:
+        sys.exit("usage: shared_context_probes.py --probe NAME [evals/shared_context.py arguments]")
+    i = args.index("--probe")
+    install(args[i + 1])
+    sys.argv = [str(HERE / "shared_context.py")] + args[:i] + args[i + 2 :]
+    sys.exit(sc.main())
