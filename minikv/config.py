@@ -281,7 +281,7 @@ class MiniKVConfig:
         with per-head budgets) becomes ``"shared"`` with one KV head (per-head budgets have nothing to rank,
         and each layer's scores see a different part of a fact: Gemma 3 270M keeps 0.737 of the full
         cache's 0.920 over five questions with ``"shared"``, 0.382 with ``"global"``; SmolLM2, 3 KV heads,
-        0.620 with ``"global"`` and per-head budgets, less with ``"shared"``: docs/shared-context.md)."""
+        0.620 with ``"global"`` and per-head budgets, 0.435 with ``"shared"``: docs/shared-context.md)."""
         if "schedule" in getattr(self, "_auto", ()) and self.schedule == "global" and kv_heads == 1:
             return self.replace(schedule="shared")
         return self
