@@ -90,6 +90,18 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
             dict(scorer="kvzip", schedule="global", head_budgets="adaptive", recent=32),
         ),
     ],
+    "agnostic": [  # cheaper question-agnostic scores at the defaults' 50% (the document alone: no question yet)
+        ("key norm 50%", dict(scorer="keynorm")),
+        ("KeyDiff 50% (keys least like their head's mean)", dict(scorer="keydiff")),
+        ("StreamingLLM 50% (sinks + recent)", dict(scorer="streaming")),
+        ("H2O / MiniKV 50% (attention accumulated over the prompt)", dict(scorer="minikv")),
+        ("A2SF 50% (accumulated, forgetting)", dict(scorer="a2sf")),
+    ],
+    "sinks": [  # the sink count at the defaults (4): none, 1, 16
+        ("minikv defaults, no sinks", dict(sink_tokens=0)),
+        ("minikv defaults, 1 sink", dict(sink_tokens=1)),
+        ("minikv defaults, 16 sinks", dict(sink_tokens=16)),
+    ],
     "baselines": [  # KIVI-2 (every token, K2 V2 G32, none of minikv's fidelity knobs)
         (
             "KIVI-2 every token (K2V2 G32)",
@@ -144,6 +156,20 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
         ("kvzip 50%, shared schedule, recent 32", dict(scorer="kvzip", schedule="shared", recent=32)),
         ("kvzip 55%, shared schedule, recent 32", dict(scorer="kvzip", schedule="shared", recent=32, budget=0.55)),
         ("kvzip 58%, shared schedule, recent 32", dict(scorer="kvzip", schedule="shared", recent=32, budget=0.58)),
+    ],
+    "gemma_pool": [  # the shared schedule's pooling width (7 by default, SnapKV's)
+        ("kvzip 50%, shared schedule, pool 1 (none)", dict(schedule="shared", pool_kernel=1)),
+        ("kvzip 50%, shared schedule, pool 3", dict(schedule="shared", pool_kernel=3)),
+        ("kvzip 50%, shared schedule, pool 11", dict(schedule="shared", pool_kernel=11)),
+        ("kvzip 50%, shared schedule, pool 15", dict(schedule="shared", pool_kernel=15)),
+    ],
+    "gemma_pass": [  # the reconstruction pass's chunk and prefix under the shared schedule
+        ("kvzip 50%, shared schedule, chunks of 256", dict(schedule="shared", reconstruct_chunk=256)),
+        ("kvzip 50%, shared schedule, chunks of 1024", dict(schedule="shared", reconstruct_chunk=1024)),
+        (
+            "kvzip 50%, shared schedule, repeat prefix",
+            dict(schedule="shared", reconstruct_prefix="Repeat the previous context exactly."),
+        ),
     ],
     "gemma2bit": [
         ("K2V2 G128 every token", dict(budget=None, k_bits=2, v_bits=2, q_group_size=128)),

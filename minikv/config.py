@@ -14,7 +14,7 @@ QUANT_BITS = (2, 4)  # k_bits / v_bits of a quantized store
 ROTATIONS = ("none", "v", "k", "kv")
 AUTO_GROUP_SIZES = (32, 16)  # q_group_size=None: the first that divides head_dim and residual_length
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # clip ratios tried per group (1.0 = min-max)
-SCORERS = ("minikv", "snapkv", "a2sf", "keynorm", "streaming", "kvzip", "kvzip_window")
+SCORERS = ("minikv", "snapkv", "a2sf", "keynorm", "keydiff", "streaming", "kvzip", "kvzip_window")
 PASS_SCORERS = ("kvzip", "kvzip_window")  # scored by the reconstruction pass after the whole prompt
 SCHEDULES = ("uniform", "pyramid", "pyramidkv", "global", "shared")
 HEAD_BUDGETS = ("uniform", "adaptive")
@@ -53,7 +53,8 @@ class MiniKVConfig:
         ``"minikv"`` (cumulative attention of every prompt query, H2O-style),
         ``"snapkv"`` (attention of the last ``snap_window`` queries, smoothed by a 1-D pool),
         ``"a2sf"`` (attention accumulated with forgetting factor ``a2sf_decay``), ``"keynorm"``
-        (small key norms first), ``"streaming"`` (``sinks`` first tokens + the recent window) or
+        (small key norms first), ``"keydiff"`` (keys least like their head's mean direction first),
+        ``"streaming"`` (``sinks`` first tokens + the recent window) or
         ``"kvzip"`` (question-agnostic: the most attention a token receives while the model re-reads
         the prompt after itself, in chunks of ``reconstruct_chunk`` tokens; one more pass at prefill,
         :mod:`minikv.reconstruct`), or ``"kvzip_window"`` (the larger of ``kvzip``'s score and SnapKV's

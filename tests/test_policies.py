@@ -11,7 +11,7 @@ from minikv import MiniKVConfig
 from minikv.budget import capacity, keep_counts, schedule
 from minikv.compat import cache_key
 from minikv.kernels import ops
-from minikv.selection import SCORERS, a2sf, keynorm, snapkv, streaming
+from minikv.selection import SCORERS, a2sf, keydiff, keynorm, snapkv, streaming
 from minikv.selection.kvcrush import rescore
 
 KEY = cache_key()  # past_key_values, or cache from transformers 5.24
@@ -51,6 +51,20 @@ def test_snapkv_weights_are_the_last_window_and_pool_keeps_length():
 def test_pool_kernel_1_keeps_the_scores():
     scores = torch.tensor([[[0.0, 0.9, 0.1, 0.0, 0.0, 0.2, 0.0]]])
     assert torch.equal(snapkv.finish(scores, _config(scorer="snapkv", pool_kernel=1)), scores)
+
+
+def test_keydiff_keeps_the_keys_unlike_the_rest():
+    # four keys along x (one longer: the norm does not count), two off-axis; a padded slot pointing
+    # anywhere must not move the mean direction
+    k = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 1.0], [1.0, 0.1], [-1.0, 0.2], [1.0, 0.0], [0.0, -5.0]])
+    valid = torch.tensor([[True] * 6 + [False]])
+    s = keydiff.scores(k[None, None], valid, _config(scorer="keydiff"))
+    unit = k[:6] / k[:6].norm(dim=-1, keepdim=True)
+    mean = unit.mean(0)
+    expected = -(unit @ mean) / mean.norm()
+    torch.testing.assert_close(s[0, 0, :6], expected)
+    cfg = _config(scorer="keydiff", budget=3, recent=1)  # recent {5}; the 2 least aligned older: 4, 2
+    assert _select(cfg, s, valid) == [[[2, 4, 5]]]
 
 
 def test_keynorm_keeps_the_smallest_keys():

@@ -15,6 +15,7 @@ scorer         score of token j                                            file
 ``snapkv``     attention of the last ``snap_window`` queries, 1-D pooled   ``snapkv.py``
 ``a2sf``       attention decayed by ``a2sf_decay`` per query of age        ``a2sf.py``
 ``keynorm``    minus the L2 norm of the key (no attention read)            ``keynorm.py``
+``keydiff``    minus the key's cosine to the head's mean unit key          ``keydiff.py``
 ``streaming``  the first ``sinks`` tokens (StreamingLLM; no scores)        ``streaming.py``
 ``kvzip``      most attention received while the model re-reads the       ``reconstruction.py``
                prompt after itself (question-agnostic; one more pass)
@@ -25,7 +26,7 @@ window``       (mean probability per window query and head)
 
 from __future__ import annotations
 
-from . import a2sf, cumulative, keynorm, reconstruction, reconstruction_window, snapkv, streaming
+from . import a2sf, cumulative, keydiff, keynorm, reconstruction, reconstruction_window, snapkv, streaming
 from .kvcrush import rescore as crush
 from .positions import protect_sinks
 
@@ -34,6 +35,7 @@ SCORERS = {
     "snapkv": snapkv,
     "a2sf": a2sf,
     "keynorm": keynorm,
+    "keydiff": keydiff,
     "streaming": streaming,
     "kvzip": reconstruction,
     "kvzip_window": reconstruction_window,
