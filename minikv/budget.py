@@ -124,27 +124,31 @@ def across_layers(cfg: MiniKVConfig, scores: list[torch.Tensor], valid: torch.Te
     return [((k if per_head else k[:, 0]).to(device), recent.clone()) for k in out]
 
 
-def shared(cfg: MiniKVConfig, scores: list[torch.Tensor], valid: torch.Tensor, group: int | None = None):
+def shared_scores(cfg: MiniKVConfig, scores: list[torch.Tensor]) -> list[torch.Tensor]:
     """One set of tokens for every layer and KV head (``schedule="shared"``): each token's score is its
     best over the layers and heads (``scores [B, H, T]`` per layer, comparable: the reconstruction pass's
     attention maxima), pooled along the tokens as SnapKV's (``pool``, ``pool_kernel``), so the words
     around a token any layer needs are kept by all (a fact is read through every layer, and a question
-    matches the words around it). Returns ``(scores, counts)``: the shared
-    scores per layer and ``(n_keep [B], n_recent [B])`` per layer, the uniform count with the tokens after
-    the sinks rounded to the nearest whole number of quantization groups ``group`` (none of the prompt
-    waits in the full-precision residual; at most one group more or less than the uniform count)."""
+    matches the words around it). Returns the shared scores, one ``[B, H, T]`` per layer."""
     from .selection import snapkv
 
     best = snapkv.finish(torch.stack([s.amax(1) for s in scores]).amax(0)[:, None], cfg)[:, 0]  # [B, T]
+    return [best[:, None].expand_as(s).contiguous() for s in scores]
+
+
+def shared_counts(cfg: MiniKVConfig, valid: torch.Tensor, num_layers: int, group: int | None = None):
+    """``(n_keep [B], n_recent [B])`` for each of ``num_layers`` layers under ``schedule="shared"``: the
+    uniform count with the tokens after the sinks rounded to the nearest whole number of quantization
+    groups ``group`` (none of the prompt waits in the full-precision residual; at most half a group more
+    or less than the uniform count)."""
     lengths = valid.sum(-1)
-    keep, recent = keep_counts(cfg.replace(schedule="uniform"), 0, len(scores), lengths)
+    keep, recent = keep_counts(cfg.replace(schedule="uniform"), 0, num_layers, lengths)
     if group:
         sinks = torch.clamp(lengths, max=cfg.sink_tokens)
         whole = sinks + torch.div(keep - sinks + group // 2, group, rounding_mode="floor") * group
         whole = torch.where(whole > lengths, whole - group, whole)  # never more than the prompt
         keep = torch.where(whole >= recent, whole, keep)  # a prompt too short for a group stays as counted
-    out = [best[:, None].expand_as(s).contiguous() for s in scores]
-    return out, [(keep.clone(), recent.clone()) for _ in scores]
+    return [(keep.clone(), recent.clone()) for _ in range(num_layers)]
 
 
 def schedule(cfg: MiniKVConfig, rank: int, num_layers: int, heavy: torch.Tensor, room: torch.Tensor):
@@ -153,14 +157,14 @@ def schedule(cfg: MiniKVConfig, rank: int, num_layers: int, heavy: torch.Tensor,
     - ``uniform``: ``heavy`` everywhere;
     - ``pyramid`` (MiniKV): linear from ``2h - h/delta`` (first layer) to ``h/delta`` (last), rounded;
     - ``global``: ``heavy`` here; :func:`across_layers` moves tokens between layers once all are scored;
-    - ``shared``: ``heavy`` here; :func:`shared` rounds it to whole groups once all are scored;
+    - ``shared``: ``heavy`` here; :func:`shared_counts` rounds it to whole groups once all are scored;
     - ``pyramidkv`` (PyramidKV): ``min = h // beta``, ``max = 2h - min`` (clipped to ``room``, and then
       ``min = 2h - max``), layer ``l`` gets ``max - l * (max - min) / (L - 1)``, rounded. PyramidKV's code
       floors the step to an integer, which overshoots the average budget by up to ``(L - 1) / 2`` tokens
       per layer; the real-valued step keeps the average, so policies compare at equal memory.
     """
     if num_layers <= 1 or cfg.schedule in ("uniform", "global", "shared") or cfg.scorer == "streaming":
-        return heavy  # "global" / "shared": decided once every layer is scored (across_layers, shared)
+        return heavy  # "global" / "shared": decided once every layer is scored (across_layers, shared_counts)
     if cfg.schedule == "pyramid":
         last = heavy / cfg.pyramid_delta
         first = 2 * heavy - last

@@ -451,12 +451,10 @@ class MiniKVCache(Cache):
         group = self.cfg.q_group_size if self.cfg.quantized else None
         counts = [None] * len(layers)
         if self.cfg.schedule == "shared" and layers:  # every layer and head the same tokens (a turn's too)
-            scores, shared = budget.shared(
-                self.cfg, [layer.pending.scores for layer in layers], layers[0].pending.valid, group
-            )
-            for layer, s in zip(layers, scores):
+            for layer, s in zip(layers, budget.shared_scores(self.cfg, [layer.pending.scores for layer in layers])):
                 layer.pending.scores = s
-            counts = counts if layers[0].pending.turn else shared
+            if not layers[0].pending.turn:  # a turn keeps the count its layers decide (the same scores)
+                counts = budget.shared_counts(self.cfg, layers[0].pending.valid, len(layers), group)
         elif self.cfg.schedule == "global" and layers and not layers[0].pending.turn:
             counts = budget.across_layers(
                 self.cfg, [layer.pending.scores for layer in layers], layers[0].pending.valid, group

@@ -67,7 +67,8 @@ class MiniKVConfig:
         ``scorer="kvzip"``: the layers' tokens ranked together, at the uniform schedule's total;
         :func:`minikv.budget.across_layers`) or ``"shared"`` (with ``scorer="kvzip"``: every compressed
         layer and KV head keeps the same tokens, ranked by their best score over the layers and heads,
-        the uniform count in whole quantization groups; :func:`minikv.budget.shared`).
+        the uniform count in whole quantization groups; :func:`minikv.budget.shared_scores`,
+        :func:`minikv.budget.shared_counts`).
     head_budgets: ``None`` (``"adaptive"`` with a reconstruction scorer on a quantized store with a budget,
         else ``"uniform"``), ``"uniform"`` (every KV head of a layer keeps the same count) or ``"adaptive"``
         (AdaKV: one ranking over the heads' scored tokens, of one layer with ``schedule="uniform"``, of

@@ -293,7 +293,7 @@ def test_global_schedule_on_a_quantized_store_keeps_whole_groups_after_the_sinks
 
 def test_shared_schedule_keeps_each_tokens_best_score_in_every_layer_in_whole_groups():
     from minikv import MiniKVConfig
-    from minikv.budget import keep_counts, shared
+    from minikv.budget import keep_counts, shared_counts, shared_scores
 
     cfg = MiniKVConfig(bits=2, budget=0.5, recent=8, sink_tokens=4, scorer="kvzip", schedule="shared")
     g = torch.Generator().manual_seed(2)
@@ -301,7 +301,7 @@ def test_shared_schedule_keeps_each_tokens_best_score_in_every_layer_in_whole_gr
     scores = [torch.rand(B, H, T, generator=g) * w for w in (1.0, 2.0, 0.5)]
     valid = torch.ones(B, T, dtype=torch.bool)
     valid[1, :37] = 0
-    out, counts = shared(cfg, scores, valid, group=G)
+    out, counts = shared_scores(cfg, scores), shared_counts(cfg, valid, len(scores), group=G)
     best = torch.stack(scores).amax(dim=(0, 2))  # [B, T]: over the layers and heads, then max-pooled over 7
     best = torch.stack([best[:, max(t - 3, 0) : t + 4].amax(-1) for t in range(T)], -1)
     keep, recent = keep_counts(cfg.replace(schedule="uniform"), 0, 3, valid.sum(-1))
