@@ -100,6 +100,9 @@ GROUPS["kvzip_window_heads"] = [
 # the defaults on a model with one KV head per layer (Gemma 3): every layer keeps the same tokens, each
 # token's best score over the layers, max-pooled over 7 (docs/shared-context.md)
 GROUPS["shared"] = [("kvzip 50%, shared schedule", dict(cache="minikv", scorer="kvzip", schedule="shared"))]
+GROUPS["shared_recent"] = [  # with a 32-token recent window (the five-question suite's best on Gemma 3)
+    ("kvzip 50%, shared schedule, recent 32", dict(cache="minikv", scorer="kvzip", schedule="shared", recent=32))
+]
 GROUPS["heads"] = [
     (
         "kvzip 50%, global, adaptive heads",
