@@ -26,16 +26,20 @@ def _cache(lay: PageLayout, blocks: int, H: int) -> torch.Tensor:
 
 def _write_all(lay, views, tables, K, V, chunks, rot, clip):
     """Write each sequence's tokens in the given chunk sizes, requests interleaved as vLLM batches them,
-    with a padding slot (-1, NaN key) at the end of every call."""
+    with a padding slot (-1, NaN key) at the end of every call. Returns each sequence's keys and values
+    rotated as the writes rotated them (the same call on the same rows: a row's rounding can depend on
+    the batch it is rotated in)."""
     N = lay.block_size
     pos = [0] * len(K)
+    rotated = [([], []) for _ in K]
     for step in range(max(len(c) for c in chunks)):
-        ks, vs, slots = [], [], []
+        ks, vs, slots, owners = [], [], [], []
         for b, sizes in enumerate(chunks):
             if step < len(sizes):
                 a, e = pos[b], pos[b] + sizes[step]
                 p = torch.arange(a, e)
                 ks.append(K[b][a:e]), vs.append(V[b][a:e]), slots.append(tables[b][p // N] * N + p % N)
+                owners += [b] * (e - a)
                 pos[b] = e
         H, D = K[0].shape[1:]
         (
@@ -43,7 +47,13 @@ def _write_all(lay, views, tables, K, V, chunks, rot, clip):
             vs.append(torch.zeros(1, H, D)),
             slots.append(torch.tensor([-1])),
         )
-        paged.write(views, lay, torch.cat(ks), torch.cat(vs), torch.cat(slots), rot, rot, clip)
+        key, value = torch.cat(ks), torch.cat(vs)
+        paged.write(views, lay, key, value, torch.cat(slots), rot, rot, clip)
+        real = torch.cat(slots) >= 0  # the writer drops the padding slot before it rotates
+        rk, rv = rotate(key[real].to(lay.dtype), rot), rotate(value[real].to(lay.dtype), rot)
+        for i, b in enumerate(owners):
+            rotated[b][0].append(rk[i]), rotated[b][1].append(rv[i])
+    return [(torch.stack(k), torch.stack(v)) for k, v in rotated]
 
 
 def _split(total: int, cuts: list[int]) -> list[int]:
@@ -85,11 +95,11 @@ def test_stored_codes_equal_quantize_pack_of_the_same_tokens(
     K = [torch.randn(n, H, D, generator=g) for n in lens]
     V = [torch.randn(n, H, D, generator=g) for n in lens]
     R = hadamard(D) if rotate_kv else None
-    _write_all(lay, views, tables, K, V, [_split(n, cuts) for n in lens], R, clip)
+    written = _write_all(lay, views, tables, K, V, [_split(n, cuts) for n in lens], R, clip)
     store = paged.gather(views, lay, tables, torch.tensor(lens))
     W = G * k_bits // 32
     for b, n in enumerate(lens):
-        k, v = rotate(K[b], R), rotate(V[b], R)
+        k, v = written[b]
         for j in range(n // G):
             codes, scale, mn = ops.quantize_pack(k[j * G : (j + 1) * G].permute(1, 2, 0), k_bits, G, clip)
             assert torch.equal(store["k_codes"][b, :, :, j * W : (j + 1) * W], codes)
