@@ -47,9 +47,9 @@ def _write_all(lay, views, tables, K, V, chunks, rot, clip):
             vs.append(torch.zeros(1, H, D)),
             slots.append(torch.tensor([-1])),
         )
-        key, value = torch.cat(ks), torch.cat(vs)
-        paged.write(views, lay, key, value, torch.cat(slots), rot, rot, clip)
-        real = torch.cat(slots) >= 0  # the writer drops the padding slot before it rotates
+        key, value, slot = torch.cat(ks), torch.cat(vs), torch.cat(slots)
+        paged.write(views, lay, key, value, slot, rot, rot, clip)
+        real = slot >= 0  # the writer drops the padding slot before it rotates
         rk, rv = rotate(key[real].to(lay.dtype), rot), rotate(value[real].to(lay.dtype), rot)
         for i, b in enumerate(owners):
             rotated[b][0].append(rk[i]), rotated[b][1].append(rv[i])

@@ -10,6 +10,5 @@ NEEDS_ATTENTION = False
 def scores(k, valid, cfg):
     """``k [B, Hkv, T, D]`` (post-RoPE, as cached), ``valid [B, T]`` -> ``[B, Hkv, T]`` float32."""
     unit = torch.nn.functional.normalize(k.float(), dim=-1)
-    w = valid[:, None, :, None].to(unit.dtype)
-    anchor = (unit * w).sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp_min(1)  # [B, Hkv, 1, D]
-    return -torch.nn.functional.cosine_similarity(unit, anchor, dim=-1, eps=1e-12)
+    anchor = (unit * valid[:, None, :, None]).sum(2, keepdim=True)  # [B, Hkv, 1, D]: the valid keys' mean direction
+    return -(unit * torch.nn.functional.normalize(anchor, dim=-1)).sum(-1)
