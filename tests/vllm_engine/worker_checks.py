@@ -24,6 +24,7 @@ def install(worker) -> str:
     RECORD.update(name=name, keys={}, values={}, last=None)
 
     def pre(module, args):
+        RECORD["active"] = True
         fc = get_forward_context()
         slots = fc.slot_mapping[name]
         if not bool((slots > 0).any()):  # a dummy batch (slot 0 is vLLM's null block): not a request's tokens
@@ -46,6 +47,7 @@ def install(worker) -> str:
         RECORD["pending"] = (args[0].clone(), snapshot)
 
     def post(module, args, output):
+        RECORD["active"] = False
         if "pending" not in RECORD:
             return
         q, meta = RECORD.pop("pending")
@@ -56,8 +58,50 @@ def install(worker) -> str:
 
     attn.register_forward_pre_hook(pre)
     attn.register_forward_hook(post)
+    _record_rotated_rows()
     _guard_decode_path(attn.impl)
     return name
+
+
+def _record_rotated_rows() -> None:
+    """Keep the first layer's writes as the writer rotated them (``RECORD["writes"]``): an fp32 matmul's
+    rounding depends on the batch it runs in, so the stored codes are compared with ``quantize_pack`` of
+    the rows the writer itself produced, not of the same tokens rotated again in another batch. Copies
+    only (no host reads: decode steps write under the guard); :func:`_rotated_rows` maps them to slots."""
+    from minikv.vllm import paged
+
+    RECORD["writes"] = []
+    calls: list = []
+    rotate = paged.rotate
+
+    def recording_rotate(x, R):
+        y = rotate(x, R)
+        calls.append(y)
+        return y
+
+    def recording(write):
+        def call(views, layout, key, value, slot_mapping, *args, **kwargs):
+            calls.clear()
+            write(views, layout, key, value, slot_mapping, *args, **kwargs)
+            if RECORD.get("active") and len(calls) >= 2:  # the recorded layer, quantized (16 bits: no rotation)
+                RECORD["writes"].append((slot_mapping.clone(), calls[0].clone(), calls[1].clone()))
+
+        return call
+
+    paged.rotate = recording_rotate
+    paged.write, paged.write_decode = recording(paged.write), recording(paged.write_decode)
+
+
+def _rotated_rows() -> tuple[dict, dict]:
+    """Slot -> key row, slot -> value row, as written (a later write of a slot replaces an earlier one)."""
+    keys, values = {}, {}
+    for slots, k, v in RECORD["writes"]:
+        if k.shape[0] != slots.shape[0]:  # the general write drops padding slots before rotating
+            slots = slots[slots >= 0]
+        for i, s in enumerate(slots.tolist()):
+            if s >= 0:
+                keys[s], values[s] = k[i], v[i]
+    return keys, values
 
 
 def _guard_decode_path(impl) -> None:
@@ -101,7 +145,6 @@ def _guard_decode_path(impl) -> None:
 
 def check(worker) -> dict:
     from minikv.kernels import ops
-    from minikv.rotation import rotate
     from minikv.vllm import backend, paged
 
     name, attn = _layer(worker)
@@ -150,19 +193,22 @@ def check(worker) -> dict:
             result["chunk_max_err"] = max(result["chunk_max_err"], float((got - ref).abs().max()))
             result["chunk_ref_max"] = max(result["chunk_ref_max"], float(ref.abs().max()))
             result["chunk_rows"] += 1
+    rot_keys, rot_values = _rotated_rows() if lay.quantized else ({}, {})
     for r, L in enumerate(meta.seq_lens_host):
         bt = meta.block_table[r]
         pos = torch.arange(L)
         slots = (bt[pos // N].long() * N + pos % N).tolist()
-        k = rotate(torch.stack([RECORD["keys"][s] for s in slots]).to(lay.dtype), rot_k)  # [L, H, D]
-        v = rotate(torch.stack([RECORD["values"][s] for s in slots]).to(lay.dtype), rot_v)
         result["requests"] += 1
         if not lay.quantized:  # 16 bits: vLLM's dense layout, every token as given
+            k = torch.stack([RECORD["keys"][s] for s in slots]).to(lay.dtype)  # [L, H, D]
+            v = torch.stack([RECORD["values"][s] for s in slots]).to(lay.dtype)
             idx = torch.tensor(slots)
             stored_k = views["k"].transpose(1, 2).flatten(0, 1)[idx]  # [L, H, D]
             stored_v = views["v"].transpose(1, 2).flatten(0, 1)[idx]
             result["residual_mismatch"] += int((stored_k != k).sum()) + int((stored_v != v).sum())
             continue
+        k = torch.stack([rot_keys[s] for s in slots])  # [L, H, D], as the writer rotated them
+        v = torch.stack([rot_values[s] for s in slots])
         clip = impl.settings.clip
         if lay.keys_per_token:  # keys as values: every token's codes, no residual
             blk, off = torch.tensor(slots) // N, torch.tensor(slots) % N
