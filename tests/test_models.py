@@ -61,16 +61,38 @@ def test_the_harness_passes_short_names_through(monkeypatch):
 
 
 @pytest.mark.slow
-def test_save_dense_writes_the_gguf_model_as_safetensors_with_the_same_logits(tmp_path):
-    """For engines that read no GGUF (vLLM 0.32): the dense copy loads without GGUF and computes the same logits."""
+def test_save_dense_and_the_dense_cache_compute_the_ggufs_logits_and_tokens(tmp_path, monkeypatch):
+    """For engines that read no GGUF (vLLM 0.32), and for every load after the first: the dense copy loads
+    without GGUF and computes the GGUF's logits from the same token ids; a second load reads the copy."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = models.save_dense("smollm2", tmp_path / "smollm2", dtype="float32")
+    monkeypatch.setenv("MINIKV_CACHE_DIR", str(tmp_path / "cache"))
+    path = models.save_dense("smollm2", tmp_path / "smollm2", dtype="float32")  # writes the cache on the way
     assert not list(tmp_path.glob("smollm2/*.gguf")) and list(tmp_path.glob("smollm2/*.safetensors"))
     dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert getattr(dense, "hf_quantizer", None) is None
-    original, tok = models.load_model("smollm2")
-    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    [copy] = (tmp_path / "cache" / "models").iterdir()
+    assert (copy / "complete").exists() and list(copy.glob("*.safetensors"))
+
+    loads = []
+    load = models._load
+    monkeypatch.setattr(
+        models, "_load", lambda source, kwargs, *a: loads.append((source, kwargs)) or load(source, kwargs, *a)
+    )
+    cached, tok = models.load_model("smollm2")
+    monkeypatch.setenv("MINIKV_DENSE_CACHE", "0")
+    original, gguf_tok = models.load_model("smollm2")
+    assert loads == [(str(copy), {}), (str(models.embedded_gguf("smollm2").parent), {"gguf_file": models.DEFAULT_GGUF})]
+
+    def ids_of(tokenizer):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "The capital of France is?"}], add_generation_prompt=True, return_tensors="pt"
+        )
+        return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+
+    ids = ids_of(gguf_tok)
+    assert torch.equal(ids_of(tok), ids)
     with torch.no_grad():
-        assert torch.equal(dense(ids).logits, original(ids).logits)
+        ref = original(ids).logits
+        assert torch.equal(dense(ids).logits, ref) and torch.equal(cached(ids).logits, ref)
