@@ -100,15 +100,23 @@ def load_model(model: str | None = None, dtype: str = "float32", device: str = "
     (``"smollm2"``, ``"gemma3-270m"``), a ``.gguf`` file, a local directory or a hub id. An embedded
     model is read from its dense copy (:func:`dense_copy`), written on first use.
     """
-    source, kwargs = resolve(model)  # before the heavy imports: a bad name fails fast
+    resolve(model)  # before the heavy imports: a bad name fails fast
     import torch
 
     from .kernels.quant import import_torchao_quietly
 
     import_torchao_quietly()
-    if kwargs and (model is None or str(model) in EMBEDDED_MODELS) and os.environ.get("MINIKV_DENSE_CACHE") != "0":
-        source, kwargs = str(dense_copy(DEFAULT_MODEL if model is None else str(model))), {}
+    source, kwargs = load_source(model)
     return _load(source, kwargs, getattr(torch, dtype), device)
+
+
+def load_source(model: str | os.PathLike | None) -> tuple[str, dict]:
+    """:func:`resolve`, with an embedded model's dense copy (written on first use) in place of its GGUF
+    unless ``MINIKV_DENSE_CACHE=0``."""
+    source, kwargs = resolve(model)
+    if kwargs and (model is None or str(model) in EMBEDDED_MODELS) and os.environ.get("MINIKV_DENSE_CACHE") != "0":
+        return str(dense_copy(DEFAULT_MODEL if model is None else str(model))), {}
+    return source, kwargs
 
 
 def _load(source: str, kwargs: dict, torch_dtype, device: str = "cpu"):

@@ -178,14 +178,14 @@ def test_stock_lm_eval_command_line_resolves_minikv_hf(model, tok, tmp_path):
 
 def test_hf_arguments_map_short_names_and_gguf_paths_and_keep_the_rest():
     from minikv.harness.model import hf_arguments
-    from minikv.models import embedded_gguf
+    from minikv.models import dense_copy, embedded_gguf
 
     path = embedded_gguf()
+    dense = str(dense_copy("smollm2"))
     for name in ("smollm2", None, "SmolLM2-135M-Instruct", str(path)):
         args = hf_arguments(name, None, "cpu", {"revision": "main"})
-        assert args == dict(
-            pretrained=str(path.parent), gguf_file=path.name, dtype="float32", device="cpu", revision="main"
-        )
+        source = dict(pretrained=str(path.parent), gguf_file=path.name) if name == str(path) else dict(pretrained=dense)
+        assert args == dict(**source, dtype="float32", device="cpu", revision="main")
     given = hf_arguments("org/model", "bfloat16", None, {"trust_remote_code": True})
     assert given["pretrained"] == "org/model" and given["dtype"] == "bfloat16" and given["trust_remote_code"]
     assert hf_arguments("org/model", None, "cpu", {})["dtype"] == "auto"  # as lm-eval's hf model

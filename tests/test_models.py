@@ -53,7 +53,7 @@ def test_the_harness_passes_short_names_through(monkeypatch):
     from minikv.harness.model import hf_arguments
 
     calls = []
-    monkeypatch.setattr(models, "resolve", lambda name: calls.append(name) or ("DIR", {"gguf_file": "F.gguf"}))
+    monkeypatch.setattr(models, "load_source", lambda name: calls.append(name) or ("DIR", {"gguf_file": "F.gguf"}))
     for name in ("gemma3-270m", "smollm2", None, "SmolLM2-135M-Instruct"):
         args = hf_arguments(name, None, "cpu", {})
         assert args == dict(pretrained="DIR", gguf_file="F.gguf", dtype="float32", device="cpu")

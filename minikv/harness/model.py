@@ -150,23 +150,27 @@ class _Recorder:
 
 
 def hf_arguments(pretrained, dtype: str | None, device: str | None, kwargs: dict) -> dict:
-    """What lm-eval's ``HFLM`` gets: the user's arguments, an embedded model's short name (or a
-    ``.gguf`` path) turned into its folder and ``gguf_file``, and the defaults of ``minikv_hf``:
+    """What lm-eval's ``HFLM`` gets: the user's arguments, an embedded model's short name turned into its
+    dense copy's folder (:func:`minikv.models.load_source`) or a ``.gguf`` path into its folder and
+    ``gguf_file``, and the defaults of ``minikv_hf``:
     the embedded model when none is named; ``dtype`` float32 for GGUF files (they are dequantized;
     CPU-friendly) and ``"auto"`` otherwise, as ``hf``; ``device`` cuda when there is one, else cpu."""
     import torch
 
     from ..kernels.quant import import_torchao_quietly
-    from ..models import resolve
+    from ..models import EMBEDDED_MODELS, load_source
 
     import_torchao_quietly()
     args = dict(kwargs)
     if not isinstance(pretrained, str | type(None)):  # a loaded model: lm-eval's own path, nothing to add
         return dict(pretrained=pretrained, **args)
+    dequantized = bool(args.get("gguf_file"))
     if not args.get("gguf_file"):
-        pretrained, gguf = resolve(ALIASES.get(pretrained, pretrained))
+        name = ALIASES.get(pretrained, pretrained)
+        dequantized = name is None or name in EMBEDDED_MODELS or str(name).endswith(".gguf")
+        pretrained, gguf = load_source(name)
         args.update(gguf)
     if dtype is None:
-        dtype = "float32" if args.get("gguf_file") else "auto"
+        dtype = "float32" if dequantized else "auto"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return dict(pretrained=pretrained, dtype=dtype, device=device, **args)
