@@ -102,6 +102,12 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
         ("minikv defaults, 1 sink", dict(sink_tokens=1)),
         ("minikv defaults, 16 sinks", dict(sink_tokens=16)),
     ],
+    "gemma_recent": [  # Gemma 3's recent window around its default (32 with the shared schedule), and one sink
+        ("minikv defaults, recent 0", dict(recent=0)),
+        ("minikv defaults, recent 16", dict(recent=16)),
+        ("minikv defaults, recent 64", dict(recent=64)),
+        ("minikv defaults (recent 32), 1 sink", dict(sink_tokens=1)),
+    ],
     "baselines": [  # KIVI-2 (every token, K2 V2 G32, none of minikv's fidelity knobs)
         (
             "KIVI-2 every token (K2V2 G32)",

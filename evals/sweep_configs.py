@@ -103,6 +103,9 @@ GROUPS["shared"] = [("kvzip 50%, shared schedule", dict(cache="minikv", scorer="
 GROUPS["shared_recent"] = [  # with a 32-token recent window (the five-question suite's best on Gemma 3)
     ("kvzip 50%, shared schedule, recent 32", dict(cache="minikv", scorer="kvzip", schedule="shared", recent=32))
 ]
+GROUPS["shared_recent64"] = [  # a 64-token recent window (the five-question suite's best over 30 samples on Gemma 3)
+    ("kvzip 50%, shared schedule, recent 64", dict(cache="minikv", scorer="kvzip", schedule="shared", recent=64))
+]
 GROUPS["heads"] = [
     (
         "kvzip 50%, global, adaptive heads",
