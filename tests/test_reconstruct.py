@@ -333,8 +333,8 @@ def test_shared_schedule_gives_every_layer_and_head_the_same_scores_and_generate
     "family, kv_heads, knobs, expected",
     [
         ("llama", 2, {}, ("global", "adaptive", 0.25)),
-        ("llama", 1, {}, ("shared", "uniform", 32)),
-        ("gemma3_text", 1, {}, ("shared", "uniform", 32)),
+        ("llama", 1, {}, ("shared", "uniform", 64)),
+        ("gemma3_text", 1, {}, ("shared", "uniform", 64)),
         ("llama", 1, {"budget": 20}, ("shared", "uniform", 20)),  # the window fits in an int budget
         ("llama", 1, {"recent": 0.5}, ("shared", "uniform", 0.5)),
         ("llama", 1, {"schedule": "global"}, ("global", "adaptive", 0.25)),
@@ -342,7 +342,7 @@ def test_shared_schedule_gives_every_layer_and_head_the_same_scores_and_generate
     ],
 )
 def test_the_default_schedule_shares_the_tokens_on_a_model_with_one_kv_head(family, kv_heads, knobs, expected):
-    """``schedule``, ``head_budgets`` and ``recent`` left to choose: the shared schedule and a 32-token recent
+    """``schedule``, ``head_budgets`` and ``recent`` left to choose: the shared schedule and a 64-token recent
     window with one KV head (docs/shared-context.md); what the user sets stays."""
     model = tiny_model(family, num_key_value_heads=kv_heads)
     minikv.patch(model, **knobs)
