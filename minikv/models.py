@@ -100,13 +100,12 @@ def load_model(model: str | None = None, dtype: str = "float32", device: str = "
     (``"smollm2"``, ``"gemma3-270m"``), a ``.gguf`` file, a local directory or a hub id. An embedded
     model is read from its dense copy (:func:`dense_copy`), written on first use.
     """
-    resolve(model)  # before the heavy imports: a bad name fails fast
+    source, kwargs = load_source(model)  # before the heavy imports: a bad name fails fast
     import torch
 
     from .kernels.quant import import_torchao_quietly
 
     import_torchao_quietly()
-    source, kwargs = load_source(model)
     return _load(source, kwargs, getattr(torch, dtype), device)
 
 
@@ -115,7 +114,8 @@ def load_source(model: str | os.PathLike | None) -> tuple[str, dict]:
     unless ``MINIKV_DENSE_CACHE=0``."""
     source, kwargs = resolve(model)
     if kwargs and (model is None or str(model) in EMBEDDED_MODELS) and os.environ.get("MINIKV_DENSE_CACHE") != "0":
-        return str(dense_copy(DEFAULT_MODEL if model is None else str(model))), {}
+        name = DEFAULT_MODEL if model is None else str(model)
+        return str(dense_copy(name, Path(source) / kwargs["gguf_file"])), {}  # the GGUF located (and checked) once
     return source, kwargs
 
 
@@ -129,17 +129,23 @@ def _load(source: str, kwargs: dict, torch_dtype, device: str = "cpu"):
     return lm.to(device).eval(), tokenizer
 
 
-def dense_copy(name: str) -> Path:
+def cache_root() -> Path:
+    """minikv's cache folder: ``$MINIKV_CACHE_DIR``, default ``~/.cache/minikv`` (built kernels, dense models)."""
+    return Path(os.environ.get("MINIKV_CACHE_DIR") or Path.home() / ".cache" / "minikv")
+
+
+def dense_copy(name: str, gguf: Path | None = None) -> Path:
     """The folder holding embedded model ``name`` as dense fp32 safetensors and its tokenizer, written
     from the GGUF on first use (to a temporary folder renamed into place: concurrent first uses each
-    write their own, one is kept). Keyed by the GGUF's size and the transformers version."""
+    write their own, one is kept). Keyed by the GGUF's size and the transformers version. ``gguf``: the
+    model's GGUF when the caller has located it already."""
     import shutil
 
     import torch
     import transformers
 
-    gguf = embedded_gguf(name)
-    root = Path(os.environ.get("MINIKV_CACHE_DIR") or Path.home() / ".cache" / "minikv") / "models"
+    gguf = gguf or embedded_gguf(name)
+    root = cache_root() / "models"
     folder = root / f"{name}-{gguf.stat().st_size}-transformers-{transformers.__version__}"
     if (folder / "complete").exists():
         return folder

@@ -42,8 +42,9 @@ def build_name() -> str:
 
 
 def build_directory() -> Path:
-    root = Path(os.environ.get("MINIKV_CACHE_DIR") or Path.home() / ".cache" / "minikv")
-    return root / build_name()
+    from ..models import cache_root
+
+    return cache_root() / build_name()
 
 
 @contextlib.contextmanager
