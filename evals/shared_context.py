@@ -177,6 +177,12 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
             dict(schedule="shared", reconstruct_prefix="Repeat the previous context exactly."),
         ),
     ],
+    "groups": [  # larger quantization groups (fewer fp16 scales per token) spent on more kept tokens, <= 15%
+        ("minikv defaults, G64, 66% kept", dict(q_group_size=64, budget=0.66)),
+        ("minikv defaults, G128, 70% kept", dict(q_group_size=128, budget=0.70)),
+        ("minikv defaults, G128, every token", dict(q_group_size=128, budget=None)),
+        ("minikv defaults, G64, 62% kept", dict(q_group_size=64, budget=0.62)),
+    ],
     "gemma2bit": [
         ("K2V2 G128 every token", dict(budget=None, k_bits=2, v_bits=2, q_group_size=128)),
         (

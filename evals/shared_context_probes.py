@@ -19,6 +19,10 @@ sample's needles (``oracle``) or run one more forward per prompt (``surprisal*``
 - ``mix<d>`` (with ``schedule="shared"``): each layer keeps the larger of a token's rank (as a fraction)
   by the shared score and by the layer's own score less ``d`` (``mix0``: the two rankings' tops in equal
   shares; ``d`` > 0 leans to the shared ranking): one set for every layer plus each layer's own tokens.
+- ``shsurp<d>`` (with ``schedule="shared"``): the larger of a token's rank by the shared score and by
+  surprisal less ``d``: the shared set plus the tokens the model could not predict;
+- ``shtop<s>`` (with ``schedule="shared"``): the top ``s`` of the shared ranking first, then the rest of
+  the budget by surprisal (a quote needs the tokens the model cannot guess; the keys need the shared set).
 """
 
 from __future__ import annotations
@@ -75,6 +79,10 @@ def install(probe: str) -> None:
     if probe.startswith("mix"):
         _install_mix(float(probe[3:]))
         return
+    if probe.startswith("shsurp"):
+        _install_shared_surprisal(float(probe[6:]))
+    if probe.startswith("shtop"):
+        _install_shared_surprisal(float(probe[5:]), top=True)
 
     def probed_run(model, dialogue, knobs, doc, turns, max_new: int = 64):
         ids = dialogue.document(doc)
@@ -87,7 +95,7 @@ def install(probe: str) -> None:
             for m in re.finditer(NEEDLES, text):
                 mask |= torch.tensor([a < m.end() and b > m.start() for a, b in enc.offset_mapping])
             STATE["needles"] = mask
-        if probe.startswith("surprisal"):
+        if probe.startswith(("surprisal", "shsurp", "shtop")):
             with torch.inference_mode():
                 logits = model(torch.tensor([ids]), use_cache=False).logits[0].float()
             lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
@@ -96,7 +104,7 @@ def install(probe: str) -> None:
 
     def probed_commit(self):
         layers = [layer for layer in self.layers if isinstance(layer, C.MiniKVLayer) and layer.pending is not None]
-        if layers and not layers[0].pending.turn:  # the document's tokens (turns are scored as they are)
+        if layers and not layers[0].pending.turn and not probe.startswith(("shsurp", "shtop")):  # the document's tokens
             for layer, s in zip(layers, rewrite(probe, [layer.pending.scores for layer in layers])):
                 layer.pending.scores = s.to(layer.pending.scores.dtype)
         return commit(self)
@@ -113,6 +121,24 @@ def _install_mix(d: float) -> None:
             torch.maximum(_rank(sh.float()), _rank(own.float()) - d)
             for sh, own in zip(shared_scores(cfg, scores), scores)
         ]
+
+    C.budget.shared_scores = mixed
+
+
+def _install_shared_surprisal(d: float, top: bool = False) -> None:
+    shared_scores = C.budget.shared_scores
+
+    def mixed(cfg, scores):
+        out = shared_scores(cfg, scores)
+        su = STATE["surprisal"]
+        if out[0].shape[-1] != su.shape[-1]:  # a turn: the shared scores alone
+            return out
+        if top:  # the shared ranking's top d first, then the rest by surprisal
+            return [
+                torch.where(_rank(sh.float()) >= 1 - d, 1 + _rank(sh.float()), _rank(su.to(sh.device)).expand_as(sh))
+                for sh in out
+            ]
+        return [torch.maximum(_rank(sh.float()), _rank(su.to(sh.device)).expand_as(sh) - d) for sh in out]
 
     C.budget.shared_scores = mixed
 

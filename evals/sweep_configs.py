@@ -106,6 +106,18 @@ GROUPS["shared_recent"] = [  # with a 32-token recent window (the five-question 
 GROUPS["shared_recent64"] = [  # a 64-token recent window (the five-question suite's best over 30 samples on Gemma 3)
     ("kvzip 50%, shared schedule, recent 64", dict(cache="minikv", scorer="kvzip", schedule="shared", recent=64))
 ]
+GROUPS["shared_g64"] = [  # quantization groups of 64 and 66% kept (<= 15% of fp16: the five-question suite's best)
+    (
+        "kvzip 66%, shared schedule, recent 64, G64",
+        dict(cache="minikv", scorer="kvzip", schedule="shared", recent=64, q_group_size=64, budget=0.66),
+    )
+]
+GROUPS["heads_g64"] = [  # the same bytes on a model with several KV heads per layer (per-head budgets)
+    (
+        "kvzip 66%, global, adaptive heads, G64",
+        dict(cache="minikv", scorer="kvzip", schedule="global", head_budgets="adaptive", q_group_size=64, budget=0.66),
+    )
+]
 GROUPS["heads"] = [
     (
         "kvzip 50%, global, adaptive heads",

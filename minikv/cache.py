@@ -426,12 +426,12 @@ class MiniKVCache(Cache):
         if max_new_tokens is not None:
             cfg = cfg.replace(max_new_tokens=max_new_tokens)
         text = model_config.get_text_config(decoder=True)
-        cfg = cfg.for_head_dim(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         layer_types, layer_kwargs = layer_types_and_kwargs(text)
         check_layer_types(layer_types)
         num_compressed = sum(t in COMPRESSED_TYPES for t in layer_types)
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        cfg = cfg.for_model(kv_heads)
+        cfg = cfg.for_model(kv_heads, head_dim).for_head_dim(head_dim)
         self.cfg = cfg
         layers, rank = [], 0
         for kind, kw in zip(layer_types, layer_kwargs):

@@ -32,12 +32,12 @@ from .models import DEFAULT_MODEL, EMBEDDED_MODELS, MissingModelPackage
 
 def parse_budget(text: str):
     try:
-        if text.lower() == "none":
-            return None
+        if text.lower() in ("none", "auto"):
+            return None if text.lower() == "none" else "auto"
         return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"budget must be an int >= 1 (tokens), a float in (0, 1] (fraction of the prompt) or 'none', got {text!r}"
+            f"budget must be an int >= 1 (tokens), a float in (0, 1] (fraction of the prompt), 'none' or 'auto', got {text!r}"
         ) from None
 
 
@@ -71,7 +71,7 @@ KNOB_FLAGS = {
     "sink_tokens": (int, None, "first tokens of the prompt kept, in full precision"),
     "clip": (argparse.BooleanOptionalAction, None, "MSE-optimal clipped quantization scales"),
     "rotate": (str, ROTATIONS, "Hadamard rotation of values (v), keys (k) or both before quantization"),
-    "budget": (parse_budget, None, "tokens kept per KV head per layer (int), fraction of the prompt (float), or none"),
+    "budget": (parse_budget, None, "tokens per KV head per layer (int), fraction of the prompt (float), none or auto"),
     "recent": (parse_recent, None, "recent window: tokens (int) or fraction of the budget (float)"),
     "scorer": (str, SCORERS, "token importance scorer"),
     "snap_window": (int, None, "SnapKV observation window (queries)"),

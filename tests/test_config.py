@@ -7,6 +7,7 @@ def test_defaults_are_the_measured_ones():
     c = MiniKVConfig()  # chosen by evals/fidelity.py, evals/sweep.py and evals/shared_context.py (docs/)
     assert (c.bits, c.key_bits, c.value_bits, c.budget, c.recent, c.scorer) == (2, 4, 2, 0.5, 0.25, "kvzip")
     assert (c.schedule, c.head_budgets) == ("global", "adaptive")
+    assert MiniKVConfig(budget="auto") == c and c.replace(bits=4).budget == 0.5  # "auto" chooses again
     assert (c.sink_tokens, c.clips, c.rotation, c.q_group_size, c.residual_length) == (4, True, "kv", None, 128)
     off = MiniKVConfig(bits=16)  # compression off needs no other knob
     assert (off.key_bits, off.value_bits, off.clips, off.rotation) == (16, 16, False, "none")
@@ -34,7 +35,7 @@ def test_no_automatic_group_size_fits_a_tiny_head():
         (dict(budget=-5), "at least 1 token"),
         (dict(budget=0.0), "(0, 1]"),
         (dict(budget=1.5), "(0, 1]"),
-        (dict(budget="half"), "budget must be"),
+        (dict(budget="half"), "budget must be an int >= 1, a float in (0, 1], None or 'auto'"),
         (dict(budget=True), "budget must be"),
         (dict(budget=64, recent=65), "recent=65 is larger than budget=64"),
         (dict(recent=-1), "recent must be >= 0"),

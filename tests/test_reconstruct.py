@@ -330,24 +330,33 @@ def test_shared_schedule_gives_every_layer_and_head_the_same_scores_and_generate
 
 
 @pytest.mark.parametrize(
-    "family, kv_heads, knobs, expected",
+    "family, kv_heads, head_dim, knobs, expected",
     [
-        ("llama", 2, {}, ("global", "adaptive", 0.25)),
-        ("llama", 1, {}, ("shared", "uniform", 64)),
-        ("gemma3_text", 1, {}, ("shared", "uniform", 64)),
-        ("llama", 1, {"budget": 20}, ("shared", "uniform", 20)),  # the window fits in an int budget
-        ("llama", 1, {"recent": 0.5}, ("shared", "uniform", 0.5)),
-        ("llama", 1, {"schedule": "global"}, ("global", "adaptive", 0.25)),
-        ("llama", 1, {"scorer": "snapkv"}, ("uniform", "uniform", 0.25)),
+        ("llama", 2, 16, {}, ("global", "adaptive", 0.25, 0.5, 16)),
+        ("llama", 1, 16, {}, ("shared", "uniform", 64, 0.5, 16)),  # groups of 64 do not fit a 16-wide head
+        ("gemma3_text", 1, 16, {}, ("shared", "uniform", 64, 0.5, 16)),
+        ("llama", 1, 64, {}, ("shared", "uniform", 64, 0.66, 64)),  # the bytes of 58% in groups of 32
+        ("gemma3_text", 1, 64, {"budget": "auto"}, ("shared", "uniform", 64, 0.66, 64)),
+        ("llama", 2, 64, {}, ("global", "adaptive", 0.25, 0.5, 32)),
+        ("llama", 1, 64, {"budget": 0.5}, ("shared", "uniform", 64, 0.5, 32)),  # a budget given stays
+        ("llama", 1, 64, {"q_group_size": 32}, ("shared", "uniform", 64, 0.5, 32)),  # so does a group
+        ("llama", 1, 64, {"residual_length": 96}, ("shared", "uniform", 64, 0.5, 32)),  # 64 must divide R
+        ("llama", 1, 16, {"budget": 20}, ("shared", "uniform", 20, 20, 16)),  # the window fits in an int budget
+        ("llama", 1, 16, {"recent": 0.5}, ("shared", "uniform", 0.5, 0.5, 16)),
+        ("llama", 1, 64, {"schedule": "global"}, ("global", "adaptive", 0.25, 0.5, 32)),
+        ("llama", 1, 64, {"scorer": "snapkv"}, ("uniform", "uniform", 0.25, 0.5, 32)),
     ],
 )
-def test_the_default_schedule_shares_the_tokens_on_a_model_with_one_kv_head(family, kv_heads, knobs, expected):
-    """``schedule``, ``head_budgets`` and ``recent`` left to choose: the shared schedule and a 64-token recent
-    window with one KV head (docs/shared-context.md); what the user sets stays."""
-    model = tiny_model(family, num_key_value_heads=kv_heads)
+def test_the_default_schedule_shares_the_tokens_on_a_model_with_one_kv_head(
+    family, kv_heads, head_dim, knobs, expected
+):
+    """``schedule``, ``head_budgets``, ``recent`` and ``budget`` left to choose: the shared schedule, a 64-token
+    recent window and 66% of the tokens in groups of 64 (where they fit) with one KV head
+    (docs/shared-context.md); what the user sets stays."""
+    model = tiny_model(family, num_key_value_heads=kv_heads, head_dim=head_dim)
     minikv.patch(model, **knobs)
     cfg = MiniKVCache(model._minikv_patch.config, model.config).cfg
-    assert (cfg.schedule, cfg.head_budgets, cfg.recent) == expected
+    assert (cfg.schedule, cfg.head_budgets, cfg.recent, cfg.budget, cfg.q_group_size) == expected
 
 
 def test_the_decode_step_with_the_hook_compiles_into_one_graph():

@@ -12,7 +12,8 @@ def patch(model, bits=None, budget=..., **knobs):
     """Make ``model.generate`` store its KV cache the MiniKV way and return ``model``.
 
     ``bits``: 2 or 4 (quantized) or 16 (not quantized); ``budget``: tokens kept per KV head per
-    layer on average (int), a fraction of each prompt (float in (0, 1]) or None (keep all);
+    layer on average (int), a fraction of each prompt (float in (0, 1]), None (keep all) or "auto"
+    (the default: half of each prompt; 66% in groups of 64 on a model with one KV head per layer);
     ``knobs``: any other field of :class:`minikv.MiniKVConfig`, ``preset="paper"`` (a named recipe,
     :data:`minikv.config.PRESETS`, the knobs given override it), or ``config=MiniKVConfig(...)``.
     Knobs not given take the preset's or :class:`MiniKVConfig`'s defaults. Everything is validated
