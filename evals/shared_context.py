@@ -182,6 +182,7 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
         ("minikv defaults, G128, 70% kept", dict(q_group_size=128, budget=0.70)),
         ("minikv defaults, G128, every token", dict(q_group_size=128, budget=None)),
         ("minikv defaults, G64, 62% kept", dict(q_group_size=64, budget=0.62)),
+        ("minikv defaults, 55% kept", dict(budget=0.55)),  # SmolLM2: the bytes under 15% as more G32 tokens
     ],
     "gemma2bit": [
         ("K2V2 G128 every token", dict(budget=None, k_bits=2, v_bits=2, q_group_size=128)),
