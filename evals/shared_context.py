@@ -373,6 +373,8 @@ def main() -> int:
             **{t: round(sum(xs) / len(xs), 3) for t, xs in per_task.items()},
             kv_percent_of_fp16=round(100 * sum(r[0] for r in ratios) / len(ratios), 1),
             kv_percent_after_turns=round(100 * sum(r[1] for r in ratios) / len(ratios), 1),
+            kv_percent_exact=round(100 * sum(r[0] for r in ratios) / len(ratios), 2),
+            kv_percent_largest=round(100 * max(r[0] for r in ratios), 2),  # the document held in most bytes
             samples=args.samples,
             doc_tokens=round(sum(lengths) / len(lengths)),
             seconds=round(time.time() - t0),
