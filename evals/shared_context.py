@@ -364,6 +364,7 @@ def main() -> int:
             if knobs is not None and "cache" not in knobs:
                 minikv.unpatch(model)
         every = [x for xs in per_turn for x in xs]
+        doc_percent = 100 * sum(r[0] for r in ratios) / len(ratios)
         row = dict(
             config=label,
             knobs=json.dumps(knobs),
@@ -371,9 +372,9 @@ def main() -> int:
             mean_ci="[%.3f, %.3f]" % wilson(sum(every) / len(every), len(every)),
             **{f"turn{i + 1}": round(sum(xs) / len(xs), 3) for i, xs in enumerate(per_turn)},
             **{t: round(sum(xs) / len(xs), 3) for t, xs in per_task.items()},
-            kv_percent_of_fp16=round(100 * sum(r[0] for r in ratios) / len(ratios), 1),
+            kv_percent_of_fp16=round(doc_percent, 1),
             kv_percent_after_turns=round(100 * sum(r[1] for r in ratios) / len(ratios), 1),
-            kv_percent_exact=round(100 * sum(r[0] for r in ratios) / len(ratios), 2),
+            kv_percent_exact=round(doc_percent, 2),
             kv_percent_largest=round(100 * max(r[0] for r in ratios), 2),  # the document held in most bytes
             samples=args.samples,
             doc_tokens=round(sum(lengths) / len(lengths)),

@@ -133,12 +133,11 @@ def _install_shared_surprisal(d: float, top: bool = False) -> None:
         su = STATE["surprisal"]
         if out[0].shape[-1] != su.shape[-1]:  # a turn: the shared scores alone
             return out
+        by_surprisal = _rank(su.to(out[0].device))
+        ranks = [_rank(sh.float()) for sh in out]
         if top:  # the shared ranking's top d first, then the rest by surprisal
-            return [
-                torch.where(_rank(sh.float()) >= 1 - d, 1 + _rank(sh.float()), _rank(su.to(sh.device)).expand_as(sh))
-                for sh in out
-            ]
-        return [torch.maximum(_rank(sh.float()), _rank(su.to(sh.device)).expand_as(sh) - d) for sh in out]
+            return [torch.where(r >= 1 - d, 1 + r, by_surprisal.expand_as(r)) for r in ranks]
+        return [torch.maximum(r, by_surprisal.expand_as(r) - d) for r in ranks]
 
     C.budget.shared_scores = mixed
 

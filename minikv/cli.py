@@ -29,11 +29,13 @@ from .config import (
 )
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS, MissingModelPackage
 
+BUDGET_WORDS = {"none": None, "auto": "auto"}  # --budget values that are not numbers
+
 
 def parse_budget(text: str):
     try:
-        if text.lower() in ("none", "auto"):
-            return None if text.lower() == "none" else "auto"
+        if text.lower() in BUDGET_WORDS:
+            return BUDGET_WORDS[text.lower()]
         return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
