@@ -263,7 +263,9 @@ class Dialogue:
 
 
 def run_sample(model, dialogue, knobs, doc, turns, max_new: int = 64):
-    """Per turn: 1 if every scored token is the greedy choice; and the cache's KV ratio at the end."""
+    """Per turn ``(task, score, nll)``: the score is 1 if every scored token is the greedy choice (a quote: the
+    share that is), the nll the scored tokens' mean negative log-likelihood (a continuous measure of the same
+    answer, for paired comparisons of configurations); and the cache's KV ratio after the document and at the end."""
     import torch
 
     from minikv.cache import MiniKVCache
@@ -303,7 +305,8 @@ def run_sample(model, dialogue, knobs, doc, turns, max_new: int = 64):
             pos += ids.shape[1]
             pred = logits[-n - 1 : -1].argmax(-1)
             hits = (pred == ids[0, -n:]).float()
-            results.append((task, float(hits.mean()) if task == "quote" else float(hits.min())))
+            nll = -logits[-n - 1 : -1].float().log_softmax(-1).gather(-1, ids[0, -n:, None]).mean()
+            results.append((task, float(hits.mean()) if task == "quote" else float(hits.min()), float(nll)))
     return results, (doc_ratio, kv_ratio(model, cache, knobs, pos)), int(doc_ids.shape[1])
 
 
@@ -324,10 +327,16 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=2000)
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--first", type=int, default=0, help="index of the first sample (the suite's samples are seeded by index)"
+    )
     p.add_argument("--configs", default="core", help=f"a named group: {list(CONFIGS)}")
     p.add_argument("--knobs", help="one configuration instead of a group: minikv.patch knobs as JSON")
     p.add_argument("--label", help="the label of --knobs' row")
     p.add_argument("--out", help="CSV path (default evals/results/shared_context_<model>.csv; rows appended)")
+    p.add_argument(
+        "--records", help="JSONL path: one line per configuration and sample, every turn's (task, score, nll)"
+    )
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -342,7 +351,8 @@ def main() -> int:
     configs = [(args.label or args.knobs, json.loads(args.knobs))] if args.knobs else CONFIGS[args.configs]
     out = Path(args.out or HERE / "results" / f"shared_context_{args.model}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
-    samples = [make_sample(tok, args.tokens, args.seed, i) for i in range(args.samples)]
+    indices = range(args.first, args.first + args.samples)
+    samples = [make_sample(tok, args.tokens, args.seed, i) for i in indices]
     for label, knobs in configs:
         if knobs is not None and "cache" not in knobs:
             if isinstance(knobs.get("reconstruct_prefix"), str):  # an instruction, in this model's tokens
@@ -353,13 +363,18 @@ def main() -> int:
             per_turn = [[] for _ in TASKS]
             per_task = {t: [] for t in TASKS}
             ratios, lengths = [], []
-            for doc, turns in samples:
+            nlls = []
+            for index, (doc, turns) in zip(indices, samples):
                 results, ratio, n = run_sample(model, dialogue, knobs, doc, turns)
                 ratios.append(ratio)
                 lengths.append(n)
-                for i, (task, score) in enumerate(results):
+                for i, (task, score, nll) in enumerate(results):
                     per_turn[i].append(score)
                     per_task[task].append(score)
+                    nlls.append(nll)
+                if args.records:
+                    with open(args.records, "a") as f:
+                        f.write(json.dumps(dict(config=label, sample=index, seed=args.seed, turns=results)) + "\n")
         finally:
             if knobs is not None and "cache" not in knobs:
                 minikv.unpatch(model)
@@ -372,11 +387,13 @@ def main() -> int:
             mean_ci="[%.3f, %.3f]" % wilson(sum(every) / len(every), len(every)),
             **{f"turn{i + 1}": round(sum(xs) / len(xs), 3) for i, xs in enumerate(per_turn)},
             **{t: round(sum(xs) / len(xs), 3) for t, xs in per_task.items()},
+            nll=round(sum(nlls) / len(nlls), 4),  # mean over every answer of its tokens' mean
             kv_percent_of_fp16=round(doc_percent, 1),
             kv_percent_after_turns=round(100 * sum(r[1] for r in ratios) / len(ratios), 1),
             kv_percent_exact=round(doc_percent, 2),
             kv_percent_largest=round(100 * max(r[0] for r in ratios), 2),  # the document held in most bytes
             samples=args.samples,
+            first_sample=args.first,
             doc_tokens=round(sum(lengths) / len(lengths)),
             seconds=round(time.time() - t0),
             model=args.model,

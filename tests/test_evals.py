@@ -169,16 +169,42 @@ def test_shared_context_samples_hold_their_answers_and_score_the_answer_tokens(t
             assert tok.decode(ids[-n:]).strip() == answer.strip()
     doc, turns = samples[0]
     full, ratio, _ = shared_context.run_sample(model, dialogue, None, doc, turns)
-    assert ratio == (1.0, 1.0) and all(0.0 <= s <= 1.0 for _, s in full)
+    assert ratio == (1.0, 1.0) and all(0.0 <= s <= 1.0 and nll >= 0.0 for _, s, nll in full)
     minikv.patch(model, preset="kvzip")
     try:
         squeezed, (doc_ratio, end_ratio), _ = shared_context.run_sample(model, dialogue, {}, doc, turns)
     finally:
         minikv.unpatch(model)
-    assert [t for t, _ in squeezed] == [t for t, _ in full] and 0 < doc_ratio < 0.3 and 0 < end_ratio < 0.3
+    assert [r[0] for r in squeezed] == [r[0] for r in full] and 0 < doc_ratio < 0.3 and 0 < end_ratio < 0.3
     out = tmp_path / "rows.csv"
     shared_context.append_row(out, dict(config="a", mean=0.5))
     shared_context.append_row(out, dict(config="b", mean=0.25, kv_percent_of_fp16=12.9))
     assert [r["config"] for r in csv.DictReader(open(out))] == ["a", "b"] and "| b | 12.9 |" in out.with_suffix(
         ".md"
     ).read_text()
+
+
+def test_paired_comparison_takes_differences_per_sample(tmp_path):
+    """``evals/paired.py``: configurations matched by (seed, sample); differences hand-checked."""
+    import json
+
+    import paired
+
+    lines = [
+        dict(config="full", seed=0, sample=0, turns=[["key1", 1.0, 0.5], ["quote", 0.5, 1.5]]),
+        dict(config="full", seed=0, sample=1, turns=[["key1", 0.0, 2.0], ["quote", 1.0, 0.0]]),
+        dict(config="small", seed=0, sample=0, turns=[["key1", 0.0, 1.5], ["quote", 0.5, 1.5]]),
+        dict(config="small", seed=0, sample=1, turns=[["key1", 0.0, 3.0], ["quote", 1.0, 1.0]]),
+        dict(config="small", seed=0, sample=2, turns=[["key1", 1.0, 0.0], ["quote", 1.0, 0.0]]),  # no pair: left out
+    ]
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rows = {r["config"]: r for r in paired.compare(paired.load(str(path)), "full")}
+    small = rows["small"]
+    assert small["samples"] == 2 and small["score"] == 0.375 and small["turns_vs_base"] == [0.0, 1.0]
+    assert small["turns"] == [0.0, 0.75] and small["tasks"] == {"key1": 0.0, "quote": 0.75}
+    assert small["nll"] == 1.75 and small["d_nll"].startswith("+0.7500 +- 0.4900")  # per sample +0.5, +1.0
+    assert small["d_score"].startswith("-0.250 +- 0.490")  # -0.5, 0.0
+    assert rows["full"]["d_nll"].startswith("+0.0000")
+    with pytest.raises(SystemExit, match="--base"):
+        paired.compare(paired.load(str(path)), "nothing")

@@ -46,6 +46,8 @@ def main(model_dir: str, out: str, knobs: str) -> None:
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(dict(tokens=tokens.tolist(), heads_per_rank=every), f)
+    dist.barrier()
+    dist.destroy_process_group()  # gloo's threads torn down before exit: left running they can abort it
 
 
 if __name__ == "__main__":
