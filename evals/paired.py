@@ -6,7 +6,7 @@ Every configuration of the records ran on the same documents and questions, so i
 taken per sample (the mean over the sample's turns) before averaging, leaves out what varies from one
 document to the next. Printed per configuration: samples, mean score and each turn's mean as a share of the
 base's, each task's mean, mean answer NLL (nats per scored token), and the paired differences (score, NLL) against the base
-with a normal 95% interval (1.96 standard errors of the per-sample differences).
+with a normal 95% interval (1.96 standard errors of the per-sample differences), overall and per turn.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def compare(runs, base: str) -> list[dict]:
         nll = [sum(r[2] for r in samples[k]) / turns for k in keys]
         d_score = [s - sum(r[1] for r in runs[base][k]) / turns for s, k in zip(score, keys)]
         d_nll = [x - sum(r[2] for r in runs[base][k]) / turns for x, k in zip(nll, keys)]
+        d_turn = [[samples[k][t][1] - runs[base][k][t][1] for k in keys] for t in range(turns)]
+        d_turn_nll = [[samples[k][t][2] - runs[base][k][t][2] for k in keys] for t in range(turns)]
         tasks = sorted({r[0] for k in keys for r in samples[k]})
         per_task = {t: [r[1] for k in keys for r in samples[k] if r[0] == t] for t in tasks}
         mean = sum(score) / len(score)
@@ -68,6 +70,8 @@ def compare(runs, base: str) -> list[dict]:
                 nll=round(sum(nll) / len(nll), 4),
                 d_score="%+.3f +- %.3f" % mean_ci(d_score),
                 d_nll="%+.4f +- %.4f" % mean_ci(d_nll),
+                d_score_turns=["%+.3f +- %.3f" % mean_ci(xs) for xs in d_turn],
+                d_nll_turns=["%+.3f +- %.3f" % mean_ci(xs) for xs in d_turn_nll],
             )
         )
     return rows

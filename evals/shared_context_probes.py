@@ -23,6 +23,17 @@ sample's needles (``oracle``) or run one more forward per prompt (``surprisal*``
   surprisal less ``d``: the shared set plus the tokens the model could not predict;
 - ``shtop<s>`` (with ``schedule="shared"``): the top ``s`` of the shared ranking first, then the rest of
   the budget by surprisal (a quote needs the tokens the model cannot guess; the keys need the shared set).
+- ``vtier<s>`` (with ``"v_bits": 4``): a precision tier for the values, simulated: a prompt token whose
+  score is in the top ``s`` of the prompt's (per layer and KV head; the sinks too) keeps 4-bit values, every
+  other token's values (the later turns' too) are quantized to 2 bits (groups of ``q_group_size``, clipped,
+  in the store's rotated basis, as a 2-bit store would) before the 4-bit store packs them, which it then
+  holds exactly (a 2-bit group's four levels are on its 4-bit grid); what waits in the residual stays in
+  full precision, as in any store. The row's KV % is the 4-bit store's: the tiered bytes are
+  the K4 V2 defaults' plus ``s`` x 6.25% of fp16 (2 more bits per value of a tier token).
+- ``vkeep<i,j,...>`` / ``vdrop<i,j,...>`` (with ``"v_bits": 4``): the compressed layers ``i, j, ...`` (ranks
+  among the compressed layers) store 4-bit values and the others 2-bit (``vkeep``), or the reverse
+  (``vdrop``: only those at 2 bits): a precision tier by layer. The row's KV % is exact (each layer's store
+  counts its own bytes).
 """
 
 from __future__ import annotations
@@ -41,6 +52,9 @@ sys.path.insert(0, str(HERE / "tasks"))
 import shared_context as sc  # noqa: E402
 
 from minikv import cache as C  # noqa: E402
+from minikv.kernels import quant  # noqa: E402
+from minikv.rotation import rotate, unrotate  # noqa: E402
+from minikv.store import QuantizedStore  # noqa: E402
 
 STATE: dict = {}
 NEEDLES = r"(One of the special magic numbers for [^.]*\.|The pass key is [^.]*\. Remember it\. \d+ is the pass key\.)"
@@ -83,6 +97,12 @@ def install(probe: str) -> None:
         _install_shared_surprisal(float(probe[6:]))
     if probe.startswith("shtop"):
         _install_shared_surprisal(float(probe[5:]), top=True)
+    if probe.startswith(("vkeep", "vdrop")):
+        _install_value_layers(probe[:5], {int(i) for i in probe[5:].split(",") if i})
+        return
+    if probe.startswith("vtier"):
+        _install_value_tier(float(probe[5:]))
+        return
 
     def probed_run(model, dialogue, knobs, doc, turns, max_new: int = 64):
         ids = dialogue.document(doc)
@@ -140,6 +160,67 @@ def _install_shared_surprisal(d: float, top: bool = False) -> None:
         return [torch.maximum(r, by_surprisal.expand_as(r) - d) for r in ranks]
 
     C.budget.shared_scores = mixed
+
+
+def _install_value_tier(share: float) -> None:
+    keep_prompt, extend = C.MiniKVLayer._keep_prompt, QuantizedStore.extend
+
+    def two_bits(store: QuantizedStore, v: torch.Tensor) -> torch.Tensor:
+        if store.v_bits != 4:
+            raise SystemExit('vtier needs a 4-bit value store: --knobs with "v_bits": 4')
+        r = rotate(v, store.rot_v)
+        codes, scale, mn = quant.quantize_pack(r, 2, store.group, store.clip)
+        return unrotate(quant.unpack_dequantize(codes, scale, mn, 2, store.group, v.dtype), store.rot_v)
+
+    def tiered_prompt(self, k, v, valid, scores, counts=None):
+        if isinstance(self.store, QuantizedStore):
+            rank = _rank(scores.float().masked_fill(~valid[:, None], float("-inf")))  # [B, H, T]
+            n = valid.sum(-1).view(-1, 1, 1).float() / valid.shape[-1]  # the valid tokens' share of T
+            top = rank >= 1 - share * n
+            top[..., : self.cfg.sink_tokens] = True
+            v = torch.where(top[..., None], v, two_bits(self.store, v))
+        return keep_prompt(self, k, v, valid, scores, counts)
+
+    def two_bit_turn(self, k, v):  # the turn's values packed by this call at 2 bits; its residual stays as is
+        impl, self.impl = self.impl, _ValuesAtTwoBits(self.impl)
+        try:
+            return extend(self, k, v)
+        finally:
+            self.impl = impl
+
+    C.MiniKVLayer._keep_prompt = tiered_prompt
+    QuantizedStore.extend = two_bit_turn
+
+
+def _install_value_layers(kind: str, ranks: set[int]) -> None:
+    init = C.MiniKVLayer.__init__
+
+    def layer_init(self, cfg, rank, num_compressed, max_cache_len=None):
+        if cfg.value_bits != 4:
+            raise SystemExit(f'{kind} needs a 4-bit value store: --knobs with "v_bits": 4')
+        if (rank in ranks) == (kind == "vdrop"):
+            cfg = cfg.replace(v_bits=2)
+        init(self, cfg, rank, num_compressed, max_cache_len)
+
+    C.MiniKVLayer.__init__ = layer_init
+
+
+class _ValuesAtTwoBits:
+    """A store's kernels, but the values ``QuantizedStore.extend`` packs (its second ``quantize_pack`` of each
+    pair: keys, then values; already in the rotated basis) are first quantized to 2 bits."""
+
+    def __init__(self, impl):
+        self.impl, self.calls = impl, 0
+
+    def __getattr__(self, name):
+        return getattr(self.impl, name)
+
+    def quantize_pack(self, x, bits, group, clip):
+        self.calls += 1
+        if self.calls % 2 == 0:
+            codes, scale, mn = quant.quantize_pack(x, 2, group, clip)
+            x = quant.unpack_dequantize(codes, scale, mn, 2, group, x.dtype)
+        return self.impl.quantize_pack(x, bits, group, clip)
 
 
 if __name__ == "__main__":
