@@ -51,10 +51,10 @@ def compare(runs, base: str) -> list[dict]:
         base_turn = [sum(runs[base][k][t][1] for k in keys) / len(keys) for t in range(turns)]
         score = [sum(r[1] for r in samples[k]) / turns for k in keys]
         nll = [sum(r[2] for r in samples[k]) / turns for k in keys]
-        d_score = [s - sum(r[1] for r in runs[base][k]) / turns for s, k in zip(score, keys)]
-        d_nll = [x - sum(r[2] for r in runs[base][k]) / turns for x, k in zip(nll, keys)]
         d_turn = [[samples[k][t][1] - runs[base][k][t][1] for k in keys] for t in range(turns)]
         d_turn_nll = [[samples[k][t][2] - runs[base][k][t][2] for k in keys] for t in range(turns)]
+        d_score = [sum(xs) / turns for xs in zip(*d_turn)]  # per sample: the mean of its turns' differences
+        d_nll = [sum(xs) / turns for xs in zip(*d_turn_nll)]
         tasks = sorted({r[0] for k in keys for r in samples[k]})
         per_task = {t: [r[1] for k in keys for r in samples[k] if r[0] == t] for t in tasks}
         mean = sum(score) / len(score)
