@@ -191,6 +191,14 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
             dict(scorer="kvzip", schedule="global", budget=0.75, k_bits=2, v_bits=2, q_group_size=128),
         ),
     ],
+    "tiers": [  # SmolLM2: a precision tier by layer (its calibration, minikv/calibration.py) and by token
+        (
+            "tier by layer: layers 2, 7, 18 at K4V4 (evals/value_layers.py)",
+            dict(tier_share=[1.0 if i in (2, 7, 18) else 0.0 for i in range(30)]),
+        ),
+        ("tier 0.6 (K4V4) of the kept, K4V2 rest", dict(tier_share=0.6)),
+        ("defaults before the tier (no tier)", dict(tier_share=0.0)),
+    ],
 }
 
 

@@ -124,3 +124,15 @@ GROUPS["heads"] = [
         dict(cache="minikv", scorer="kvzip", schedule="global", head_budgets="adaptive"),
     )
 ]
+# a precision tier by layer (issue 20): SmolLM2's three layers whose 2-bit values cost the answers most
+# (`python evals/value_layers.py --model smollm2 --layers 30`) hold their kept prompt at K4 V4
+SMOLLM2_V4_LAYERS = (2, 7, 18)
+GROUPS["tier_layers"] = [
+    (
+        "kvzip 50%, global, adaptive heads, layers 2, 7, 18 at K4 V4",
+        dict(cache="minikv", tier_share=[1.0 if i in SMOLLM2_V4_LAYERS else 0.0 for i in range(30)]),
+    )
+]
+GROUPS["tier_tokens"] = [  # a tier by token at about the same bytes as the defaults + 2 points
+    ("kvzip 50%, global, adaptive heads, 60% of the kept at K4 V4", dict(cache="minikv", tier_share=0.6))
+]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from . import budget, heads, selection
+from . import budget, calibration, heads, selection
 from .compat import layer_types_and_kwargs
 from .config import MiniKVConfig
 from .dense import dense_attention, mask_for, valid_tokens
@@ -204,6 +204,9 @@ class MiniKVLayer(StaticLayer):
         kept = budget.capacity(self.cfg, self.rank, self.num_compressed, T)
         store_cls = QuantizedStore if self.cfg.quantized else DenseStore
         shape = (store_cls, self.batch_size, self.num_heads, self.head_dim, kept + new, self.dtype, self.device)
+        if self.cfg.quantized:  # the tier holds a share of the most a head keeps (sinks aside)
+            share = self.cfg.tier_share_of(self.rank, self.num_compressed)
+            shape += (int((kept - min(self.cfg.sink_tokens, kept)) * share), share)
         if self.store is None or getattr(self, "_store_shape", None) != shape:
             self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
             self._set_store(store_cls(self.cfg, *shape[1:]), shape)
@@ -268,7 +271,10 @@ class MiniKVLayer(StaticLayer):
         kept = (torch.arange(self.n_max, device=k.device) < n_keep.view(k.shape[0], -1, 1))[..., None]  # [B, H|1, n, 1]
         zero = torch.zeros((), dtype=k.dtype, device=k.device)  # slots past n_keep[b] hold nothing
         self.store.write_prompt(
-            torch.where(kept, k.gather(2, index), zero), torch.where(kept, v.gather(2, index), zero), n_keep
+            torch.where(kept, k.gather(2, index), zero),
+            torch.where(kept, v.gather(2, index), zero),
+            n_keep,
+            scores.gather(2, idx),  # the kept tokens' scores rank the precision tier
         )
 
     # -- the reconstruction pass (scorers with NEEDS_PASS) ---------------------------------------
@@ -394,7 +400,7 @@ class MiniKVLayer(StaticLayer):
         """Use ``store`` (``shape``: the arguments it was built with, for reuse by a later prompt)."""
         self.store, self._store_shape = store, shape
         if not torch.compiler.is_compiling():  # fixed addresses: no recompiles, CUDA graphs can replay
-            for t in (*self.store.buffers(), self.cumulative_length):
+            for t in (*self.store.all_state(), self.cumulative_length):
                 torch._dynamo.mark_static_address(t)
 
     # -- accounting ----------------------------------------------------------------------------
@@ -426,12 +432,9 @@ class MiniKVCache(Cache):
         if max_new_tokens is not None:
             cfg = cfg.replace(max_new_tokens=max_new_tokens)
         text = model_config.get_text_config(decoder=True)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         layer_types, layer_kwargs = layer_types_and_kwargs(text)
-        check_layer_types(layer_types)
+        cfg = config_for_model(cfg, text)
         num_compressed = sum(t in COMPRESSED_TYPES for t in layer_types)
-        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        cfg = cfg.for_model(kv_heads, head_dim).for_head_dim(head_dim)
         self.cfg = cfg
         layers, rank = [], 0
         for kind, kw in zip(layer_types, layer_kwargs):
@@ -489,6 +492,20 @@ class MiniKVCache(Cache):
                 _, H, _, D = layer.keys.shape
                 total = total + KVMemory(layer.held_bytes(), tokens * H * D * 2 * 2, layer.allocated_bytes())
         return total
+
+
+def config_for_model(cfg: MiniKVConfig, text_config) -> MiniKVConfig:
+    """``cfg`` resolved for a model (its text config): the automatic knobs' per-model choices
+    (:meth:`MiniKVConfig.for_model`, with the model's calibration), a concrete group size; raises, naming
+    the knob, if the model cannot take it."""
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    layer_types = layer_types_and_kwargs(text_config)[0]
+    check_layer_types(layer_types)
+    num_compressed = sum(t in COMPRESSED_TYPES for t in layer_types)
+    cfg.tier_share_of(0, num_compressed)  # one share per compressed layer, or one for all
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    tiers = calibration.tier_layers(text_config)
+    return cfg.for_model(kv_heads, head_dim, tiers, num_compressed).for_head_dim(head_dim)
 
 
 def check_layer_types(layer_types) -> None:

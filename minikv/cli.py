@@ -61,6 +61,28 @@ def _token_ids(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _tier_share(text: str):
+    """``0.6`` (every layer), ``1,0,0.5`` (one per compressed layer) or ``auto`` (the model's calibration)."""
+    try:
+        if text.lower() in ("auto", "none"):
+            return None
+        shares = tuple(float(t) for t in text.split(",") if t.strip())
+        return shares[0] if len(shares) == 1 and "," not in text else shares
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"tier_share must be a share in [0, 1], comma-separated shares (one per compressed layer) or 'auto', got {text!r}"
+        ) from None
+
+
+def _tier_bits(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"tier_bits must be 'key bits,value bits' (each 2 or 4), got {text!r}"
+        ) from None
+
+
 def _optional_bits(text: str):
     return None if text.lower() == "none" else int(text)
 
@@ -93,6 +115,8 @@ KNOB_FLAGS = {
     "crush_seed": (int, None, "KVCrush seed (crush_anchor=random)"),
     "q_group_size": (int, None, "quantization group G"),
     "residual_length": (int, None, "full-precision decode tokens before a flush (R)"),
+    "tier_share": (_tier_share, None, "precision tier: share of the kept tokens (or one per layer, comma-separated)"),
+    "tier_bits": (_tier_bits, None, "precision tier's key,value bits"),
     "backend": (str, BACKENDS, "kernels: auto (Triton on CUDA), reference or triton"),
 }
 

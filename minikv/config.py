@@ -86,6 +86,14 @@ class MiniKVConfig:
         ``None`` picks the first of ``AUTO_GROUP_SIZES`` (32, then 16) that divides the model's head_dim
         and ``residual_length``.
     residual_length: R, full-precision tokens buffered at decode before they are quantized.
+    tier_share: a precision tier (0 = none): of each KV head's kept prompt tokens (sinks aside), the
+        best-scored ``tier_share`` (in [0, 1], rounded down to whole quantization groups) are stored at
+        ``tier_bits`` instead of ``k_bits``/``v_bits``; decode reads both in one attention. A sequence
+        gives each compressed layer its own share (``1.0``: the layer's whole prompt at ``tier_bits``,
+        ``0``: none): a tier by token, by layer, or both. Needs a quantized store and a budget (the
+        scores rank the tier). Later turns and decoded tokens are stored at ``k_bits``/``v_bits``.
+        ``None`` (default): a model's calibrated tier by layer (:meth:`for_model`), else none.
+    tier_bits: ``(key bits, value bits)`` of the tier, each 2 or 4.
     max_new_tokens: how many new tokens the cache must hold; ``None`` lets ``generate`` size it.
     backend: kernel implementation, ``"auto"`` picks Triton on CUDA when available and the C++ kernels
         on CPU (built on first use; the PyTorch references if they cannot be); ``"reference"``: the
@@ -118,6 +126,8 @@ class MiniKVConfig:
     crush_seed: int = 0
     q_group_size: int | None = None
     residual_length: int = 128
+    tier_share: float | tuple[float, ...] | None = None
+    tier_bits: tuple[int, int] = (4, 4)
     max_new_tokens: int | None = None
     backend: str = "auto"
 
@@ -196,10 +206,11 @@ class MiniKVConfig:
         if self.q_group_size is not None:
             _check_int("q_group_size", self.q_group_size, low=1)
         _check_int("residual_length", self.residual_length, low=1)
+        self._check_tier()
         if self.max_new_tokens is not None:
             _check_int("max_new_tokens", self.max_new_tokens, low=0)
         if self.quantized and self.q_group_size is not None:
-            bits = min(self.key_bits, self.value_bits)
+            bits = self.narrowest_bits
             per_word = codes_per_word(bits)
             if self.q_group_size % per_word:
                 raise ValueError(
@@ -212,6 +223,33 @@ class MiniKVConfig:
                 raise ValueError(
                     f"residual_length must be a multiple of q_group_size={group}, got {self.residual_length}"
                 )
+
+    def _check_tier(self) -> None:
+        share, widths = self.tier_share, self.tier_bits
+        shares = tuple(share) if isinstance(share, (tuple, list)) else (share,)
+        if not shares or any(
+            isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= x <= 1.0 for x in shares
+        ):
+            raise ValueError(
+                "tier_share (the kept tokens' share in the precision tier) must be in [0, 1], or a sequence of "
+                f"such shares, one per compressed layer; got {share!r}"
+            )
+        if isinstance(share, list):
+            object.__setattr__(self, "tier_share", tuple(share))
+        if (
+            not isinstance(widths, (tuple, list))
+            or len(widths) != 2
+            or any(isinstance(b, bool) or b not in QUANT_BITS for b in widths)
+        ):
+            raise ValueError(
+                f"tier_bits must be (key bits, value bits), each one of {list(QUANT_BITS)}, got {widths!r}"
+            )
+        object.__setattr__(self, "tier_bits", tuple(widths))
+        if any(shares) and not (self.quantized and self.budget is not None):
+            raise ValueError(
+                f"tier_share={share} needs a quantized store (bits=2 or 4) and a budget (the scores rank the "
+                f"tier); got bits={self.bits}, budget={self.budget}"
+            )
 
     def _check_head_budgets(self) -> None:
         _check_choice("head_budgets", self.head_budgets, HEAD_BUDGETS)
@@ -237,6 +275,29 @@ class MiniKVConfig:
     @property
     def quantized(self) -> bool:
         return self.bits < 16
+
+    @property
+    def narrowest_bits(self) -> int:
+        """The narrowest stored code (keys, values, the tier's): what a quantization group must pack."""
+        return min(self.key_bits, self.value_bits, *(self.tier_bits if self.tiered else ()))
+
+    @property
+    def tiered(self) -> bool:
+        """Whether any layer has a precision tier."""
+        share = self.tier_share
+        return any(share) if isinstance(share, tuple) else share > 0
+
+    def tier_share_of(self, rank: int, num_compressed: int) -> float:
+        """The tier share of compressed layer ``rank`` of ``num_compressed``."""
+        share = self.tier_share
+        if not isinstance(share, tuple):
+            return share
+        if len(share) != num_compressed:
+            raise ValueError(
+                f"tier_share has {len(share)} shares but the model has {num_compressed} compressed layers: give one "
+                f"share per compressed layer, or one share for all"
+            )
+        return share[rank]
 
     @property
     def key_bits(self) -> int:
@@ -267,7 +328,9 @@ class MiniKVConfig:
         a reconstruction scorer on a quantized store with a budget, every layer's and head's tokens ranked
         together (``"global"``, ``"adaptive"``: docs/shared-context.md); otherwise ``"uniform"``. The knobs
         left to choose themselves are remembered, so :meth:`replace` chooses them again."""
-        auto = frozenset(n for n in ("schedule", "head_budgets", "recent") if getattr(self, n) is None)
+        auto = frozenset(n for n in ("schedule", "head_budgets", "recent", "tier_share") if getattr(self, n) is None)
+        if "tier_share" in auto:  # no tier, unless the model has a calibration (:meth:`for_model`)
+            object.__setattr__(self, "tier_share", 0.0)
         if isinstance(self.budget, str) and self.budget == "auto":
             auto |= {"budget"}
             object.__setattr__(self, "budget", BUDGET)
@@ -289,7 +352,9 @@ class MiniKVConfig:
         current.update({name: "auto" if name == "budget" else None for name in getattr(self, "_auto", ())})
         return MiniKVConfig(**{**current, **changes})
 
-    def for_model(self, kv_heads: int, head_dim: int | None = None) -> "MiniKVConfig":
+    def for_model(
+        self, kv_heads: int, head_dim: int | None = None, tier_layers: tuple[int, ...] | None = None, layers: int = 0
+    ) -> "MiniKVConfig":
         """This configuration for a model with ``kv_heads`` KV heads per layer: ``schedule=None`` (``"global"``
         with per-head budgets) becomes ``"shared"`` with one KV head (per-head budgets have nothing to rank,
         and each layer's scores see a different part of a fact: Gemma 3 270M keeps 0.737 of the full
@@ -301,27 +366,35 @@ class MiniKVConfig:
         tokens in groups of 64 where ``head_dim`` allows (the same bytes as 58% in groups of 32; Gemma 3
         over five questions, 30 samples: 0.810 = 94.4% of full at 14.8% of fp16 against 0.762 keeping
         50% in groups of 32 at 12.9%; SmolLM2 under ``"global"`` is better off with 50% in groups of 32:
-        0.593 against 0.584). Call it before :meth:`for_head_dim`."""
-        if "schedule" in getattr(self, "_auto", ()) and self.schedule == "global" and kv_heads == 1:
+        0.593 against 0.584).
+
+        ``tier_share=None`` with a quantized store and a budget: the compressed layers ``tier_layers`` (of
+        ``layers``; a model's calibration, :mod:`minikv.calibration`) hold their kept prompt at ``tier_bits``,
+        the others none (SmolLM2 over five questions, 100 samples: docs/shared-context.md). Call it before
+        :meth:`for_head_dim`."""
+        cfg, auto = self, getattr(self, "_auto", ())
+        if "schedule" in auto and self.schedule == "global" and kv_heads == 1:
             changes = dict(schedule="shared")
-            if "recent" in self._auto:
+            if "recent" in auto:
                 changes["recent"] = min(SHARED_RECENT, self.budget) if isinstance(self.budget, int) else SHARED_RECENT
             grouped = self.quantized and self.q_group_size is None and head_dim is not None
-            if "budget" in self._auto and grouped and self._group_fits(head_dim, SHARED_GROUP):
+            if "budget" in auto and grouped and self._group_fits(head_dim, SHARED_GROUP):
                 changes.update(budget=SHARED_BUDGET, q_group_size=SHARED_GROUP)
-            return self.replace(**changes)
-        return self
+            cfg = self.replace(**changes)
+        if "tier_share" in auto and tier_layers and self.quantized and self.selects:
+            cfg = cfg.replace(tier_share=tuple(1.0 if i in tier_layers else 0.0 for i in range(layers)))
+        return cfg
 
     def _group_fits(self, head_dim: int, group: int) -> bool:
         """Whether groups of ``group`` tile ``head_dim`` channels, whole packed words and ``residual_length``."""
-        per_word = codes_per_word(min(self.key_bits, self.value_bits)) if self.quantized else 1
+        per_word = codes_per_word(self.narrowest_bits) if self.quantized else 1
         return head_dim % group == 0 and group % per_word == 0 and self.residual_length % group == 0
 
     def for_head_dim(self, head_dim: int) -> "MiniKVConfig":
         """This configuration with a concrete group size for ``head_dim``; raises if nothing fits."""
         cfg = self
         if self.q_group_size is None:
-            per_word = codes_per_word(min(self.key_bits, self.value_bits)) if self.quantized else 1
+            per_word = codes_per_word(self.narrowest_bits) if self.quantized else 1
             fits = [g for g in AUTO_GROUP_SIZES if self._group_fits(head_dim, g)]
             if self.quantized and not fits:
                 raise ValueError(
@@ -337,7 +410,7 @@ class MiniKVConfig:
         """Raise if the group size cannot tile a head of ``head_dim`` channels. (Any head a group tiles is
         even, which is all the rotation needs: its Hadamard blocks are the largest power of two dividing it.)"""
         if self.quantized and self.q_group_size is not None and head_dim % self.q_group_size:
-            per_word = codes_per_word(min(self.key_bits, self.value_bits))
+            per_word = codes_per_word(self.narrowest_bits)
             raise ValueError(
                 f"q_group_size={self.q_group_size} must divide the model's head_dim={head_dim} "
                 f"(valid: divisors of {head_dim} that are multiples of {per_word})"
@@ -406,10 +479,11 @@ PRESETS = {
         sink_tokens=0,
         clip=False,
         rotate="none",
+        tier_share=0.0,
     ),
     # the question-aware selection the defaults were before issue 20: SnapKV's window (holding the
     # question when it ends the prompt), every layer and head the same count
-    "snapkv": dict(scorer="snapkv", schedule="uniform", head_budgets="uniform"),
+    "snapkv": dict(scorer="snapkv", schedule="uniform", head_budgets="uniform", tier_share=0.0),
     "kvzip": dict(scorer="kvzip", schedule="global", head_budgets="adaptive"),  # the defaults, named
 }
 

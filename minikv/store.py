@@ -29,15 +29,32 @@ def packed_token_bytes(D: int, k_bits: int, v_bits: int, group: int) -> int:
 
 
 class QuantizedStore:
-    """KIVI layout: a packed store of ``C`` tokens plus a full-precision residual of ``S + R`` tokens.
+    """KIVI layout: a packed store of ``C`` tokens plus a full-precision residual of ``S + R`` tokens,
+    and, with a ``tier_share`` (this layer's share of ``cfg.tier_share``), a precision tier: a second packed
+    store of ``Ct = tier_tokens`` tokens at ``cfg.tier_bits`` (keys, values) holding each head's
+    best-scored prompt tokens.
 
     The residual begins with each sequence's ``n_sink`` sink tokens (the first ``sink_tokens`` of
     the prompt, never quantized, never flushed), then holds up to ``R`` new tokens until a flush.
+    Three segments, one attention (``minikv::decode_attention``): sinks and recent tokens in full
+    precision, the tier, the rest at ``k_bits``/``v_bits``. Only the prompt fills the tier; later
+    turns and decoded tokens go to the main store.
     With ``rotate``, keys and/or values are stored rotated (:mod:`minikv.rotation`); queries are
     rotated and outputs rotated back here, so the kernels never know.
     """
 
-    def __init__(self, cfg: MiniKVConfig, B: int, H: int, D: int, tokens: int, dtype, device):
+    def __init__(
+        self,
+        cfg: MiniKVConfig,
+        B: int,
+        H: int,
+        D: int,
+        tokens: int,
+        dtype,
+        device,
+        tier_tokens: int = 0,
+        tier_share=0.0,
+    ):
         self.cfg, self.dtype = cfg, dtype
         self.k_bits, self.v_bits, self.group = cfg.key_bits, cfg.value_bits, cfg.q_group_size
         self.clip, self.residual = cfg.clips, cfg.residual_length
@@ -60,6 +77,21 @@ class QuantizedStore:
         self.n_packed = torch.zeros(B, H, dtype=torch.int64, device=device)  # per KV head (per-head budgets)
         self.res_len = torch.zeros(B, dtype=torch.int64, device=device)
         self.n_sink = torch.zeros(B, dtype=torch.int64, device=device)
+        self.tier_bits = cfg.tier_bits
+        self.tier_share = tier_share  # this layer's
+        self.tier_capacity = tier_tokens // G * G if tier_share > 0 else 0
+        self.tier: list[torch.Tensor] = []  # k codes, scale, mn; v codes, scale, mn; n_tier [B, H]
+        if self.tier_capacity:
+            (tk, tv), Ct = self.tier_bits, self.tier_capacity
+            self.tier = [
+                torch.zeros(B, H, D, Ct // (32 // tk), **int_kw),
+                torch.zeros(B, H, D, Ct // G, **meta_kw),
+                torch.zeros(B, H, D, Ct // G, **meta_kw),
+                torch.zeros(B, H, Ct, D // (32 // tv), **int_kw),
+                torch.zeros(B, H, Ct, D // G, **meta_kw),
+                torch.zeros(B, H, Ct, D // G, **meta_kw),
+                torch.zeros(B, H, dtype=torch.int64, device=device),
+            ]
 
     def buffers(self) -> list[torch.Tensor]:
         """What the decode kernel reads (and, with ``n_sink``, what an append mutates)."""
@@ -77,7 +109,12 @@ class QuantizedStore:
         ]
 
     def state(self) -> list[torch.Tensor]:
+        """What an append mutates (the main store, the residual, the fill levels)."""
         return [*self.buffers(), self.n_sink]
+
+    def all_state(self) -> list[torch.Tensor]:
+        """Every tensor the store holds: :meth:`state` and the tier's."""
+        return [*self.state(), *self.tier]
 
     def __deepcopy__(self, memo):
         """A copy with its own buffers (the kernel namespace is shared, not copied)."""
@@ -85,15 +122,17 @@ class QuantizedStore:
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
                 setattr(new, name, value.clone())
+        new.tier = [t.clone() for t in self.tier]
         return new
 
-    def write_prompt(self, k: torch.Tensor, v: torch.Tensor, n_keep: torch.Tensor) -> None:
+    def write_prompt(self, k: torch.Tensor, v: torch.Tensor, n_keep: torch.Tensor, scores=None) -> None:
         """Store the kept prompt tokens ``k/v [B, H, N, D]`` (temporal order, the first ``n_keep`` valid:
-        ``[B]``, or ``[B, H]`` per KV head).
+        ``[B]``, or ``[B, H]`` per KV head), ranked for the tier by ``scores [B, H, N]`` (with a tier).
 
-        The first ``min(S, n_keep)`` are the sinks (selection keeps them first); of the rest, whole
-        groups of G go to the packed store and the last ``(n_keep - n_sink) % G`` to the residual,
-        which the heads share: per-head counts must leave every head of a sequence the same remainder.
+        The first ``min(S, n_keep)`` are the sinks (selection keeps them first). Of the rest (the body),
+        each head's best-scored ``tier_share`` (rounded down to whole groups of G) go to the tier; of the
+        others, whole groups of G go to the packed store and the last ``(n_keep - n_sink) % G`` to the
+        residual, which the heads share: per-head counts must leave every head the same remainder.
         """
         G, S = self.group, self.sink_capacity
         k, v = rotate(k, self.rot_k), rotate(v, self.rot_v)
@@ -108,11 +147,26 @@ class QuantizedStore:
                 f"per-head counts must leave every head the same remainder mod G={G}, got {n_keep.tolist()}"
             )
         pos = torch.arange(N, device=k.device)
-        if S:  # the body (tokens after the sinks) moved to the front
-            body = (n_sink[:, None] + pos[None]).clamp_max(N - 1)[:, None, :, None].expand(B, H, N, D)
-            kb, vb = k.gather(2, body), v.gather(2, body)
+        in_body = (pos >= n_sink[:, None, None]) & (pos < n_keep[..., None])  # [B, H, N]
+        if self.tier:
+            if scores is None:
+                raise ValueError("a store with a precision tier ranks the prompt's tokens: pass their scores")
+            n_tier = torch.div(n_body * self.tier_share, G, rounding_mode="floor").long() * G
+            n_tier = n_tier.clamp_max(self.tier_capacity)
+            ranked = scores.float().masked_fill(~in_body, float("-inf"))
+            rank = ranked.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = best
+            tiered = in_body & (rank < n_tier[..., None])
+            # the tier's tokens first, then the rest of the body, each in temporal order
+            order = torch.argsort(torch.where(tiered, 0, torch.where(in_body, 1, 2)), dim=-1, stable=True)
+            first = order[..., : self.tier_capacity, None].expand(-1, -1, -1, D)
+            self._write_tier(k.gather(2, first), v.gather(2, first), n_tier)
+            body = (n_tier[..., None] + pos).clamp_max(N - 1)  # the main store's body, after the tier's
+            body = order.gather(2, body)[..., None].expand(-1, -1, -1, D)
         else:
-            kb, vb = k, v
+            n_tier = torch.zeros_like(n_body)
+            body = (n_sink[:, None, None] + pos).clamp_max(N - 1)[..., None].expand(B, H, N, D)
+        kb, vb = k.gather(2, body), v.gather(2, body)  # the main store's tokens first
+        n_main = n_body - n_tier
         full = (N // G) * G
         if full:
             kc, ks, km = self.impl.quantize_pack(kb[:, :, :full].transpose(-1, -2), self.k_bits, G, self.clip)
@@ -123,16 +177,26 @@ class QuantizedStore:
             self.v_codes[:, :, :full] = vc  # [B, H, full, D * bits / 32]
             self.v_scale[:, :, :full] = vs
             self.v_mn[:, :, :full] = vm
-        packed = n_body - rest  # [B, H]
+        packed = n_main - rest  # [B, H]
         self.n_packed.copy_(packed)
         self.n_sink.copy_(n_sink)
         self.res_len.copy_(n_sink + rest[:, 0])
-        # residual slot j: sink j (j < n_sink), else body token packed + j - n_sink = prompt token packed + j
+        # residual slot j: sink j (j < n_sink), else the main body's token packed + j - n_sink
         j = torch.arange(S + G, device=k.device)  # [S + G]
-        take = torch.where(j < n_sink[:, None, None], j, packed[..., None] + j).clamp_max(N - 1)  # [B, H, S + G]
+        sink = j < n_sink[:, None, None]  # [B, 1, S + G]
+        at = (packed[..., None] + j - n_sink[:, None, None]).clamp(0, N - 1)  # [B, H, S + G]
+        take = torch.where(sink, j.clamp_max(N - 1), body[..., 0].gather(2, at))
         index = take[..., None].expand(-1, -1, -1, D)
         self.res_k[:, :, : S + G] = k.gather(2, index)
         self.res_v[:, :, : S + G] = v.gather(2, index)
+
+    def _write_tier(self, k: torch.Tensor, v: torch.Tensor, n_tier: torch.Tensor) -> None:
+        """Pack the tier's tokens ``k/v [B, H, Ct, D]`` (rotated; each head's first ``n_tier`` hold one)."""
+        (tk, tv), G = self.tier_bits, self.group
+        kc, ks, km = self.impl.quantize_pack(k.transpose(-1, -2), tk, G, self.clip)
+        vc, vs, vm = self.impl.quantize_pack(v, tv, G, self.clip)
+        for dst, src in zip(self.tier, (kc, ks, km, vc, vs, vm, n_tier)):
+            dst.copy_(src)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         k, v = rotate(k, self.rot_k), rotate(v, self.rot_v)
@@ -173,46 +237,75 @@ class QuantizedStore:
             self.res_len[b] = s + M - F
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(k, v [B, H, C + S + R, D], valid [B, H, C + S + R])``: every token held, dequantized and
-        rotated back, in the store's dtype; ``valid`` marks each head's slots that hold one."""
-        keys = self.impl.unpack_dequantize(
-            self.k_codes, self.k_scale, self.k_mn, self.k_bits, self.group, self.dtype
-        ).transpose(-1, -2)
-        vals = self.impl.unpack_dequantize(self.v_codes, self.v_scale, self.v_mn, self.v_bits, self.group, self.dtype)
-        k = unrotate(torch.cat([keys, self.res_k], 2), self.rot_k)
-        v = unrotate(torch.cat([vals, self.res_v], 2), self.rot_v)
+        """``(k, v [B, H, Ct + C + S + R, D], valid [B, H, Ct + C + S + R])``: every token held (the tier's,
+        the packed store's, the residual's), dequantized and rotated back, in the store's dtype; ``valid``
+        marks each head's slots that hold one."""
+        G = self.group
+        keys = [
+            self.impl.unpack_dequantize(self.k_codes, self.k_scale, self.k_mn, self.k_bits, G, self.dtype).transpose(
+                -1, -2
+            ),
+            self.res_k,
+        ]
+        vals = [
+            self.impl.unpack_dequantize(self.v_codes, self.v_scale, self.v_mn, self.v_bits, G, self.dtype),
+            self.res_v,
+        ]
         C, SR = self.capacity, self.res_k.shape[2]
-        slot = torch.arange(C + SR, device=k.device)
+        slot = torch.arange(C + SR, device=self.res_k.device)
         valid = torch.where(slot < C, slot < self.n_packed[..., None], slot - C < self.res_len[:, None, None])
+        if self.tier:
+            (tk, tv), (kc, ks, km, vc, vs, vm, n_tier) = self.tier_bits, self.tier
+            keys.insert(0, self.impl.unpack_dequantize(kc, ks, km, tk, G, self.dtype).transpose(-1, -2))
+            vals.insert(0, self.impl.unpack_dequantize(vc, vs, vm, tv, G, self.dtype))
+            in_tier = torch.arange(self.tier_capacity, device=valid.device) < n_tier[..., None]
+            valid = torch.cat([in_tier, valid], -1)
+        k = unrotate(torch.cat(keys, 2), self.rot_k)
+        v = unrotate(torch.cat(vals, 2), self.rot_v)
         return k, v, valid
 
     def resized(self, tokens: int) -> "QuantizedStore":
-        """A store with room for ``tokens`` packed tokens holding this one's tokens."""
+        """A store with room for ``tokens`` packed tokens holding this one's tokens (the tier as it is)."""
         B, H, D = self.k_codes.shape[:3]
-        return _copy_into(type(self)(self.cfg, B, H, D, tokens, self.dtype, self.k_codes.device), self)
+        new = type(self)(
+            self.cfg, B, H, D, tokens, self.dtype, self.k_codes.device, self.tier_capacity, self.tier_share
+        )
+        return _copy_into(new, self)
 
     def attend(self, module, q: torch.Tensor, scale: float, softcap, fallback: str = "sdpa"):
         """Decode attention of ``q [B, Hq, Lq, D]`` (the new tokens appended) over every token held:
         ``(out [B, Lq, Hq, D], None)``, by ``minikv::decode_attention`` (``module``/``fallback`` unused)."""
+        tier = (*self.tier, *self.tier_bits) if self.tier else ()
         out = self.impl.decode_attention(
-            rotate(q, self.rot_k), *self.buffers(), scale, softcap or 0.0, self.k_bits, self.v_bits, self.group
+            rotate(q, self.rot_k),
+            *self.buffers(),
+            scale,
+            softcap or 0.0,
+            self.k_bits,
+            self.v_bits,
+            self.group,
+            *tier,
         )
         return unrotate(out, self.rot_v).transpose(1, 2), None
 
     def lengths(self) -> torch.Tensor:
         """Tokens held ``[B, H]`` per sequence and KV head."""
-        return self.n_packed + self.res_len[:, None]
+        held = self.n_packed + self.res_len[:, None]
+        return held + self.tier[-1] if self.tier else held
 
     def used_bytes(self) -> int:
         """Bytes that represent the tokens held: codes + fp16 scales + fp16 minimums of each head's
-        packed tokens, and the residual (sinks included) in its own dtype."""
+        packed tokens (the tier's at its widths), and the residual (sinks included) in its own dtype."""
         B, H, D = self.k_codes.shape[:3]
         per_token = packed_token_bytes(D, self.k_bits, self.v_bits, self.group)
         res_per_token = 2 * D * self.res_k.element_size()
-        return int(self.n_packed.sum() * per_token + H * self.res_len.sum() * res_per_token)
+        used = self.n_packed.sum() * per_token + H * self.res_len.sum() * res_per_token
+        if self.tier:
+            used = used + self.tier[-1].sum() * packed_token_bytes(D, *self.tier_bits, self.group)
+        return int(used)
 
     def allocated_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state())
+        return sum(t.numel() * t.element_size() for t in self.all_state())
 
 
 class DenseStore:
@@ -229,9 +322,9 @@ class DenseStore:
     def buffers(self) -> list[torch.Tensor]:
         return [self.k, self.v, self.length]
 
-    state = buffers
+    state = all_state = buffers
 
-    def write_prompt(self, k, v, n_keep) -> None:
+    def write_prompt(self, k, v, n_keep, scores=None) -> None:
         N = k.shape[2]
         self.k[:, :, :N] = k
         self.v[:, :, :N] = v
@@ -282,7 +375,7 @@ class DenseStore:
 def _copy_into(new, old):
     """``new`` (a store of another capacity) with ``old``'s contents: every state tensor copied over
     the leading part both shapes share (capacity axes hold the tokens first)."""
-    for dst, src in zip(new.state(), old.state()):
+    for dst, src in zip(new.all_state(), old.all_state()):
         common = tuple(slice(0, min(a, b)) for a, b in zip(dst.shape, src.shape))
         dst[common] = src[common]
     return new

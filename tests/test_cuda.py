@@ -73,6 +73,27 @@ def test_decode_attention_error_budget(device, Hq, Hkv, D, k_bits, v_bits, dtype
         assert (got[b : b + 1] - exact).abs().max() <= 2 * (same - exact).abs().max() + EPS[dtype], b
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_with_a_tier_is_the_reference_on_the_gpu(device, dtype):
+    """A K4 V4 tier beside a K4 V2 store (SmolLM2's shape, per-head fill levels): the compiled kernel
+    against the reference's fp32 math on the same codes."""
+    B, Hq, Hkv, D, G, R = 2, 9, 3, 64, 32, 128
+    g = torch.Generator().manual_seed(7)
+
+    def packed(C, kb, vb):
+        k, v = torch.randn(B, Hkv, C, D, generator=g), torch.randn(B, Hkv, C, D, generator=g)
+        return [*quant.quantize_pack(k.transpose(-1, -2), kb, G), *quant.quantize_pack(v, vb, G)]
+
+    main, tier = packed(1024 + R, 4, 2), packed(512, 4, 4)
+    npk, nt = torch.tensor([[1024, 64, 0], [512, 1024, 96]]), torch.tensor([[512, 0, 32], [64, 512, 480]])
+    rk, rv = (torch.randn(B, Hkv, R, D, generator=g).to(dtype) for _ in range(2))
+    rl, q = torch.tensor([17, 1]), torch.randn(B, Hq, 1, D, generator=g).to(dtype)
+    args = (q, *main, npk, rk, rv, rl, D**-0.5, 0.0, 4, 2, G, *tier, nt, 4, 4)
+    want = reference.decode_attention(*args).float()
+    got = ops.decode_attention(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)).float().cpu()
+    assert (got - want).abs().max() <= 4 * EPS[dtype]
+
+
 def test_prefill_attention_and_scores(device):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 8, 300, 128, generator=g).to(device, torch.bfloat16)

@@ -163,6 +163,9 @@ def _(
     return None
 
 
+TIER_ARGS = ("tier_k_codes", "tier_k_scale", "tier_k_mn", "tier_v_codes", "tier_v_scale", "tier_v_mn", "n_tier")
+
+
 @torch.library.custom_op("minikv::decode_attention", mutates_args=())
 def decode_attention(
     q: Tensor,
@@ -181,8 +184,18 @@ def decode_attention(
     k_bits: int,
     v_bits: int,
     group_size: int,
+    tier_k_codes: Tensor | None = None,
+    tier_k_scale: Tensor | None = None,
+    tier_k_mn: Tensor | None = None,
+    tier_v_codes: Tensor | None = None,
+    tier_v_scale: Tensor | None = None,
+    tier_v_mn: Tensor | None = None,
+    n_tier: Tensor | None = None,
+    tier_k_bits: int = 4,
+    tier_v_bits: int = 4,
 ) -> Tensor:
-    """One-softmax attention of new queries over ``[packed store ; residual]`` -> ``[B, Hq, Lq, D]``."""
+    """One-softmax attention of new queries over ``[tier ; packed store ; residual]`` -> ``[B, Hq, Lq, D]``
+    (the tier optional: :func:`minikv.kernels.reference.decode_attention`)."""
     return reference.decode_attention(
         q,
         k_codes,
@@ -200,28 +213,20 @@ def decode_attention(
         k_bits,
         v_bits,
         group_size,
+        tier_k_codes,
+        tier_k_scale,
+        tier_k_mn,
+        tier_v_codes,
+        tier_v_scale,
+        tier_v_mn,
+        n_tier,
+        tier_k_bits,
+        tier_v_bits,
     )
 
 
 @decode_attention.register_fake
-def _(
-    q,
-    k_codes,
-    k_scale,
-    k_mn,
-    v_codes,
-    v_scale,
-    v_mn,
-    n_packed,
-    res_k,
-    res_v,
-    res_len,
-    scale,
-    softcap,
-    k_bits,
-    v_bits,
-    group_size,
-):
+def _(q, *args, **kwargs):
     return q.new_empty(q.shape)  # contiguous, as the kernels
 
 

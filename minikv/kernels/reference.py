@@ -166,22 +166,36 @@ def decode_attention(
     k_bits: int,
     v_bits: int,
     group_size: int,
+    tier_k_codes=None,
+    tier_k_scale=None,
+    tier_k_mn=None,
+    tier_v_codes=None,
+    tier_v_scale=None,
+    tier_v_mn=None,
+    n_tier=None,
+    tier_k_bits: int = 4,
+    tier_v_bits: int = 4,
 ):
-    """Attention of ``Lq`` new queries over ``[packed store ; residual]`` with one softmax.
+    """Attention of ``Lq`` new queries over ``[tier ; packed store ; residual]`` with one softmax.
 
     q ``[B, Hq, Lq, D]`` (the new tokens are already appended); n_packed ``[B, Hkv]`` int64 (each
     KV head's packed tokens: per-head budgets), res_len ``[B]`` int64 (the residual, shared by the
     heads). The cached tokens are in temporal order, store first: query ``i`` sees the first
     ``n_packed + res_len - (Lq - 1 - i)`` of them. (The residual may begin with full-precision sink
     tokens: attention is order-free but for that mask, which only ever hides new tokens, so the
-    sinks may sit there.) Keys hold ``k_bits``-bit codes, values ``v_bits``-bit ones. Returns
+    sinks may sit there.) Keys hold ``k_bits``-bit codes, values ``v_bits``-bit ones.
+
+    A precision tier (optional, all seven ``tier_*``/``n_tier`` given or none): a second packed
+    store in the same layout, ``tier_k_bits``-bit keys and ``tier_v_bits``-bit values, of capacity
+    ``Ct`` (``tier_v_codes.shape[2]``, whole groups), holding ``n_tier [B, Hkv]`` prompt tokens per
+    KV head; every query sees all of them (they are older than any new token). Returns
     ``[B, Hq, Lq, D]`` in q's dtype.
     """
     B, Hq, Lq, D = q.shape
     Hkv = res_k.shape[1]
-    keys = torch.cat([_store_keys(k_codes, k_scale, k_mn, k_bits, group_size, torch.float32), res_k.float()], 2)
-    vals = torch.cat([unpack_dequantize(v_codes, v_scale, v_mn, v_bits, group_size, torch.float32), res_v.float()], 2)
-    C, R = keys.shape[2] - res_k.shape[2], res_k.shape[2]
+    keys = [_store_keys(k_codes, k_scale, k_mn, k_bits, group_size, torch.float32), res_k.float()]
+    vals = [unpack_dequantize(v_codes, v_scale, v_mn, v_bits, group_size, torch.float32), res_v.float()]
+    C, R = k_scale.shape[-1] * group_size, res_k.shape[2]
     slot = torch.arange(C + R, device=q.device)
     npk, rl = n_packed[:, :, None], res_len[:, None, None]  # [B, Hkv, 1], [B, 1, 1]
     # logical index of each slot (in temporal order) and whether it holds a token
@@ -189,6 +203,13 @@ def decode_attention(
     filled = torch.where(slot < C, slot < npk, slot - C < rl)
     limit = (npk + rl) - (Lq - 1 - torch.arange(Lq, device=q.device))  # [B, Hkv, Lq]
     allowed = filled[:, :, None, :] & (logical[:, :, None, :] < limit[..., None])  # [B, Hkv, Lq, C+R]
+    if n_tier is not None:
+        keys.insert(0, _store_keys(tier_k_codes, tier_k_scale, tier_k_mn, tier_k_bits, group_size, torch.float32))
+        vals.insert(0, unpack_dequantize(tier_v_codes, tier_v_scale, tier_v_mn, tier_v_bits, group_size, torch.float32))
+        in_tier = torch.arange(keys[0].shape[2], device=q.device) < n_tier[:, :, None]  # [B, Hkv, Ct]
+        filled = torch.cat([in_tier, filled], -1)
+        allowed = torch.cat([in_tier[:, :, None, :].expand(-1, -1, Lq, -1), allowed], -1)
+    keys, vals = torch.cat(keys, 2), torch.cat(vals, 2)
     vals = torch.where(filled[..., None], vals, 0.0)  # empty slots may hold anything
     qf = q.float().view(B, Hkv, Hq // Hkv, Lq, D)
     p = _softmax(_logits(qf, keys, scale, softcap), allowed[:, :, None])

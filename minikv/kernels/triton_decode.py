@@ -70,7 +70,9 @@ def _decode_attention_kernel(
     BT: tl.constexpr,
     SOFTCAP: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    TIER: tl.constexpr = False,
 ):
+    # TIER: the buffers are a precision tier's (every query sees all its tokens; no residual)
     # constexpr: tile sizes (BQ query rows, BT tokens, D channels) and the bit layout fix the code
     KPW: tl.constexpr = 32 // K_BITS  # codes per int32 word
     VPW: tl.constexpr = 32 // V_BITS
@@ -129,7 +131,10 @@ def _decode_attention_kernel(
         k = tl.reshape(kq.to(tl.float32) * ksc[:, :, None] + kmn[:, :, None], [D, BT])
         s = tl.dot(q, k.to(dot_dtype), input_precision="ieee") * scale
         s = _softcapped(s, softcap, SOFTCAP)
-        allowed = row_ok[:, None] & t_ok[None, :] & (t[None, :] < limit[:, None])
+        if TIER:
+            allowed = row_ok[:, None] & t_ok[None, :]
+        else:
+            allowed = row_ok[:, None] & t_ok[None, :] & (t[None, :] < limit[:, None])
         p, alpha, m, l = _online_update(s, allowed, m, l)
         # values [BT, D]: per token, VPW channels per word, a scale and min per G channels
         vw = tl.load(vc_base + t[:, None] * VW + vword[None, :], mask=t_ok[:, None], other=0)
@@ -140,7 +145,7 @@ def _decode_attention_kernel(
         v = tl.reshape(vq.to(tl.float32) * vsc[:, :, None] + vmn[:, :, None], [BT, D])
         v = tl.where(t_ok[:, None], v, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype), input_precision="ieee")
-    if split == n_splits - 1:  # the residual, full precision, after the packed tokens
+    if not TIER and split == n_splits - 1:  # the residual, full precision, after the packed tokens
         rk_base = rk_ptr + pid * R * D
         rv_base = rv_ptr + pid * R * D
         for r0 in range(0, res_len, BT):
@@ -206,30 +211,86 @@ def decode_attention(
     k_bits: int,
     v_bits: int,
     group_size: int,
+    tier_k_codes=None,
+    tier_k_scale=None,
+    tier_k_mn=None,
+    tier_v_codes=None,
+    tier_v_scale=None,
+    tier_v_mn=None,
+    n_tier=None,
+    tier_k_bits: int = 4,
+    tier_v_bits: int = 4,
 ):
-    """Triton launcher of ``minikv::decode_attention`` (same contract as the reference)."""
+    """Triton launcher of ``minikv::decode_attention`` (same contract as the reference): the packed store
+    and residual in one launch, a precision tier (if any) in a second one, their splits merged together."""
     B, Hq, Lq, D = q.shape
-    Hkv, R = res_k.shape[1], res_k.shape[2]
-    C = v_codes.shape[2]
+    Hkv = res_k.shape[1]
     GQ = (Hq // Hkv) * Lq
     BQ = max(16, triton.next_power_of_2(GQ))
-    BT, warps = tile(D, group_size)
-    S = _num_splits(B * Hkv, C, BT, q.device)
-    split_tokens = triton.cdiv(triton.cdiv(max(C, 1), S), BT) * BT
     qg = q.reshape(B, Hkv, Hq // Hkv, Lq, D).contiguous()  # rows of a KV head: (head, query)
-    acc = torch.empty(B * Hkv, S, BQ, D, dtype=torch.float32, device=q.device)
-    m = torch.empty(B * Hkv, S, BQ, dtype=torch.float32, device=q.device)
+    parts = [
+        _partials(
+            qg,
+            (k_codes, k_scale, k_mn, v_codes, v_scale, v_mn),
+            n_packed,
+            res_k,
+            res_v,
+            res_len,
+            scale,
+            softcap,
+            k_bits,
+            v_bits,
+            group_size,
+            GQ,
+            BQ,
+            tier=False,
+        )
+    ]
+    if n_tier is not None:
+        tier = (tier_k_codes, tier_k_scale, tier_k_mn, tier_v_codes, tier_v_scale, tier_v_mn)
+        parts.append(
+            _partials(
+                qg,
+                tier,
+                n_tier,
+                res_k,
+                res_v,
+                res_len,
+                scale,
+                softcap,
+                tier_k_bits,
+                tier_v_bits,
+                group_size,
+                GQ,
+                BQ,
+                tier=True,
+            )
+        )
+    acc, m, l = (torch.cat(x, 1) for x in zip(*parts))
+    # merge the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s
+    M = m.amax(1, keepdim=True)
+    w = torch.exp(m - torch.where(M == float("-inf"), 0.0, M))  # [B*Hkv, S, BQ]
+    out = (w[..., None] * acc).sum(1) / (w * l).sum(1).clamp_min(1e-30)[..., None]  # [B*Hkv, BQ, D]
+    return out[:, :GQ].reshape(B, Hq, Lq, D).to(q.dtype)
+
+
+def _partials(qg, packed, n_packed, res_k, res_v, res_len, scale, softcap, k_bits, v_bits, group_size, GQ, BQ, tier):
+    """One launch over a packed store (``tier``: a precision tier, no residual): every split's unnormalised
+    ``acc [B*Hkv, S, BQ, D]``, running max ``m`` and sum ``l [B*Hkv, S, BQ]``."""
+    B, Hkv, _, Lq, D = qg.shape
+    R = res_k.shape[2]
+    C = packed[3].shape[2]
+    BT, warps = tile(D, group_size)
+    S = _num_splits(B * Hkv, C, BT, qg.device)
+    split_tokens = triton.cdiv(triton.cdiv(max(C, 1), S), BT) * BT
+    acc = torch.empty(B * Hkv, S, BQ, D, dtype=torch.float32, device=qg.device)
+    m = torch.empty(B * Hkv, S, BQ, dtype=torch.float32, device=qg.device)
     l = torch.empty_like(m)
-    dot_fp32 = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-    with torch.device(q.device):
+    dot_fp32 = qg.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    with torch.device(qg.device):
         _decode_attention_kernel[(B * Hkv, S)](
             qg,
-            k_codes,
-            k_scale,
-            k_mn,
-            v_codes,
-            v_scale,
-            v_mn,
+            *packed,
             n_packed,
             res_k,
             res_v,
@@ -253,10 +314,7 @@ def decode_attention(
             BT=BT,
             SOFTCAP=softcap > 0,
             DOT_FP32=dot_fp32,
+            TIER=tier,
             num_warps=warps,
         )
-    # merge the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s
-    M = m.amax(1, keepdim=True)
-    w = torch.exp(m - torch.where(M == float("-inf"), 0.0, M))  # [B*Hkv, S, BQ]
-    out = (w[..., None] * acc).sum(1) / (w * l).sum(1).clamp_min(1e-30)[..., None]  # [B*Hkv, BQ, D]
-    return out[:, :GQ].reshape(B, Hq, Lq, D).to(q.dtype)
+    return acc, m, l

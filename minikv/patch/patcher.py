@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import reconstruct
-from ..cache import check_layer_types
-from ..compat import layer_types_and_kwargs
+from ..cache import config_for_model
 from ..config import UNSET, MiniKVConfig, build_config
 from ..selection import needs_pass
 from . import SUPPORTED_MODEL_TYPES, attention
@@ -35,9 +34,7 @@ def check_model(model, cfg: MiniKVConfig) -> None:
     text = config.get_text_config(decoder=True)
     if text.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model family {text.model_type!r}: supported are {list(SUPPORTED_MODEL_TYPES)}")
-    check_layer_types(layer_types_and_kwargs(text)[0])
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    cfg.for_head_dim(head_dim)
+    config_for_model(cfg, text)
     from ..kernels import implementation
 
     implementation(cfg.backend, model.device)  # backend="triton" where Triton cannot run: refused now

@@ -1,5 +1,6 @@
-// Decode attention over minikv's packed store and full-precision residual, on CPU, in one pass over
-// the codes: unpack + dequantize a tile of G tokens, dot with the query group, softmax, weighted sum.
+// Decode attention over minikv's packed store, an optional precision tier (a second packed store of
+// other widths) and the full-precision residual, on CPU, in one pass over the codes: unpack +
+// dequantize a tile of G tokens, dot with the query group, softmax, weighted sum.
 //
 // Same contract as minikv.kernels.reference.decode_attention (the yardstick, see its docstring):
 // q [B, Hq, Lq, D]; keys k_codes [B, Hkv, D, C*kb/32] int32 with k_scale/k_mn [B, Hkv, D, C/G] fp16
@@ -16,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -28,9 +30,11 @@ struct Shape {
   float scale, softcap;
 };
 
+enum class Part { kStore, kResidual, kTier };
+
 struct Unit {
-  int64_t bh, start, end;  // tokens [start, end) of the store, or of the residual
-  bool residual;
+  int64_t bh, start, end;  // tokens [start, end) of the store, the residual or the tier
+  Part part;
 };
 
 inline float logit(float dot, const Shape& s) {
@@ -170,11 +174,16 @@ StoreFn pick(int64_t kb, int64_t vb) {
   TORCH_CHECK(false, "decode_attention: k_bits and v_bits must be 2 or 4, got ", kb, " and ", vb);
 }
 
+using OptTensor = std::optional<at::Tensor>;
+
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_codes, const at::Tensor& k_scale,
                             const at::Tensor& k_mn, const at::Tensor& v_codes, const at::Tensor& v_scale,
                             const at::Tensor& v_mn, const at::Tensor& n_packed_t, const at::Tensor& res_k_in,
                             const at::Tensor& res_v_in, const at::Tensor& res_len_t, double scale, double softcap,
-                            int64_t k_bits, int64_t v_bits, int64_t group_size) {
+                            int64_t k_bits, int64_t v_bits, int64_t group_size, const OptTensor& tk_codes,
+                            const OptTensor& tk_scale, const OptTensor& tk_mn, const OptTensor& tv_codes,
+                            const OptTensor& tv_scale, const OptTensor& tv_mn, const OptTensor& n_tier_t,
+                            int64_t tier_k_bits, int64_t tier_v_bits) {
   TORCH_CHECK(q_in.dim() == 4 && res_k_in.dim() == 4, "decode_attention: q and res_k must be 4-d");
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = res_k_in.size(1), SR = res_k_in.size(2), G = group_size;
@@ -182,9 +191,21 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_codes, c
   TORCH_CHECK(Hq % Hkv == 0, "decode_attention: query heads ", Hq, " not a multiple of KV heads ", Hkv);
   TORCH_CHECK(G > 0 && C % G == 0 && D % G == 0 && G % (32 / k_bits) == 0 && G % (32 / v_bits) == 0,
               "decode_attention: group_size ", G, " must divide the capacity ", C, " and head_dim ", D);
-  for (const at::Tensor* t : {&k_codes, &v_codes})
+  const bool tiered = n_tier_t.has_value();
+  TORCH_CHECK(tiered == (tk_codes.has_value() && tk_scale.has_value() && tk_mn.has_value() && tv_codes.has_value() &&
+                         tv_scale.has_value() && tv_mn.has_value()),
+              "decode_attention: give all of the tier's tensors (tier_*, n_tier) or none");
+  const int64_t Ct = tiered ? tv_codes->size(2) : 0;
+  std::vector<const at::Tensor*> codes{&k_codes, &v_codes}, scales{&k_scale, &k_mn, &v_scale, &v_mn};
+  if (tiered) {
+    TORCH_CHECK(Ct % G == 0 && G % (32 / tier_k_bits) == 0 && G % (32 / tier_v_bits) == 0,
+                "decode_attention: the tier's capacity ", Ct, " must be whole groups of ", G);
+    codes.insert(codes.end(), {&*tk_codes, &*tv_codes});
+    scales.insert(scales.end(), {&*tk_scale, &*tk_mn, &*tv_scale, &*tv_mn});
+  }
+  for (const at::Tensor* t : codes)
     TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "decode_attention: codes must be contiguous int32");
-  for (const at::Tensor* t : {&k_scale, &k_mn, &v_scale, &v_mn})
+  for (const at::Tensor* t : scales)
     TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous(), "decode_attention: scales must be contiguous fp16");
   const at::Tensor q = q_in.to(at::kFloat).contiguous();
   const at::Tensor rk = res_k_in.to(at::kFloat).contiguous(), rv = res_v_in.to(at::kFloat).contiguous();
@@ -202,17 +223,27 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_codes, c
   std::vector<int64_t> first(B * Hkv + 1);
   const int64_t* np = npk.data_ptr<int64_t>();
   const int64_t* rlp = rl.data_ptr<int64_t>();
+  const at::Tensor nt = tiered ? n_tier_t->to(at::kLong).contiguous() : at::Tensor();
+  TORCH_CHECK(!tiered || nt.numel() == B * Hkv, "decode_attention: n_tier must be [B, Hkv]");
   for (int64_t bh = 0; bh < B * Hkv; ++bh) {
     first[bh] = static_cast<int64_t>(units.size());
     const int64_t b = bh / Hkv;
+    if (tiered) {
+      const int64_t n = std::clamp<int64_t>(nt.data_ptr<int64_t>()[bh], 0, Ct) / G * G;
+      for (int64_t s = 0; s < n; s += chunk) units.push_back({bh, s, std::min(s + chunk, n), Part::kTier});
+    }
     const int64_t n = std::clamp<int64_t>(np[bh], 0, C) / G * G, r = std::clamp<int64_t>(rlp[b], 0, SR);
-    for (int64_t s = 0; s < n; s += chunk) units.push_back({bh, s, std::min(s + chunk, n), false});
-    if (r > 0) units.push_back({bh, 0, r, true});
+    for (int64_t s = 0; s < n; s += chunk) units.push_back({bh, s, std::min(s + chunk, n), Part::kStore});
+    if (r > 0) units.push_back({bh, 0, r, Part::kResidual});
   }
   first[B * Hkv] = static_cast<int64_t>(units.size());
   const int64_t rows = sh.rows, nu = static_cast<int64_t>(units.size());
   std::vector<float> m(nu * rows), l(nu * rows), acc(nu * rows * D);
   const StoreFn store_fn = pick(k_bits, v_bits);
+  const StoreFn tier_fn = tiered ? pick(tier_k_bits, tier_v_bits) : nullptr;
+  Shape tier_sh = sh;
+  tier_sh.C = Ct;
+  constexpr int64_t kSeesAll = std::numeric_limits<int64_t>::max() / 4;  // the tier is older than any new token
   const float* qp = q.data_ptr<float>();
   at::parallel_for(0, nu, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -220,8 +251,12 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_codes, c
       const int64_t b = u.bh / Hkv;
       const Partial part{&m[i * rows], &l[i * rows], &acc[i * rows * D]};
       const float* qu = qp + u.bh * rows * D;  // the query group's rows are contiguous
-      if (u.residual)
+      if (u.part == Part::kResidual)
         residual_unit(sh, u, np[u.bh], rlp[b], qu, rk.data_ptr<float>(), rv.data_ptr<float>(), part);
+      else if (u.part == Part::kTier)
+        tier_fn(tier_sh, u, kSeesAll, 0, qu, tk_codes->data_ptr<int32_t>(), tk_scale->data_ptr<at::Half>(),
+                tk_mn->data_ptr<at::Half>(), tv_codes->data_ptr<int32_t>(), tv_scale->data_ptr<at::Half>(),
+                tv_mn->data_ptr<at::Half>(), part);
       else
         store_fn(sh, u, np[u.bh], rlp[b], qu, k_codes.data_ptr<int32_t>(), k_scale.data_ptr<at::Half>(),
                  k_mn.data_ptr<at::Half>(), v_codes.data_ptr<int32_t>(), v_scale.data_ptr<at::Half>(),
@@ -258,7 +293,9 @@ TORCH_LIBRARY_FRAGMENT(minikv_cpu, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_mn, Tensor v_codes, Tensor v_scale, "
       "Tensor v_mn, Tensor n_packed, Tensor res_k, Tensor res_v, Tensor res_len, float scale, float softcap, "
-      "int k_bits, int v_bits, int group_size) -> Tensor");
+      "int k_bits, int v_bits, int group_size, Tensor? tier_k_codes=None, Tensor? tier_k_scale=None, "
+      "Tensor? tier_k_mn=None, Tensor? tier_v_codes=None, Tensor? tier_v_scale=None, Tensor? tier_v_mn=None, "
+      "Tensor? n_tier=None, int tier_k_bits=4, int tier_v_bits=4) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minikv_cpu, CPU, m) { m.impl("decode_attention", &decode_attention); }
