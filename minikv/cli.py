@@ -133,7 +133,8 @@ def _knob_flags(parser: argparse.ArgumentParser) -> None:
     )
     for name, (kind, choices, text) in KNOB_FLAGS.items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"{text} [{getattr(d, name)}]"
+        shown = "auto: the model's calibration, else 0" if name == "tier_share" else getattr(d, name)
+        help_text = f"{text} [{shown}]"
         if kind is argparse.BooleanOptionalAction:
             g.add_argument(flag, action=kind, default=argparse.SUPPRESS, help=help_text)
         else:
