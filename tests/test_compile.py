@@ -35,17 +35,24 @@ def _prefilled(model, T, new):
     return cache, out.logits[:, -1:].argmax(-1)
 
 
+def eager_and_compiled(model, T, steps):
+    """Greedy decode of ``steps`` tokens after a ``T``-token prompt, eager then compiled (fullgraph, so any
+    graph break fails), with dynamo's counters reset before the compiled run:
+    ``(eager_toks, eager_logits, toks, logits, the compiled run's cache)``."""
+    cache, tok = _prefilled(model, T, steps)
+    eager_toks, eager_logits = _decode(model, cache, tok, T, steps, _step)
+    compiled = torch.compile(_step, fullgraph=True, dynamic=False)
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    cache, tok = _prefilled(model, T, steps)
+    toks, logits = _decode(model, cache, tok, T, steps, compiled)
+    return eager_toks, eager_logits, toks, logits, cache
+
+
 def test_compiled_decode_step_matches_eager_in_one_graph_across_flushes():
     model = minikv.patch(tiny_model("llama"), bits=2, budget=32, recent=8, residual_length=16)
     steps = 40  # the residual (starts at 0) flushes at 16 and 32
-    cache, tok = _prefilled(model, 50, steps)
-    eager_toks, eager_logits = _decode(model, cache, tok, 50, steps, _step)
-
-    compiled = torch.compile(_step, fullgraph=True, dynamic=False)  # fails on any graph break
-    dynamo.reset()
-    dynamo.utils.counters.clear()
-    cache, tok = _prefilled(model, 50, steps)
-    toks, logits = _decode(model, cache, tok, 50, steps, compiled)
+    eager_toks, eager_logits, toks, logits, _ = eager_and_compiled(model, 50, steps)
     assert torch.equal(toks, eager_toks)
     print("max |compiled - eager| logit:", float((logits - eager_logits).abs().max()))
     assert torch.allclose(logits, eager_logits, atol=1e-5)
@@ -57,13 +64,7 @@ def test_compiled_decode_step_matches_eager_in_one_graph_across_flushes():
 def test_gemma_decode_step_with_sliding_rings_compiles_into_one_graph(family):
     model = minikv.patch(tiny_model(family), bits=2, budget=32, recent=8, residual_length=16)
     steps = 30  # past the 24-token window: the ring wraps
-    cache, tok = _prefilled(model, 50, steps)
-    eager_toks, eager_logits = _decode(model, cache, tok, 50, steps, _step)
-    compiled = torch.compile(_step, fullgraph=True, dynamic=False)
-    dynamo.reset()
-    dynamo.utils.counters.clear()
-    cache, tok = _prefilled(model, 50, steps)
-    toks, logits = _decode(model, cache, tok, 50, steps, compiled)
+    eager_toks, eager_logits, toks, logits, _ = eager_and_compiled(model, 50, steps)
     assert torch.equal(toks, eager_toks)
     assert torch.allclose(logits, eager_logits, atol=1e-4)
     assert dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 from models import tiny_model
-from test_compile import _decode, _prefilled, _step
+from test_compile import eager_and_compiled
 from torch.library import opcheck
 
 import minikv
@@ -199,15 +199,8 @@ def test_later_turns_and_decoding_leave_the_tier_untouched():
 
 def test_compiled_decode_with_a_tier_is_one_graph_and_matches_eager():
     model = minikv.patch(tiny_model("llama", head_dim=32), bits=2, budget=0.5, residual_length=32, tier_share=0.5)
-    steps = 40
-    cache, tok = _prefilled(model, 150, steps)
+    eager_toks, eager_logits, toks, logits, cache = eager_and_compiled(model, 150, 40)
     assert all(layer.store.tier for layer in _layers(cache))
-    eager_toks, eager_logits = _decode(model, cache, tok, 150, steps, _step)
-    compiled = torch.compile(_step, fullgraph=True, dynamic=False)
-    dynamo.reset()
-    dynamo.utils.counters.clear()
-    cache, tok = _prefilled(model, 150, steps)
-    toks, logits = _decode(model, cache, tok, 150, steps, compiled)
     assert torch.equal(toks, eager_toks)
     assert torch.allclose(logits, eager_logits, atol=1e-5)
     assert dynamo.utils.counters["stats"]["unique_graphs"] == 1

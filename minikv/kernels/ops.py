@@ -163,9 +163,6 @@ def _(
     return None
 
 
-TIER_ARGS = ("tier_k_codes", "tier_k_scale", "tier_k_mn", "tier_v_codes", "tier_v_scale", "tier_v_mn", "n_tier")
-
-
 @torch.library.custom_op("minikv::decode_attention", mutates_args=())
 def decode_attention(
     q: Tensor,

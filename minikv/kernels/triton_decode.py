@@ -225,59 +225,27 @@ def decode_attention(
     and residual in one launch, a precision tier (if any) in a second one, their splits merged together."""
     B, Hq, Lq, D = q.shape
     Hkv = res_k.shape[1]
-    GQ = (Hq // Hkv) * Lq
-    BQ = max(16, triton.next_power_of_2(GQ))
     qg = q.reshape(B, Hkv, Hq // Hkv, Lq, D).contiguous()  # rows of a KV head: (head, query)
-    parts = [
-        _partials(
-            qg,
-            (k_codes, k_scale, k_mn, v_codes, v_scale, v_mn),
-            n_packed,
-            res_k,
-            res_v,
-            res_len,
-            scale,
-            softcap,
-            k_bits,
-            v_bits,
-            group_size,
-            GQ,
-            BQ,
-            tier=False,
-        )
-    ]
-    if n_tier is not None:
+    rest = (res_k, res_v, res_len, scale, softcap)
+    store = (k_codes, k_scale, k_mn, v_codes, v_scale, v_mn)
+    acc, m, l = _partials(qg, store, n_packed, *rest, k_bits, v_bits, group_size, tier=False)
+    if n_tier is not None:  # the tier's splits join the store's
         tier = (tier_k_codes, tier_k_scale, tier_k_mn, tier_v_codes, tier_v_scale, tier_v_mn)
-        parts.append(
-            _partials(
-                qg,
-                tier,
-                n_tier,
-                res_k,
-                res_v,
-                res_len,
-                scale,
-                softcap,
-                tier_k_bits,
-                tier_v_bits,
-                group_size,
-                GQ,
-                BQ,
-                tier=True,
-            )
-        )
-    acc, m, l = (torch.cat(x, 1) for x in zip(*parts))
+        parts = zip((acc, m, l), _partials(qg, tier, n_tier, *rest, tier_k_bits, tier_v_bits, group_size, tier=True))
+        acc, m, l = (torch.cat(x, 1) for x in parts)
     # merge the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s
     M = m.amax(1, keepdim=True)
     w = torch.exp(m - torch.where(M == float("-inf"), 0.0, M))  # [B*Hkv, S, BQ]
     out = (w[..., None] * acc).sum(1) / (w * l).sum(1).clamp_min(1e-30)[..., None]  # [B*Hkv, BQ, D]
-    return out[:, :GQ].reshape(B, Hq, Lq, D).to(q.dtype)
+    return out[:, : Hq // Hkv * Lq].reshape(B, Hq, Lq, D).to(q.dtype)
 
 
-def _partials(qg, packed, n_packed, res_k, res_v, res_len, scale, softcap, k_bits, v_bits, group_size, GQ, BQ, tier):
+def _partials(qg, packed, n_packed, res_k, res_v, res_len, scale, softcap, k_bits, v_bits, group_size, tier):
     """One launch over a packed store (``tier``: a precision tier, no residual): every split's unnormalised
     ``acc [B*Hkv, S, BQ, D]``, running max ``m`` and sum ``l [B*Hkv, S, BQ]``."""
-    B, Hkv, _, Lq, D = qg.shape
+    B, Hkv, g, Lq, D = qg.shape
+    GQ = g * Lq
+    BQ = max(16, triton.next_power_of_2(GQ))
     R = res_k.shape[2]
     C = packed[3].shape[2]
     BT, warps = tile(D, group_size)

@@ -225,11 +225,12 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_codes, c
   const int64_t* rlp = rl.data_ptr<int64_t>();
   const at::Tensor nt = tiered ? n_tier_t->to(at::kLong).contiguous() : at::Tensor();
   TORCH_CHECK(!tiered || nt.numel() == B * Hkv, "decode_attention: n_tier must be [B, Hkv]");
+  const int64_t* ntp = tiered ? nt.data_ptr<int64_t>() : nullptr;
   for (int64_t bh = 0; bh < B * Hkv; ++bh) {
     first[bh] = static_cast<int64_t>(units.size());
     const int64_t b = bh / Hkv;
     if (tiered) {
-      const int64_t n = std::clamp<int64_t>(nt.data_ptr<int64_t>()[bh], 0, Ct) / G * G;
+      const int64_t n = std::clamp<int64_t>(ntp[bh], 0, Ct) / G * G;
       for (int64_t s = 0; s < n; s += chunk) units.push_back({bh, s, std::min(s + chunk, n), Part::kTier});
     }
     const int64_t n = std::clamp<int64_t>(np[bh], 0, C) / G * G, r = std::clamp<int64_t>(rlp[b], 0, SR);
