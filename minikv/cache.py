@@ -204,9 +204,10 @@ class MiniKVLayer(StaticLayer):
         kept = budget.capacity(self.cfg, self.rank, self.num_compressed, T)
         store_cls = QuantizedStore if self.cfg.quantized else DenseStore
         shape = (store_cls, self.batch_size, self.num_heads, self.head_dim, kept + new, self.dtype, self.device)
-        if self.cfg.quantized:  # the tier holds a share of the most a head keeps (sinks aside)
-            share = self.cfg.tier_share_of(self.rank, self.num_compressed)
-            shape += (int((kept - min(self.cfg.sink_tokens, kept)) * share), share)
+        if self.cfg.quantized:  # the tier holds a share of the most a head keeps (sinks aside), and of
+            share = self.cfg.tier_share_of(self.rank, self.num_compressed)  # later turns' under max_cache_len
+            turns = new if self.max_cache_len is not None else 0
+            shape += (int((kept - min(self.cfg.sink_tokens, kept) + turns) * share), share)
         if self.store is None or getattr(self, "_store_shape", None) != shape:
             self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
             self._set_store(store_cls(self.cfg, *shape[1:]), shape)
@@ -389,12 +390,16 @@ class MiniKVLayer(StaticLayer):
                 scores = selection.crush(scores, new_valid, n_keep, n_recent, cfg)
             n = int(n_keep.max())  # every sequence of a turn has N new tokens: all keep n
             idx = impl.select_tokens(scores, new_valid, n_keep, n_recent, n)
+            scores = scores.gather(2, idx)  # the kept tokens' scores rank the precision tier
             idx = idx[..., None].expand(-1, -1, -1, k.shape[-1])
             k, v = k.gather(2, idx), v.gather(2, idx)
-        needed = int(self.store.lengths().max()) + k.shape[2] + room
-        if self.max_cache_len is None or needed > self.store.capacity:  # max_cache_len reserved it all up front
-            self._set_store(self.store.resized(needed), None)
-        self.store.extend(k, v)
+        store = self.store
+        needed = int(store.lengths().max()) + k.shape[2] + room
+        tiered = store.tier_tokens(k.shape[2]) if scores is not None and self.cfg.quantized else 0
+        tier_needed = store.tier_held() + tiered if tiered else 0
+        if self.max_cache_len is None or needed > store.capacity or tiered and tier_needed > store.tier_capacity:
+            self._set_store(store.resized(needed, tier_needed), None)  # max_cache_len reserved it all up front
+        self.store.extend(k, v, scores)
 
     def _set_store(self, store, shape: tuple | None) -> None:
         """Use ``store`` (``shape``: the arguments it was built with, for reuse by a later prompt)."""

@@ -9,8 +9,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 SUPPORTED_BITS = (2, 4, 16)
 QUANT_BITS = (2, 4)  # k_bits / v_bits of a quantized store
+RESIDUAL_DTYPES = ("model", "float16", "bfloat16")  # the full-precision residual's (sinks and recent tokens)
 ROTATIONS = ("none", "v", "k", "kv")
 AUTO_GROUP_SIZES = (32, 16)  # q_group_size=None: the first that divides head_dim and residual_length
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # clip ratios tried per group (1.0 = min-max)
@@ -86,6 +89,9 @@ class MiniKVConfig:
         ``None`` picks the first of ``AUTO_GROUP_SIZES`` (32, then 16) that divides the model's head_dim
         and ``residual_length``.
     residual_length: R, full-precision tokens buffered at decode before they are quantized.
+    residual_dtype: the dtype of the full-precision residual (the sinks and the tokens not yet
+        quantized): ``"model"`` (the model's), ``"float16"`` or ``"bfloat16"``; ``None`` (default):
+        ``"float16"`` for a float32 model, else the model's (:func:`residual_dtype`).
     tier_share: a precision tier (0 = none): of each KV head's kept prompt tokens (sinks aside), the
         best-scored ``tier_share`` (in [0, 1], rounded down to whole quantization groups) are stored at
         ``tier_bits`` instead of ``k_bits``/``v_bits``; decode reads both in one attention. A sequence
@@ -126,6 +132,7 @@ class MiniKVConfig:
     crush_seed: int = 0
     q_group_size: int | None = None
     residual_length: int = 128
+    residual_dtype: str | None = None
     tier_share: float | tuple[float, ...] | None = None
     tier_bits: tuple[int, int] = (4, 4)
     max_new_tokens: int | None = None
@@ -206,6 +213,8 @@ class MiniKVConfig:
         if self.q_group_size is not None:
             _check_int("q_group_size", self.q_group_size, low=1)
         _check_int("residual_length", self.residual_length, low=1)
+        if self.residual_dtype is not None:
+            _check_choice("residual_dtype", self.residual_dtype, RESIDUAL_DTYPES)
         self._check_tier()
         if self.max_new_tokens is not None:
             _check_int("max_new_tokens", self.max_new_tokens, low=0)
@@ -415,6 +424,13 @@ class MiniKVConfig:
                 f"q_group_size={self.q_group_size} must divide the model's head_dim={head_dim} "
                 f"(valid: divisors of {head_dim} that are multiples of {per_word})"
             )
+
+
+def residual_dtype(choice: str | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The residual's dtype for ``residual_dtype=choice`` on a model computing in ``model_dtype``."""
+    if choice is None:
+        return torch.float16 if model_dtype == torch.float32 else model_dtype
+    return model_dtype if choice == "model" else getattr(torch, choice)
 
 
 def _check_choice(name, value, choices) -> None:

@@ -11,7 +11,7 @@ import copy
 
 import torch
 
-from .config import MiniKVConfig
+from .config import MiniKVConfig, residual_dtype
 from .dense import dense_attention, mask_for
 from .kernels import implementation
 from .kernels.quant import META_DTYPE
@@ -28,6 +28,21 @@ def packed_token_bytes(D: int, k_bits: int, v_bits: int, group: int) -> int:
     return D * k_bits // 8 + meta + D * v_bits // 8 + meta
 
 
+def _put_groups(dst, src, b: int, offsets, F: int, k_bits: int, G: int) -> None:
+    """Write ``F`` packed tokens (whole groups) of sequence ``b`` into a packed store's six tensors ``dst``
+    (key codes, scales, minimums; value codes, scales, minimums), each KV head ``h`` after its first
+    ``offsets[h]``; ``src``: the six tensors of ``quantize_pack`` for that sequence's heads (``[H, ...]``)."""
+    kw = 32 // k_bits
+    for h, p in enumerate(offsets):
+        kc, ks, km, vc, vs, vm = (t[h] for t in src)
+        dst[0][b, h, :, p // kw : (p + F) // kw] = kc
+        dst[1][b, h, :, p // G : (p + F) // G] = ks
+        dst[2][b, h, :, p // G : (p + F) // G] = km
+        dst[3][b, h, p : p + F] = vc
+        dst[4][b, h, p : p + F] = vs
+        dst[5][b, h, p : p + F] = vm
+
+
 class QuantizedStore:
     """KIVI layout: a packed store of ``C`` tokens plus a full-precision residual of ``S + R`` tokens,
     and, with a ``tier_share`` (this layer's share of ``cfg.tier_share``), a precision tier: a second packed
@@ -37,8 +52,8 @@ class QuantizedStore:
     The residual begins with each sequence's ``n_sink`` sink tokens (the first ``sink_tokens`` of
     the prompt, never quantized, never flushed), then holds up to ``R`` new tokens until a flush.
     Three segments, one attention (``minikv::decode_attention``): sinks and recent tokens in full
-    precision, the tier, the rest at ``k_bits``/``v_bits``. Only the prompt fills the tier; later
-    turns and decoded tokens go to the main store.
+    precision, the tier, the rest at ``k_bits``/``v_bits``. The prompt and later turns fill the tier
+    (each head's best-scored share of them); decoded tokens go to the main store.
     With ``rotate``, keys and/or values are stored rotated (:mod:`minikv.rotation`); queries are
     rotated and outputs rotated back here, so the kernels never know.
     """
@@ -72,8 +87,9 @@ class QuantizedStore:
         self.v_codes = torch.zeros(B, H, C, D // (32 // self.v_bits), **int_kw)
         self.v_scale = torch.zeros(B, H, C, D // G, **meta_kw)
         self.v_mn = torch.zeros(B, H, C, D // G, **meta_kw)
-        self.res_k = torch.zeros(B, H, S + R, D, dtype=dtype, device=device)
-        self.res_v = torch.zeros(B, H, S + R, D, dtype=dtype, device=device)
+        res_dtype = residual_dtype(cfg.residual_dtype, dtype)
+        self.res_k = torch.zeros(B, H, S + R, D, dtype=res_dtype, device=device)
+        self.res_v = torch.zeros(B, H, S + R, D, dtype=res_dtype, device=device)
         self.n_packed = torch.zeros(B, H, dtype=torch.int64, device=device)  # per KV head (per-head budgets)
         self.res_len = torch.zeros(B, dtype=torch.int64, device=device)
         self.n_sink = torch.zeros(B, dtype=torch.int64, device=device)
@@ -158,7 +174,7 @@ class QuantizedStore:
             tiered = in_body & (rank < n_tier[..., None])
             # the tier's tokens first, then the rest of the body, each in temporal order
             order = torch.argsort(torch.where(tiered, 0, torch.where(in_body, 1, 2)), dim=-1, stable=True)
-            first = order[..., : self.tier_capacity, None].expand(-1, -1, -1, D)
+            first = order[..., : min(self.tier_capacity, N // G * G), None].expand(-1, -1, -1, D)
             self._write_tier(k.gather(2, first), v.gather(2, first), n_tier)
             body = (n_tier[..., None] + pos).clamp_max(N - 1)  # the main store's body, after the tier's
             body = order.gather(2, body)[..., None].expand(-1, -1, -1, D)
@@ -191,50 +207,80 @@ class QuantizedStore:
         self.res_v[:, :, : S + G] = v.gather(2, index)
 
     def _write_tier(self, k: torch.Tensor, v: torch.Tensor, n_tier: torch.Tensor) -> None:
-        """Pack the tier's tokens ``k/v [B, H, Ct, D]`` (rotated; each head's first ``n_tier`` hold one)."""
+        """Pack the tier's first tokens ``k/v [B, H, n, D]`` (rotated, whole groups, ``n`` at most its
+        capacity; each head's first ``n_tier`` hold one)."""
         (tk, tv), G = self.tier_bits, self.group
         kc, ks, km = self.impl.quantize_pack(k.transpose(-1, -2), tk, G, self.clip)
         vc, vs, vm = self.impl.quantize_pack(v, tv, G, self.clip)
-        for dst, src in zip(self.tier, (kc, ks, km, vc, vs, vm, n_tier)):
-            dst.copy_(src)
+        for dst, src in zip(self.tier[:3], (kc, ks, km)):  # keys: tokens along the last axis
+            dst[..., : src.shape[-1]] = src
+        for dst, src in zip(self.tier[3:6], (vc, vs, vm)):  # values: tokens along axis 2
+            dst[:, :, : src.shape[2]] = src
+        self.tier[-1].copy_(n_tier)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         k, v = rotate(k, self.rot_k), rotate(v, self.rot_v)
         self.impl.append_kv(k, v, *self.state(), self.k_bits, self.v_bits, self.group, self.residual, self.clip)
 
-    def extend(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append ``N`` tokens ``k/v [B, H, N, D]`` to every sequence at once (a new turn's kept tokens).
+    def extend(self, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None = None) -> None:
+        """Append ``N`` tokens ``k/v [B, H, N, D]`` to every sequence at once (a new turn's kept tokens),
+        ranked for the tier by ``scores [B, H, N]`` (with a tier; ``None``: none of them in it).
 
-        Per sequence, the residual's tokens after the sinks and the new ones are packed in whole
-        groups of G (as :meth:`write_prompt` packs a prompt) and the last ``< G`` stay in the
-        residual. Groups are independent, so the codes are those of :meth:`append`'s flushes of
-        the same tokens. Prefill-time code: reads the fill levels on the host; the capacity must
-        hold the tokens (:meth:`resized`).
+        With a tier, each head's best-scored :meth:`tier_tokens` ``(N)`` go to the tier, after its own
+        (in temporal order). Per sequence, the residual's tokens after the sinks and the other new ones
+        are packed in whole groups of G (as :meth:`write_prompt` packs a prompt) and the last ``< G`` stay
+        in the residual. Groups are independent, so the codes are those of :meth:`append`'s flushes of
+        the same tokens. Prefill-time code: reads the fill levels on the host; the capacities must hold
+        the tokens (:meth:`resized`).
         """
         k, v = rotate(k, self.rot_k), rotate(v, self.rot_v)
-        G, kw = self.group, 32 // self.k_bits
-        levels = zip(self.n_sink.tolist(), self.res_len.tolist(), self.n_packed.tolist())
+        G = self.group
+        n_tier = self.tier_tokens(k.shape[2]) if scores is not None else 0
+        levels = list(zip(self.n_sink.tolist(), self.res_len.tolist(), self.n_packed.tolist()))
+        M = [r - s + k.shape[2] - n_tier for s, r, _ in levels]
+        need = max(max(heads) + m // G * G for (_, _, heads), m in zip(levels, M))
+        if need > self.capacity:
+            raise ValueError(f"store holds {self.capacity} packed tokens, {need} needed: resize it first")
+        if n_tier:
+            k, v = self._extend_tier(k, v, scores, n_tier)
         for b, (s, r, heads) in enumerate(levels):
             body_k = torch.cat([self.res_k[b, :, s:r], k[b].to(self.res_k.dtype)], 1)  # [H, M, D]
             body_v = torch.cat([self.res_v[b, :, s:r], v[b].to(self.res_v.dtype)], 1)
-            M = body_k.shape[1]
-            F = (M // G) * G
-            if max(heads) + F > self.capacity:
-                raise ValueError(f"store holds {self.capacity} packed tokens, {max(heads) + F} needed: resize it first")
+            F = (M[b] // G) * G
             if F:
-                kc, ks, km = self.impl.quantize_pack(body_k[None, :, :F].transpose(-1, -2), self.k_bits, G, self.clip)
-                vc, vs, vm = self.impl.quantize_pack(body_v[None, :, :F], self.v_bits, G, self.clip)
-                for h, p in enumerate(heads):  # each KV head's tokens go after its own
-                    self.k_codes[b, h, :, p // kw : (p + F) // kw] = kc[0, h]
-                    self.k_scale[b, h, :, p // G : (p + F) // G] = ks[0, h]
-                    self.k_mn[b, h, :, p // G : (p + F) // G] = km[0, h]
-                    self.v_codes[b, h, p : p + F] = vc[0, h]
-                    self.v_scale[b, h, p : p + F] = vs[0, h]
-                    self.v_mn[b, h, p : p + F] = vm[0, h]
-            self.res_k[b, :, s : s + M - F] = body_k[:, F:]
-            self.res_v[b, :, s : s + M - F] = body_v[:, F:]
+                kc = self.impl.quantize_pack(body_k[None, :, :F].transpose(-1, -2), self.k_bits, G, self.clip)
+                vc = self.impl.quantize_pack(body_v[None, :, :F], self.v_bits, G, self.clip)
+                _put_groups(self.buffers()[:6], [t[0] for t in (*kc, *vc)], b, heads, F, self.k_bits, G)
+            self.res_k[b, :, s : s + M[b] - F] = body_k[:, F:]
+            self.res_v[b, :, s : s + M[b] - F] = body_v[:, F:]
             self.n_packed[b] += F
-            self.res_len[b] = s + M - F
+            self.res_len[b] = s + M[b] - F
+
+    def tier_tokens(self, n: int) -> int:
+        """How many of a turn's ``n`` kept tokens each head puts in the tier: the share, in whole groups."""
+        return int(n * self.tier_share) // self.group * self.group
+
+    def tier_held(self) -> int:
+        """The most tokens a head holds in the tier (host sync: prefill-time code)."""
+        return int(self.tier[-1].max()) if self.tier else 0
+
+    def _extend_tier(self, k, v, scores, n_tier: int):
+        """Pack each head's ``n_tier`` best-scored tokens of ``k/v [B, H, N, D]`` (rotated) after the tier's
+        own; return the others ``[B, H, N - n_tier, D]``, in temporal order."""
+        (tk, tv), G = self.tier_bits, self.group
+        need = self.tier_held() + n_tier
+        if need > self.tier_capacity:
+            raise ValueError(f"the tier holds {self.tier_capacity} tokens, {need} needed: resize it first")
+        rank = scores.float().argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = best
+        order = torch.argsort((rank >= n_tier).to(torch.int8), dim=-1, stable=True)  # the tier's first
+        index = order[..., None].expand(-1, -1, -1, k.shape[-1])
+        k, v = k.gather(2, index), v.gather(2, index)
+        kc = self.impl.quantize_pack(k[:, :, :n_tier].transpose(-1, -2), tk, G, self.clip)
+        vc = self.impl.quantize_pack(v[:, :, :n_tier], tv, G, self.clip)
+        for b, heads in enumerate(self.tier[-1].tolist()):
+            _put_groups(self.tier[:6], [t[b] for t in (*kc, *vc)], b, heads, n_tier, tk, G)
+        self.tier[-1] += n_tier
+        return k[:, :, n_tier:], v[:, :, n_tier:]
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(k, v [B, H, Ct + C + S + R, D], valid [B, H, Ct + C + S + R])``: every token held (the tier's,
@@ -245,11 +291,11 @@ class QuantizedStore:
             self.impl.unpack_dequantize(self.k_codes, self.k_scale, self.k_mn, self.k_bits, G, self.dtype).transpose(
                 -1, -2
             ),
-            self.res_k,
+            self.res_k.to(self.dtype),
         ]
         vals = [
             self.impl.unpack_dequantize(self.v_codes, self.v_scale, self.v_mn, self.v_bits, G, self.dtype),
-            self.res_v,
+            self.res_v.to(self.dtype),
         ]
         C, SR = self.capacity, self.res_k.shape[2]
         slot = torch.arange(C + SR, device=self.res_k.device)
@@ -264,12 +310,12 @@ class QuantizedStore:
         v = unrotate(torch.cat(vals, 2), self.rot_v)
         return k, v, valid
 
-    def resized(self, tokens: int) -> "QuantizedStore":
-        """A store with room for ``tokens`` packed tokens holding this one's tokens (the tier as it is)."""
+    def resized(self, tokens: int, tier_tokens: int = 0) -> "QuantizedStore":
+        """A store with room for ``tokens`` packed tokens and (with a tier) ``tier_tokens`` tier tokens (at
+        least the tier's capacity now), holding this one's tokens."""
         B, H, D = self.k_codes.shape[:3]
-        new = type(self)(
-            self.cfg, B, H, D, tokens, self.dtype, self.k_codes.device, self.tier_capacity, self.tier_share
-        )
+        tier = max(self.tier_capacity, tier_tokens) if self.tier_share > 0 else 0
+        new = type(self)(self.cfg, B, H, D, tokens, self.dtype, self.k_codes.device, tier, self.tier_share)
         return _copy_into(new, self)
 
     def attend(self, module, q: torch.Tensor, scale: float, softcap, fallback: str = "sdpa"):
@@ -338,14 +384,16 @@ class DenseStore:
         self.v.scatter_(2, index, v)
         self.length.add_(Lq)
 
-    extend = append  # scatter at each sequence's length: any number of tokens
+    def extend(self, k, v, scores=None) -> None:
+        """A turn's kept tokens: appended at each sequence's length (``scores`` unused: no tier)."""
+        self.append(k, v)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(k, v [B, H, C, D], valid [B, H, C])``: the tokens held and which slots hold one."""
         valid = self._slots[None] < self.length[:, None]
         return self.k, self.v, valid[:, None].expand(-1, self.k.shape[1], -1)
 
-    def resized(self, tokens: int) -> "DenseStore":
+    def resized(self, tokens: int, tier_tokens: int = 0) -> "DenseStore":
         B, H, _, D = self.k.shape
         return _copy_into(type(self)(self.cfg, B, H, D, tokens, self.k.dtype, self.k.device), self)
 

@@ -43,7 +43,7 @@ def test_memory_accounting_matches_a_hand_computation():
     L, H, D = 3, 2, 16
     # per layer: 40 kept -> 32 packed + 8 residual; 5 decode tokens -> residual 13 (< R = 32)
     packed = 32 * H * 2 * (D * 2 // 8 + 2 * (D // 16) * 2)  # K and V: 2-bit codes + fp16 scale & min
-    residual = 13 * H * 2 * D * 4  # fp32 model: residual in fp32
+    residual = 13 * H * 2 * D * 2  # fp32 model: the residual in fp16 (residual_dtype=None)
     fp16 = (70 + 5) * H * D * 2 * 2
     mem = cache.memory()
     assert mem.used_bytes == L * (packed + residual)

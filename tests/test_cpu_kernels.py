@@ -151,6 +151,19 @@ def test_decode_attention_in_half_precision_meets_the_budget(dtype):
     assert (got.double() - want).abs().max() <= 2 * (ref.double() - want).abs().max() + 1e-3
 
 
+def test_decode_attention_of_fp32_queries_over_an_fp16_residual():
+    """An fp32 model's residual is fp16 by default (``residual_dtype=None``): the kernel reads it as the
+    reference does, within fp32 rounding of fp64 attention over the residual's stored values."""
+    buf, npk, res_k, res_v, rl = _mixed_store(2, 2, 64, 4, 2, 32, 36, [[256, 192], [64, 0]], [7, 36])
+    res_k, res_v = res_k.half(), res_v.half()
+    q = torch.randn(2, 6, 2, 64)
+    args = (q, *buf, npk, res_k, res_v, rl, 0.125, 0.0, 4, 2, 32)
+    got = cpu_ops.decode_attention(*args)
+    want = _fp64_decode(q, buf, npk, res_k, res_v, rl, 4, 2, 32, 0.125, 0.0)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, atol=2e-5) and torch.allclose(got, reference.decode_attention(*args), atol=2e-5)
+
+
 def test_decode_attention_does_not_depend_on_the_thread_count():
     buf, npk, res_k, res_v, rl = _mixed_store(1, 1, 64, 4, 2, 32, 36, [4096], [20])
     args = (torch.randn(1, 4, 1, 64), *buf, npk, res_k, res_v, rl, 0.125, 0.0, 4, 2, 32)

@@ -118,6 +118,16 @@ def test_decode_attention_matches_the_reference_with_softcap_and_several_queries
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_decode_attention_of_fp32_queries_over_an_fp16_residual():
+    """An fp32 model's default residual is fp16: the Triton kernel reads it as the reference does."""
+    buf, npk, rk, rv, rl = _filled_store(2, 2, 64, 2, 16, 32, [[48, 16], [16, 32]], [3, 30])
+    rk, rv = rk.half(), rv.half()
+    q = torch.randn(2, 8, 2, 64)
+    want = reference.decode_attention(q, *buf, npk, rk, rv, rl, 0.125, 0.0, 2, 2, 16)
+    got = ops.decode_attention(q, *buf, npk, rk, rv, rl, 0.125, 0.0, 2, 2, 16)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
+
+
 # every tile shape of triton_decode.TILES: head_dim 64/128/256 (Gemma 3's MQA at 256), G 16/32/64
 # (G 64 takes 64-token tiles), keys and values at different widths, several tiles and two splits
 TILE_CASES = [(4, 1, 256, 32, 4, 2), (8, 2, 64, 64, 2, 2), (4, 2, 128, 64, 4, 4), (6, 2, 64, 16, 4, 2)]

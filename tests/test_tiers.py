@@ -78,8 +78,52 @@ def test_the_tier_holds_each_heads_best_scored_body_tokens_in_whole_groups():
                 assert torch.equal(got[b, h, :packed], w)
             # the residual: the sinks, then the rest's last tokens (< G), in full precision
             r = int(store.res_len[b])
-            assert torch.equal(store.res_k[b, h, :S], kr[b, h, :S])
-            assert torch.equal(store.res_k[b, h, S:r], kr[b, h, rest[packed:]])
+            assert torch.equal(store.res_k[b, h, :S], kr[b, h, :S].half())  # an fp32 model's residual: fp16
+            assert torch.equal(store.res_k[b, h, S:r], kr[b, h, rest[packed:]].half())
+
+
+def test_a_turn_fills_the_tier_after_the_held_tokens_with_its_best_scored_share():
+    """A later turn's kept tokens: each head's best-scored share (whole groups) packed after the tier's own
+    tokens, which stay byte for byte; the others follow the residual's tokens into the main store."""
+    store, *_ = _store_with_prompt(0.6, torch.tensor([[120, 88], [100, 100]]))
+    store = store.resized(store.capacity + 64, store.tier_capacity + 64)
+    held = [t.clone() for t in store.tier]
+    before = {"n_packed": store.n_packed.clone(), "res_len": store.res_len.clone(), "res_k": store.res_k.clone()}
+    g = torch.Generator().manual_seed(5)
+    N, G, D = 76, 32, 32
+    k, v, scores = torch.randn(2, 2, N, D, generator=g), torch.randn(2, 2, N, D, generator=g), torch.rand(2, 2, N, generator=g)
+    store.extend(k, v, scores)
+    kr, vr = rotate(k, store.rot_k), rotate(v, store.rot_v)
+    n_t = int(N * 0.6) // G * G  # 32 of the 76
+    assert (store.tier[-1] == held[-1] + n_t).all()
+    tk, tv = store.tier_bits
+    for b in range(2):
+        for h in range(2):
+            n0 = int(held[-1][b, h])
+            # the held tokens: byte for byte
+            assert torch.equal(store.tier[3][b, h, :n0], held[3][b, h, :n0])
+            assert torch.equal(store.tier[0][b, h, :, : n0 // 8], held[0][b, h, :, : n0 // 8])
+            best = scores[b, h].argsort(descending=True, stable=True)[:n_t].sort().values
+            want = quant.quantize_pack(kr[b, h, best].T, tk, G, True)
+            assert torch.equal(store.tier[0][b, h, :, n0 // 8 : (n0 + n_t) // 8], want[0])
+            assert torch.equal(store.tier[1][b, h, :, n0 // G : (n0 + n_t) // G], want[1])
+            want = quant.quantize_pack(vr[b, h, best], tv, G, True)
+            assert torch.equal(store.tier[3][b, h, n0 : n0 + n_t], want[0])
+            # the rest: after the residual's body tokens, packed in whole groups, the last < G in the residual
+            rest = torch.tensor([i for i in range(N) if i not in set(best.tolist())])
+            s, r, p = int(store.n_sink[b]), int(before["res_len"][b]), int(before["n_packed"][b, h])
+            body = torch.cat([before["res_k"][b, h, s:r].float(), kr[b, h, rest].half().float()])
+            F = len(body) // G * G
+            assert int(store.n_packed[b, h]) == p + F and int(store.res_len[b]) == s + len(body) - F
+            if F:
+                want = quant.quantize_pack(body[:F].T, store.k_bits, G, True)
+                assert torch.equal(store.k_codes[b, h, :, p // 8 : (p + F) // 8], want[0])
+            assert torch.equal(store.res_k[b, h, s : s + len(body) - F].float(), body[F:])
+    assert store.used_bytes() == (
+        int(store.tier[-1].sum()) * packed_token_bytes(D, 4, 4, G)
+        + int(store.n_packed.sum()) * packed_token_bytes(D, 4, 2, G)
+        + 2 * int(store.res_len.sum()) * 2 * D * 2
+    )
 
 
 def test_the_tiers_bytes_are_counted_exactly():
@@ -88,7 +132,7 @@ def test_the_tiers_bytes_are_counted_exactly():
     want = (
         int(store.tier[-1].sum()) * packed_token_bytes(D, 4, 4, G)
         + int(store.n_packed.sum()) * packed_token_bytes(D, 4, 2, G)
-        + 2 * int(store.res_len.sum()) * 2 * D * 4  # 2 heads, K and V, fp32
+        + 2 * int(store.res_len.sum()) * 2 * D * 2  # 2 heads, K and V, fp16 (an fp32 model's residual)
     )
     assert store.used_bytes() == want
     k, v, valid = store.dense()
@@ -183,7 +227,9 @@ def test_opcheck_of_the_tiered_decode():
     opcheck(ops.decode_attention, (*main, *tier))
 
 
-def test_later_turns_and_decoding_leave_the_tier_untouched():
+def test_later_turns_extend_the_tier_and_leave_its_tokens_untouched():
+    """A turn adds its best-scored share to the tier after the tokens held, which stay byte for byte (so do
+    they through decoding: decoded tokens go to the main store)."""
     model = minikv.patch(tiny_model("llama", head_dim=32), bits=2, residual_length=32, tier_share=0.6)
     ids = torch.randint(1, 320, (1, 160), generator=torch.Generator().manual_seed(1))
     out = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
@@ -191,10 +237,39 @@ def test_later_turns_and_decoding_leave_the_tier_untouched():
     layers = _layers(cache)
     before = [[t.clone() for t in layer.store.tier] for layer in layers]
     assert all(int(t[-1].sum()) > 0 for t in before)
-    turn = torch.cat([out.sequences, torch.randint(1, 320, (1, 70), generator=torch.Generator().manual_seed(2))], 1)
+    turn = torch.cat([out.sequences, torch.randint(1, 320, (1, 200), generator=torch.Generator().manual_seed(2))], 1)
     model.generate(turn, max_new_tokens=40, do_sample=False, pad_token_id=0, **{cache_key(): cache})
+    grew = 0
     for layer, old in zip(layers, before):
-        assert all(torch.equal(a, b) for a, b in zip(layer.store.tier, old))
+        tier, G = layer.store.tier, layer.store.group
+        grew += int((tier[-1] - old[-1]).sum())
+        assert ((tier[-1] - old[-1]) % G == 0).all() and (tier[-1] >= old[-1]).all()
+        for b, h in ((0, h) for h in range(tier[-1].shape[1])):
+            n0 = int(old[-1][b, h])
+            for new, held in zip(tier[3:6], old[3:6]):  # values and their scales: the held tokens' rows
+                assert torch.equal(new[b, h, :n0], held[b, h, :n0])
+            for new, held in zip(tier[:3], old[:3]):  # keys: the held groups' columns
+                w = n0 * new.shape[-1] // layer.store.tier_capacity
+                assert torch.equal(new[b, h, :, :w], held[b, h, :, :w])
+    assert grew > 0  # the turn's kept tokens reached the tier
+
+
+def test_max_cache_len_reserves_the_tier_for_every_turn():
+    """Built with ``max_cache_len``, the tier has room for the turns' share too: a turn fills it in place."""
+    from minikv import MiniKVCache
+
+    model = minikv.patch(tiny_model("llama", head_dim=32), bits=2, residual_length=32, tier_share=0.6)
+    cache = MiniKVCache(model._minikv_patch.config, model.config, max_cache_len=600)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model(torch.randint(1, 320, (1, 160), generator=g), **{cache_key(): cache}, use_cache=True)
+        layers = _layers(cache)
+        buffers = [[t.data_ptr() for t in layer.store.all_state()] for layer in layers]
+        held = [int(layer.store.tier[-1].sum()) for layer in layers]
+        for n in (200, 1, 150):  # two turns and a decode step between them
+            model(torch.randint(1, 320, (1, n), generator=g), **{cache_key(): cache}, use_cache=True)
+    assert [[t.data_ptr() for t in layer.store.all_state()] for layer in layers] == buffers
+    assert all(int(layer.store.tier[-1].sum()) > h for layer, h in zip(layers, held))
 
 
 def test_compiled_decode_with_a_tier_is_one_graph_and_matches_eager():

@@ -86,21 +86,28 @@ def test_compressed_turn_keeps_the_held_tokens_and_compresses_the_new_ones():
     assert cache.memory().fp16_bytes == 3 * (64 + 3 + 40) * 2 * 16 * 2 * 2  # every token seen, at fp16
 
 
-def test_extend_packs_whole_groups_with_the_codes_of_the_same_tokens():
+@pytest.mark.parametrize("residual_dtype", ["model", "float16"])
+def test_extend_packs_whole_groups_with_the_codes_of_the_same_tokens(residual_dtype):
     from minikv import MiniKVConfig
 
-    cfg = MiniKVConfig(bits=2, k_bits=4, q_group_size=16, residual_length=32, sink_tokens=2, clip=True, rotate="none")
+    cfg = MiniKVConfig(
+        bits=2, k_bits=4, q_group_size=16, residual_length=32, sink_tokens=2, clip=True, rotate="none",
+        residual_dtype=residual_dtype,
+    )
     B, H, D = 2, 2, 32
     g = torch.Generator().manual_seed(0)
     store = QuantizedStore(cfg, B, H, D, 96, torch.float32, "cpu")
+    rounded = (lambda x: x.half().float()) if residual_dtype == "float16" else (lambda x: x)
     k0, v0 = torch.randn(B, H, 30, D, generator=g), torch.randn(B, H, 30, D, generator=g)
     store.write_prompt(k0, v0, torch.tensor([30, 23]))  # body 28 / 21: 16 packed, 12 / 5 in the residual
     k1, v1 = torch.randn(B, H, 40, D, generator=g), torch.randn(B, H, 40, D, generator=g)
     store.extend(k1, v1)
     assert store.n_packed.tolist() == [[16 + 48] * 2, [16 + 32] * 2] and store.res_len.tolist() == [2 + 4, 2 + 13]
     for b, n_body in enumerate((28, 21)):
-        body_k = torch.cat([k0[b, :, 2 : 2 + n_body], k1[b]], 1)  # [H, n_body + 40, D]
-        body_v = torch.cat([v0[b, :, 2 : 2 + n_body], v1[b]], 1)
+        # the prompt's first group was packed from the model's values; every later token went through the
+        # residual, in its dtype
+        body_k = torch.cat([k0[b, :, 2:18], rounded(k0[b, :, 18 : 2 + n_body]), rounded(k1[b])], 1)
+        body_v = torch.cat([v0[b, :, 2:18], rounded(v0[b, :, 18 : 2 + n_body]), rounded(v1[b])], 1)
         p = int(store.n_packed[b, 0])
         kc, ks, km = quantize_pack(body_k[None, :, :p].transpose(-1, -2), 4, 16, True)
         vc, vs, vm = quantize_pack(body_v[None, :, :p], 2, 16, True)
@@ -108,8 +115,8 @@ def test_extend_packs_whole_groups_with_the_codes_of_the_same_tokens():
         assert torch.equal(store.k_scale[b : b + 1, :, :, : p // 16], ks)
         assert torch.equal(store.v_codes[b : b + 1, :, :p], vc) and torch.equal(store.v_mn[b : b + 1, :, :p], vm)
         rest = body_k.shape[1] - p
-        assert torch.equal(store.res_k[b, :, :2], k0[b, :, :2])  # the sinks stay
-        assert torch.equal(store.res_k[b, :, 2 : 2 + rest], body_k[:, p:])
+        assert torch.equal(store.res_k[b, :, :2].float(), rounded(k0[b, :, :2]))  # the sinks stay
+        assert torch.equal(store.res_k[b, :, 2 : 2 + rest].float(), body_k[:, p:])
 
 
 def test_a_turn_past_max_cache_len_is_refused_before_any_state_changes():
