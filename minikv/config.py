@@ -97,7 +97,8 @@ class MiniKVConfig:
         ``tier_bits`` instead of ``k_bits``/``v_bits``; decode reads both in one attention. A sequence
         gives each compressed layer its own share (``1.0``: the layer's whole prompt at ``tier_bits``,
         ``0``: none): a tier by token, by layer, or both. Needs a quantized store and a budget (the
-        scores rank the tier). Later turns and decoded tokens are stored at ``k_bits``/``v_bits``.
+        scores rank the tier). A later turn's kept tokens are tiered the same way, after the tokens held;
+        decoded tokens are stored at ``k_bits``/``v_bits``.
         ``None`` (default): a model's calibrated tier by layer (:meth:`for_model`), else none.
     tier_bits: ``(key bits, value bits)`` of the tier, each 2 or 4.
     max_new_tokens: how many new tokens the cache must hold; ``None`` lets ``generate`` size it.

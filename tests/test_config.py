@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from minikv import MiniKVConfig
 
@@ -44,6 +45,7 @@ def test_no_automatic_group_size_fits_a_tiny_head():
         (dict(bits=4, q_group_size=12), "multiple of 8"),
         (dict(residual_length=100), "multiple of q_group_size=16"),
         (dict(residual_length=40, q_group_size=16), "multiple of q_group_size=16"),
+        (dict(residual_dtype="float64"), "residual_dtype must be one of ['model', 'float16', 'bfloat16']"),
         (dict(scorer="h2o"), "scorer must be one of"),
         (dict(schedule="linear"), "schedule must be one of"),
         (dict(pool_kernel=4), "pool_kernel must be odd"),
@@ -54,6 +56,15 @@ def test_bad_knobs_name_the_parameter_and_range(kwargs, words):
     with pytest.raises(ValueError) as e:
         MiniKVConfig(**kwargs)
     assert words in str(e.value)
+
+
+def test_the_residual_dtype_resolves_per_model_dtype():
+    from minikv.config import residual_dtype
+
+    assert residual_dtype(None, torch.float32) == torch.float16  # the default: fp16 for an fp32 model
+    assert residual_dtype(None, torch.bfloat16) == torch.bfloat16
+    assert residual_dtype("model", torch.float32) == torch.float32
+    assert residual_dtype("bfloat16", torch.float16) == torch.bfloat16
 
 
 def test_group_size_must_divide_head_dim():

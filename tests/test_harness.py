@@ -102,7 +102,7 @@ def test_generate_until_with_left_padding_and_compression_off_matches_stock(mode
     want = get_model("hf")(pretrained=model, tokenizer=tok, batch_size=3).generate_until(reqs)
     assert MiniKVLM(pretrained=model, tokenizer=tok, batch_size=3, bits=16, budget=None).generate_until(reqs) == want
     minikv.unpatch(model)
-    # 2-bit keys and values, no sinks: the saving shows even on these short prompts (fp32 residual)
+    # 2-bit keys and values, no sinks: the saving shows even on these short prompts (residual in fp16)
     lm = MiniKVLM(
         pretrained=model, tokenizer=tok, batch_size=3, bits=2, k_bits=2, sink_tokens=0, budget=0.5, residual_length=16
     )
