@@ -136,3 +136,6 @@ GROUPS["tier_layers"] = [
 GROUPS["tier_tokens"] = [  # a tier by token at about the same bytes as the defaults + 2 points
     ("kvzip 50%, global, adaptive heads, 60% of the kept at K4 V4", dict(cache="minikv", tier_share=0.6))
 ]
+GROUPS["residual_fp16"] = [  # the defaults since residual_dtype (an fp32 model's residual in fp16)
+    ("minikv defaults, fp16 residual", dict(cache="minikv")),
+]
