@@ -161,7 +161,9 @@ def test_decode_attention_of_fp32_queries_over_an_fp16_residual():
     got = cpu_ops.decode_attention(*args)
     want = _fp64_decode(q, buf, npk, res_k, res_v, rl, 4, 2, 32, 0.125, 0.0)
     assert got.dtype == torch.float32
-    assert torch.allclose(got.double(), want, atol=2e-5) and torch.allclose(got, reference.decode_attention(*args), atol=2e-5)
+    assert torch.allclose(got.double(), want, atol=2e-5) and torch.allclose(
+        got, reference.decode_attention(*args), atol=2e-5
+    )
 
 
 def test_decode_attention_does_not_depend_on_the_thread_count():

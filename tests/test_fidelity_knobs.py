@@ -157,9 +157,10 @@ def test_sinks_hold_the_first_prompt_tokens_in_full_precision():
         with torch.no_grad():
             model(ids, use_cache=True, **{KEY: cache})
             model(ids, use_cache=True, **{KEY: full})
-        for ours, dense in zip(_layers(cache), _layers(full)):
-            assert torch.equal(ours.store.res_k[0, :, :4], dense.store.k[0, :, :4])
-            assert torch.equal(ours.store.res_v[0, :, :4], dense.store.v[0, :, :4])
+        for ours, dense in zip(_layers(cache), _layers(full)):  # in the residual's dtype: fp16 in an fp32 model
+            assert ours.store.res_k.dtype == torch.float16
+            assert torch.equal(ours.store.res_k[0, :, :4], dense.store.k[0, :, :4].half())
+            assert torch.equal(ours.store.res_v[0, :, :4], dense.store.v[0, :, :4].half())
     finally:
         minikv.unpatch(model)
 
@@ -190,7 +191,7 @@ def test_accounting_of_key_and_value_bits_and_sinks(k_bits, v_bits):
     L, H, D, G = 3, 2, 16, 16
     # 40 kept = 3 sinks + 37 -> 32 packed + 5 residual; +5 decode tokens: residual 3 sinks + 10
     per_token = D * k_bits // 8 + D * v_bits // 8 + 2 * 2 * (D // G) * 2  # codes + fp16 scale & min, K and V
-    residual = (3 + 10) * 2 * D * 4  # sinks and new tokens in the model's dtype (fp32)
+    residual = (3 + 10) * 2 * D * 2  # sinks and new tokens in fp16 (an fp32 model's residual_dtype=None)
     mem = cache.memory()
     assert mem.used_bytes == L * H * (32 * per_token + residual)
     for layer in _layers(cache):

@@ -91,7 +91,11 @@ def test_a_turn_fills_the_tier_after_the_held_tokens_with_its_best_scored_share(
     before = {"n_packed": store.n_packed.clone(), "res_len": store.res_len.clone(), "res_k": store.res_k.clone()}
     g = torch.Generator().manual_seed(5)
     N, G, D = 76, 32, 32
-    k, v, scores = torch.randn(2, 2, N, D, generator=g), torch.randn(2, 2, N, D, generator=g), torch.rand(2, 2, N, generator=g)
+    k, v, scores = (
+        torch.randn(2, 2, N, D, generator=g),
+        torch.randn(2, 2, N, D, generator=g),
+        torch.rand(2, 2, N, generator=g),
+    )
     store.extend(k, v, scores)
     kr, vr = rotate(k, store.rot_k), rotate(v, store.rot_v)
     n_t = int(N * 0.6) // G * G  # 32 of the 76

@@ -91,7 +91,13 @@ def test_extend_packs_whole_groups_with_the_codes_of_the_same_tokens(residual_dt
     from minikv import MiniKVConfig
 
     cfg = MiniKVConfig(
-        bits=2, k_bits=4, q_group_size=16, residual_length=32, sink_tokens=2, clip=True, rotate="none",
+        bits=2,
+        k_bits=4,
+        q_group_size=16,
+        residual_length=32,
+        sink_tokens=2,
+        clip=True,
+        rotate="none",
         residual_dtype=residual_dtype,
     )
     B, H, D = 2, 2, 32
