@@ -204,9 +204,9 @@ class MiniKVLayer(StaticLayer):
         kept = budget.capacity(self.cfg, self.rank, self.num_compressed, T)
         store_cls = QuantizedStore if self.cfg.quantized else DenseStore
         shape = (store_cls, self.batch_size, self.num_heads, self.head_dim, kept + new, self.dtype, self.device)
-        if self.cfg.quantized:  # the tier holds a share of the most a head keeps (sinks aside), and of
-            share = self.cfg.tier_share_of(self.rank, self.num_compressed)  # later turns' under max_cache_len
-            turns = new if self.max_cache_len is not None else 0
+        if self.cfg.quantized:  # the tier: a share of the most a head keeps (sinks aside), and of what
+            share = self.cfg.tier_share_of(self.rank, self.num_compressed)
+            turns = new if self.max_cache_len is not None else 0  # later turns may bring (max_cache_len)
             shape += (int((kept - min(self.cfg.sink_tokens, kept) + turns) * share), share)
         if self.store is None or getattr(self, "_store_shape", None) != shape:
             self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
