@@ -116,10 +116,17 @@ KNOB_FLAGS = {
     "crush_seed": (int, None, "KVCrush seed (crush_anchor=random)"),
     "q_group_size": (int, None, "quantization group G"),
     "residual_length": (int, None, "full-precision decode tokens before a flush (R)"),
-    "residual_dtype": (str, RESIDUAL_DTYPES, "the residual's dtype (default: float16 for a float32 model)"),
+    "residual_dtype": (str, RESIDUAL_DTYPES, "the full-precision residual's dtype"),
     "tier_share": (_tier_share, None, "precision tier: share of the kept tokens (or one per layer, comma-separated)"),
     "tier_bits": (_tier_bits, None, "precision tier's key,value bits"),
     "backend": (str, BACKENDS, "kernels: auto (Triton on CUDA), reference or triton"),
+}
+
+
+# knobs whose default (None) is resolved per model: what the help shows for it
+AUTO_DEFAULTS = {
+    "tier_share": "auto: the model's calibration, else 0",
+    "residual_dtype": "auto: float16 for a float32 model, else the model's",
 }
 
 
@@ -135,7 +142,7 @@ def _knob_flags(parser: argparse.ArgumentParser) -> None:
     )
     for name, (kind, choices, text) in KNOB_FLAGS.items():
         flag = "--" + name.replace("_", "-")
-        shown = "auto: the model's calibration, else 0" if name == "tier_share" else getattr(d, name)
+        shown = AUTO_DEFAULTS.get(name, getattr(d, name))
         help_text = f"{text} [{shown}]"
         if kind is argparse.BooleanOptionalAction:
             g.add_argument(flag, action=kind, default=argparse.SUPPRESS, help=help_text)

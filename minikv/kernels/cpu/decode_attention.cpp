@@ -135,19 +135,21 @@ void store_unit(const Shape& sh, const Unit& u, int64_t n_packed, int64_t res_le
   }
 }
 
+// the residual read in its own dtype (residual_dtype: fp16 or bf16, or the model's), each element as fp32
+template <typename T>
 void residual_unit(const Shape& sh, const Unit& u, int64_t n_packed, int64_t res_len, const float* q,
-                   const float* rk, const float* rv, Partial out) {
+                   const void* rk, const void* rv, Partial out) {
   const int64_t D = sh.D, n = u.end - u.start, rows = sh.rows;
   std::vector<float> s(rows * n);
-  const float* rk_h = rk + u.bh * sh.SR * D;
-  const float* rv_h = rv + u.bh * sh.SR * D;
+  const T* rk_h = static_cast<const T*>(rk) + u.bh * sh.SR * D;
+  const T* rv_h = static_cast<const T*>(rv) + u.bh * sh.SR * D;
   for (int64_t r = 0; r < rows; ++r) {
     const float* qr = q + r * D;
     const int64_t limit = n_packed + res_len - (sh.Lq - 1 - r % sh.Lq);
     for (int64_t j = u.start; j < u.end; ++j) {
-      const float* k = rk_h + j * D;
+      const T* k = rk_h + j * D;
       float dot = 0.f;
-      for (int64_t d = 0; d < D; ++d) dot += qr[d] * k[d];
+      for (int64_t d = 0; d < D; ++d) dot += qr[d] * static_cast<float>(k[d]);
       s[r * n + j - u.start] = n_packed + j < limit ? logit(dot, sh) : kNegInf;
     }
   }
@@ -158,13 +160,22 @@ void residual_unit(const Shape& sh, const Unit& u, int64_t n_packed, int64_t res
     for (int64_t j = u.start; j < u.end; ++j) {
       const float p = s[r * n + j - u.start];
       if (p == 0.f) continue;
-      const float* v = rv_h + j * D;
-      for (int64_t d = 0; d < D; ++d) acc[d] += p * v[d];
+      const T* v = rv_h + j * D;
+      for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
     }
   }
 }
 
 using StoreFn = decltype(&store_unit<2, 2>);
+using ResidualFn = decltype(&residual_unit<float>);
+
+ResidualFn pick_residual(at::ScalarType t) {
+  if (t == at::kFloat) return &residual_unit<float>;
+  if (t == at::kDouble) return &residual_unit<double>;  // fp64 models (the tests' references)
+  if (t == at::kHalf) return &residual_unit<at::Half>;
+  if (t == at::kBFloat16) return &residual_unit<at::BFloat16>;
+  TORCH_CHECK(false, "decode_attention: the residual must be float64, float32, float16 or bfloat16, got ", t);
+}
 
 StoreFn pick(int64_t kb, int64_t vb) {
   if (kb == 2 && vb == 2) return &store_unit<2, 2>;
@@ -208,7 +219,9 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_codes, c
   for (const at::Tensor* t : scales)
     TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous(), "decode_attention: scales must be contiguous fp16");
   const at::Tensor q = q_in.to(at::kFloat).contiguous();
-  const at::Tensor rk = res_k_in.to(at::kFloat).contiguous(), rv = res_v_in.to(at::kFloat).contiguous();
+  // the residual is read in place, in its own dtype (no per-step copy): contiguous() is the store's buffer
+  const at::Tensor rk = res_k_in.contiguous(), rv = res_v_in.to(res_k_in.scalar_type()).contiguous();
+  const ResidualFn residual_fn = pick_residual(rk.scalar_type());
   const at::Tensor npk = n_packed_t.to(at::kLong).contiguous(), rl = res_len_t.to(at::kLong).contiguous();
   TORCH_CHECK(npk.numel() == B * Hkv && rl.numel() == B, "decode_attention: n_packed must be [B, Hkv] and res_len [B]");
   const Shape sh{B, Hkv, Hq / Hkv, Lq, D, C, SR, G, (Hq / Hkv) * Lq, static_cast<float>(scale),
@@ -253,7 +266,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_codes, c
       const Partial part{&m[i * rows], &l[i * rows], &acc[i * rows * D]};
       const float* qu = qp + u.bh * rows * D;  // the query group's rows are contiguous
       if (u.part == Part::kResidual)
-        residual_unit(sh, u, np[u.bh], rlp[b], qu, rk.data_ptr<float>(), rv.data_ptr<float>(), part);
+        residual_fn(sh, u, np[u.bh], rlp[b], qu, rk.data_ptr(), rv.data_ptr(), part);
       else if (u.part == Part::kTier)
         tier_fn(tier_sh, u, kSeesAll, 0, qu, tk_codes->data_ptr<int32_t>(), tk_scale->data_ptr<at::Half>(),
                 tk_mn->data_ptr<at::Half>(), tv_codes->data_ptr<int32_t>(), tv_scale->data_ptr<at::Half>(),
