@@ -97,6 +97,14 @@ CONFIGS = {  # name -> [(label, minikv.patch knobs; None: the unpatched model's 
         ("H2O / MiniKV 50% (attention accumulated over the prompt)", dict(scorer="minikv")),
         ("A2SF 50% (accumulated, forgetting)", dict(scorer="a2sf")),
     ],
+    "expected": [  # Expected Attention (no pass), one count per layer as the rows above, and ranked as the defaults
+        ("Expected Attention 50%", dict(scorer="expected", schedule="uniform", head_budgets="uniform")),
+        (
+            "Expected Attention, layers and heads ranked together",
+            dict(scorer="expected", schedule="global", head_budgets="adaptive"),
+        ),
+        ("Expected Attention, one set of tokens for every layer", dict(scorer="expected", schedule="shared")),
+    ],
     "sinks": [  # the sink count at the defaults (4): none, 1, 16
         ("minikv defaults, no sinks", dict(sink_tokens=0)),
         ("minikv defaults, 1 sink", dict(sink_tokens=1)),

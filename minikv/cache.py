@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from . import budget, calibration, heads, selection
+from . import budget, calibration, heads, rope, selection
 from .compat import layer_types_and_kwargs
 from .config import MiniKVConfig
 from .dense import dense_attention, mask_for, valid_tokens
@@ -244,13 +244,16 @@ class MiniKVLayer(StaticLayer):
             scores = scorer.finish(scores, self.cfg)
         else:  # no attention scores needed: compute the prompt exactly as the unpatched model does
             out, weights = dense_attention(module, q, k, v, mask, scaling, softcap, fallback, **kwargs)
-            if self.cfg.selects and selection.needs_pass(self.cfg.scorer):  # scored by the pass that follows
-                self.pending = Pending(k, v, valid, torch.zeros(B, k.shape[1], T, device=k.device))
-                return out, weights
-            if self.cfg.selects:
-                scores = scorer.scores(k, valid, self.cfg)
-            else:
+            if not self.cfg.selects or selection.needs_pass(self.cfg.scorer):  # scored by the pass that follows
                 scores = torch.zeros(B, k.shape[1], T, dtype=torch.float32, device=k.device)
+            elif selection.needs_queries(self.cfg.scorer):
+                positions = rope.positions(kwargs.get("position_ids"), valid, 0)
+                scores = scorer.scores_from(module, q, k, v, valid, positions, scaling, self.cfg)
+            else:
+                scores = scorer.scores(k, valid, self.cfg)
+            if self.cfg.selects and selection.defers(self.cfg.scorer):  # kept once every layer is scored
+                self.pending = Pending(k, v, valid, scores)
+                return out, weights
         self._keep_prompt(k, v, valid, scores)
         return out, weights
 
@@ -331,7 +334,7 @@ class MiniKVLayer(StaticLayer):
         keys, values = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
         new_valid = torch.ones(B, N, dtype=torch.bool, device=k.device)
         scorer = selection.scorer(self.cfg.scorer)
-        pass_scored = self.cfg.selects and selection.needs_pass(self.cfg.scorer)
+        pass_scored = self.cfg.selects and selection.defers(self.cfg.scorer)
         impl = implementation(self.cfg.backend, k.device)
         if self.cfg.selects and scorer.NEEDS_ATTENTION:  # held tokens as zero-weight queries: one op call
             weight = torch.cat([torch.zeros(B, S, device=k.device), scorer.query_weights(new_valid, self.cfg)], 1)
@@ -365,8 +368,16 @@ class MiniKVLayer(StaticLayer):
             out, weights = dense_attention(
                 module, q, keys, values, mask_for(allowed, fallback, q.dtype), scaling, softcap, fallback, **kwargs
             )
-            scores = scorer.scores(k, new_valid, self.cfg) if self.cfg.selects and not pass_scored else None
-            seed = torch.zeros(B, k.shape[1], N, device=k.device) if pass_scored else None
+            if self.cfg.selects and selection.needs_queries(self.cfg.scorer):  # the turn's own queries and tokens
+                positions = rope.positions(kwargs.get("position_ids"), new_valid, self._seen)
+                scores = scorer.scores_from(module, q, k, v, new_valid, positions, scaling, self.cfg)
+            else:
+                scores = scorer.scores(k, new_valid, self.cfg) if self.cfg.selects and not pass_scored else None
+            seed = (
+                (scores if scores is not None else torch.zeros(B, k.shape[1], N, device=k.device))
+                if pass_scored
+                else None
+            )
         self._seen += N
         self._capacity_tokens = self._seen + room
         self.cumulative_length.add_(N)

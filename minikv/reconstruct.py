@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache
 from . import heads
 from .compat import cache_key
 from .kernels import implementation
+from .selection import needs_pass
 from .view import MiniKVView, StaticLayer
 
 OVERLAP = 8  # tokens of the previous chunk re-read before each chunk (its queries do not count), as KVzip
@@ -139,7 +140,7 @@ def score(decoder, cache, tokens: torch.Tensor, last_position: torch.Tensor, chu
 
 def hook(decoder, args, kwargs, output):
     """``register_forward_hook(..., with_kwargs=True)`` on a patched model's decoder: run the pass when
-    the forward left tokens pending in its MiniKV cache."""
+    the forward left tokens pending in its MiniKV cache (or, for a scorer without a pass, keep them)."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name changed in transformers 5.24 (compat)
     if cache is None or not has_pending(cache):
         return None
@@ -148,6 +149,10 @@ def hook(decoder, args, kwargs, output):
 
 
 def _run(decoder, args, kwargs, cache) -> None:
+    cfg = pending_layers(cache)[0].cfg
+    if not needs_pass(cfg.scorer):  # scored as the layers attended (scorer="expected"): keep them now
+        cache.commit_pending()
+        return
     tokens = kwargs.get("input_ids", args[0] if args else None)
     if tokens is None:
         tokens = kwargs.get("inputs_embeds")
@@ -161,7 +166,6 @@ def _run(decoder, args, kwargs, cache) -> None:
         cache_position = kwargs.get("cache_position")
         end = cache_position[-1] if cache_position is not None else cache.layers[0].cumulative_length - 1
         last = end.reshape(1).expand(tokens.shape[0])
-    cfg = pending_layers(cache)[0].cfg
     score(decoder, cache, tokens, last.to(torch.int64), cfg.reconstruct_chunk, cfg.reconstruct_prefix)
 
 

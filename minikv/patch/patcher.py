@@ -9,7 +9,7 @@ import torch
 from .. import reconstruct
 from ..cache import config_for_model
 from ..config import UNSET, MiniKVConfig, build_config
-from ..selection import needs_pass
+from ..selection import defers
 from . import SUPPORTED_MODEL_TYPES, attention
 from .generation import make_prepare_cache
 
@@ -21,7 +21,7 @@ class PatchState:
     config: MiniKVConfig
     attn_implementation: str
     prepare_override: object  # an instance attribute that existed before patch, or None
-    pass_hook: object = None  # the reconstruction pass's forward hook on the decoder (a scorer with NEEDS_PASS)
+    pass_hook: object = None  # the forward hook on the decoder that scores and keeps a deferred scorer's tokens
 
 
 def check_model(model, cfg: MiniKVConfig) -> None:
@@ -55,7 +55,7 @@ def patch(model, bits=None, budget=UNSET, **knobs):
     state = PatchState(cfg, original, model.__dict__.get(_PREPARE))
     model.set_attn_implementation(attention.IMPLEMENTATIONS.get(original, "minikv"))
     setattr(model, _PREPARE, make_prepare_cache(model, getattr(type(model), _PREPARE).__get__(model)))
-    if needs_pass(cfg.scorer):
+    if defers(cfg.scorer):
         state.pass_hook = decoder(model).register_forward_hook(reconstruct.hook, with_kwargs=True)
     model._minikv_patch = state
     return model

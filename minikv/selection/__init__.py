@@ -21,12 +21,14 @@ scorer         score of token j                                            file
                prompt after itself (question-agnostic; one more pass)
 ``kvzip_       the larger of ``kvzip``'s and SnapKV's window score         ``reconstruction_window.py``
 window``       (mean probability per window query and head)
+``expected``   attention a Gaussian fit of the prompt's queries, moved to   ``expected.py``
+               the next positions, is expected to pay (no pass)
 =============  ==========================================================  ====================
 """
 
 from __future__ import annotations
 
-from . import a2sf, cumulative, keydiff, keynorm, reconstruction, reconstruction_window, snapkv, streaming
+from . import a2sf, cumulative, expected, keydiff, keynorm, reconstruction, reconstruction_window, snapkv, streaming
 from .kvcrush import rescore as crush
 from .positions import protect_sinks
 
@@ -39,6 +41,7 @@ SCORERS = {
     "streaming": streaming,
     "kvzip": reconstruction,
     "kvzip_window": reconstruction_window,
+    "expected": expected,
 }
 
 
@@ -46,9 +49,20 @@ def scorer(name: str):
     return SCORERS[name]
 
 
+def defers(name: str) -> bool:
+    """Whether scorer ``name``'s tokens are kept once every layer is scored (the pass's scorers and
+    ``expected``): the layers' tokens can then be ranked together (``schedule="global"``)."""
+    return needs_pass(name) or getattr(SCORERS[name], "DEFERS", False)
+
+
+def needs_queries(name: str) -> bool:
+    """Whether scorer ``name`` scores from the forward's queries, values and positions."""
+    return getattr(SCORERS[name], "NEEDS_QUERIES", False)
+
+
 def needs_pass(name: str) -> bool:
     """Whether scorer ``name`` scores the prompt by a pass of its own after the prompt (:mod:`minikv.reconstruct`)."""
     return getattr(SCORERS[name], "NEEDS_PASS", False)
 
 
-__all__ = ["SCORERS", "crush", "needs_pass", "protect_sinks", "scorer"]
+__all__ = ["SCORERS", "crush", "defers", "needs_pass", "needs_queries", "protect_sinks", "scorer"]
