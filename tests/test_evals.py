@@ -208,3 +208,29 @@ def test_paired_comparison_takes_differences_per_sample(tmp_path):
     assert rows["full"]["d_nll"].startswith("+0.0000")
     with pytest.raises(SystemExit, match="--base"):
         paired.compare(paired.load(str(path)), "nothing")
+
+
+def test_frontier_compares_on_the_shared_samples_and_flags_the_undominated(tmp_path):
+    """``evals/frontier.py``: every row on the samples all configurations ran; hand-checked ratios."""
+    import json
+
+    import frontier
+
+    def rec(config, sample, a, b):
+        return dict(config=config, seed=0, sample=sample, turns=[["key1", a, 0.0], ["quote", b, 0.0]])
+
+    lines = [rec("full cache", 0, 1.0, 1.0), rec("full cache", 1, 1.0, 0.0), rec("full cache", 2, 0.0, 1.0)]
+    lines += [rec("cheap", 0, 1.0, 0.0), rec("cheap", 1, 0.0, 0.0), rec("cheap", 2, 1.0, 1.0)]
+    lines += [rec("dear", 0, 1.0, 1.0), rec("dear", 1, 1.0, 0.0)]  # two samples: the shared set is 0, 1
+    lines += [rec("worse", 0, 0.0, 0.0), rec("worse", 1, 0.0, 0.0)]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "t.csv").write_text(
+        "config,kv_percent_of_fp16,kv_percent_after_turns\ncheap,10,12\ndear,20,22\nworse,15,16\nworse,14,17\n"
+    )
+    rows = {r["config"]: r for r in frontier.rows(tmp_path / "r.jsonl", tmp_path / "t.csv")}
+    assert rows["cheap"]["samples"] == 2 and rows["cheap"]["of_full"] == pytest.approx(1 / 3)  # 1/4 of 3/4
+    assert rows["cheap"]["turns"] == [0.5, 0.0] and rows["cheap"]["weakest_turn"] == 0.0
+    assert rows["cheap"]["more"] == (3, pytest.approx(0.75))  # over samples 0-2: 3/6 against 4/6
+    assert rows["dear"]["of_full"] == 1.0 and rows["dear"]["more"] is None
+    assert (rows["worse"]["kv_doc"], rows["worse"]["kv_after"]) == (15.0, 17.0)  # the largest of its rows
+    assert [rows[c]["frontier"] for c in ("cheap", "dear", "worse")] == [True, True, False]
