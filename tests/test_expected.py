@@ -204,3 +204,16 @@ def test_the_decode_step_compiles_into_one_graph():
     assert torch.equal(compiled, eager)
     assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert not dynamo.utils.counters["graph_break"]
+
+
+def test_a_model_without_rotary_tables_is_refused_before_it_is_patched(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    model = tiny_model("llama")
+    monkeypatch.delattr(modeling_llama, "LlamaRotaryEmbedding")
+    with pytest.raises(
+        ValueError, match="scorer='expected' needs the model's rotary embedding: .*LlamaRotaryEmbedding"
+    ):
+        minikv.patch(model, bits=2, budget=0.5, scorer="expected")
+    assert not minikv.is_patched(model)
+    minikv.patch(model, bits=2, budget=0.5, scorer="kvzip")  # a scorer that does not move queries: patched

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import reconstruct
+from .. import reconstruct, rope
 from ..cache import config_for_model
 from ..config import UNSET, MiniKVConfig, build_config
-from ..selection import defers
+from ..selection import defers, needs_queries
 from . import SUPPORTED_MODEL_TYPES, attention
 from .generation import make_prepare_cache
 
@@ -35,6 +35,11 @@ def check_model(model, cfg: MiniKVConfig) -> None:
     if text.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model family {text.model_type!r}: supported are {list(SUPPORTED_MODEL_TYPES)}")
     config_for_model(cfg, text)
+    if needs_queries(cfg.scorer):  # the scorer moves queries along RoPE: the family's rotary tables must be found
+        try:
+            rope.rotary_module(decoder(model).layers[0].self_attn)
+        except (AttributeError, ValueError) as err:
+            raise ValueError(f"scorer={cfg.scorer!r} needs the model's rotary embedding: {err}") from None
     from ..kernels import implementation
 
     implementation(cfg.backend, model.device)  # backend="triton" where Triton cannot run: refused now
