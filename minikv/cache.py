@@ -370,7 +370,7 @@ class MiniKVLayer(StaticLayer):
             )
             if self.cfg.selects and selection.needs_queries(self.cfg.scorer):  # the turn's own queries and tokens
                 positions = rope.positions(kwargs.get("position_ids"), new_valid, self._seen)
-                scores = scorer.scores_from(module, q, k, v, new_valid, positions, scaling, self.cfg)
+                scores = scorer.scores_from(module, q, k, v, new_valid, positions, scaling, self.cfg, sinks=0)
             else:
                 scores = scorer.scores(k, new_valid, self.cfg) if self.cfg.selects and not pass_scored else None
             seed = (

@@ -24,8 +24,8 @@ def spied(monkeypatch):
     calls = []
     original = expected.scores_from
 
-    def spy(module, q, k, v, valid, positions, scaling, cfg):
-        out = original(module, q, k, v, valid, positions, scaling, cfg)
+    def spy(module, q, k, v, valid, positions, scaling, cfg, **kwargs):
+        out = original(module, q, k, v, valid, positions, scaling, cfg, **kwargs)
         calls.append((module, q, k, v, valid, positions, scaling, out))
         return out
 
@@ -188,6 +188,7 @@ def test_the_layers_are_ranked_together_and_a_later_turn_leaves_the_held_tokens(
         model(torch.randint(1, 320, (1, 40)), use_cache=True, **{KEY: cache})
     assert [call[1].shape[2] for call in spied] == [40] * 3  # the turn's own queries and tokens
     assert [int(call[5][0, 0]) for call in spied] == [64] * 3  # at the turn's positions
+    assert all(bool((call[-1][0, :, :4] > 0).all()) for call in spied)  # a turn has no sinks: its first tokens score
     assert all(torch.equal(a, b) for a, b in zip(held, held_part(layers[0].store)))
     assert all(layer.tokens_held() > n for layer, n in zip(layers, kept))
 

@@ -38,12 +38,14 @@ def _stats(q_pre: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, to
     return mu, cov
 
 
-def scores_from(module, q, k, v, valid, positions, scaling: float, cfg) -> torch.Tensor:
+def scores_from(module, q, k, v, valid, positions, scaling: float, cfg, sinks: int | None = None) -> torch.Tensor:
     """``q [B, Hq, N, D]``, ``k/v [B, Hkv, N, D]`` (rotated, as the attention function gets them),
-    ``valid [B, N]``, ``positions [B, N]`` -> ``[B, Hkv, N]`` float32 scores."""
+    ``valid [B, N]``, ``positions [B, N]`` -> ``[B, Hkv, N]`` float32 scores. The first ``sinks`` real tokens
+    (``cfg.sink_tokens`` by default: a prompt's; a later turn has none) are left out and score 0."""
     B, Hkv, N, D = k.shape
     group = q.shape[1] // Hkv
-    past_sinks = valid.cumsum(-1) > cfg.sink_tokens  # the first real tokens draw attention whatever comes
+    sinks = cfg.sink_tokens if sinks is None else sinks
+    past_sinks = valid.cumsum(-1) > sinks  # the first real tokens draw attention whatever comes
     counted = valid & past_sinks
     cos, sin = rope.tables(module, positions)  # [B, N, rot]
     q_pre = rope.unrotate(q.double(), cos[:, None], sin[:, None])
