@@ -102,32 +102,26 @@ def main() -> int:
                 )
             )
             print(rows[-1], flush=True)
-        pass_s = seconds["minikv kvzip"] - seconds["minikv snapkv (no pass)"]
-        rows.append(
-            dict(
-                model=args.model,
-                tokens=T,
-                run="the pass alone (kvzip - snapkv)",
-                seconds=round(pass_s, 2),
-                tokens_per_s=round(T / pass_s, 1) if pass_s > 0 else float("nan"),
-                **info,
+        base = seconds["minikv snapkv (no pass)"]
+        for run, label in (
+            ("minikv kvzip", "the pass alone (kvzip - snapkv)"),
+            ("minikv expected", "Expected Attention's scoring (expected - snapkv)"),
+        ):
+            extra = seconds[run] - base
+            rows.append(
+                dict(
+                    model=args.model,
+                    tokens=T,
+                    run=label,
+                    seconds=round(extra, 2),
+                    tokens_per_s=round(T / extra, 1) if extra > 0 else float("nan"),
+                    **info,
+                    s_per_1k_tokens=round(1000 * extra / T, 2),
+                )
             )
-        )
-        rows[-1]["s_per_1k_tokens"] = round(1000 * pass_s / T, 2)
-        rows[-1]["flops_vs_prefill"] = round(flops(model, T, chunk) / flops(model, T, None), 2)
-        print(rows[-1], flush=True)
-        extra = seconds["minikv expected"] - seconds["minikv snapkv (no pass)"]
-        rows.append(
-            dict(
-                model=args.model,
-                tokens=T,
-                run="Expected Attention's scoring (expected - snapkv)",
-                seconds=round(extra, 2),
-            )
-        )
-        rows[-1]["tokens_per_s"] = round(T / extra, 1) if extra > 0 else float("nan")
-        rows[-1].update(info, s_per_1k_tokens=round(1000 * extra / T, 2))
-        print(rows[-1], flush=True)
+            if run == "minikv kvzip":  # FLOPs counted for the pass only
+                rows[-1]["flops_vs_prefill"] = round(flops(model, T, chunk) / flops(model, T, None), 2)
+            print(rows[-1], flush=True)
     for r in rows:
         r.setdefault("s_per_1k_tokens", "")
         r.setdefault("flops_vs_prefill", "")

@@ -334,7 +334,7 @@ class MiniKVLayer(StaticLayer):
         keys, values = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
         new_valid = torch.ones(B, N, dtype=torch.bool, device=k.device)
         scorer = selection.scorer(self.cfg.scorer)
-        pass_scored = self.cfg.selects and selection.defers(self.cfg.scorer)
+        deferred = self.cfg.selects and selection.defers(self.cfg.scorer)
         impl = implementation(self.cfg.backend, k.device)
         if self.cfg.selects and scorer.NEEDS_ATTENTION:  # held tokens as zero-weight queries: one op call
             weight = torch.cat([torch.zeros(B, S, device=k.device), scorer.query_weights(new_valid, self.cfg)], 1)
@@ -355,7 +355,7 @@ class MiniKVLayer(StaticLayer):
                 )
                 out, scores = heads.unfold(out, B), heads.unfold(scores, B)
             out, weights = out[:, :, S:].transpose(1, 2), None
-            seed = scorer.seed(scores[..., S:], q.shape[1] // Hkv, self.cfg) if pass_scored else None
+            seed = scorer.seed(scores[..., S:], q.shape[1] // Hkv, self.cfg) if deferred else None
             scores = scorer.finish(scores[..., S:], self.cfg)
         else:
             causal = torch.ones(N, N, dtype=torch.bool, device=k.device).tril()
@@ -372,16 +372,14 @@ class MiniKVLayer(StaticLayer):
                 positions = rope.positions(kwargs.get("position_ids"), new_valid, self._seen)
                 scores = scorer.scores_from(module, q, k, v, new_valid, positions, scaling, self.cfg, sinks=0)
             else:
-                scores = scorer.scores(k, new_valid, self.cfg) if self.cfg.selects and not pass_scored else None
-            seed = (
-                (scores if scores is not None else torch.zeros(B, k.shape[1], N, device=k.device))
-                if pass_scored
-                else None
-            )
+                scores = scorer.scores(k, new_valid, self.cfg) if self.cfg.selects and not deferred else None
+            seed = None
+            if deferred:  # kept once every layer is scored: the scores so far (none before the pass)
+                seed = scores if scores is not None else torch.zeros(B, k.shape[1], N, device=k.device)
         self._seen += N
         self._capacity_tokens = self._seen + room
         self.cumulative_length.add_(N)
-        if pass_scored:  # kept once the reconstruction pass has scored them
+        if deferred:  # kept once every layer is scored (after the pass, for its scorers)
             self.pending = Pending(k, v, new_valid, seed.float(), room=room)
         else:
             self._keep_turn(k, v, scores, room)

@@ -361,12 +361,14 @@ def test_the_default_schedule_shares_the_tokens_on_a_model_with_one_kv_head(
     assert (cfg.schedule, cfg.head_budgets, cfg.recent, cfg.budget, cfg.q_group_size) == expected
 
 
-def test_the_decode_step_with_the_hook_compiles_into_one_graph():
-    """The pass's hook sits on the decoder: a decode step (nothing pending) still compiles whole, once."""
+@pytest.mark.parametrize("scorer", ["kvzip", "expected"])
+def test_the_decode_step_with_the_hook_compiles_into_one_graph(scorer):
+    """The hook of a deferred scorer sits on the decoder: a decode step (nothing pending) still compiles
+    whole, once (the pass's scorer, and Expected Attention, which the hook keeps without a pass)."""
     import torch._dynamo as dynamo
 
     model = minikv.patch(
-        tiny_model("llama"), bits=2, budget=32, recent=8, residual_length=16, scorer="kvzip", schedule="global"
+        tiny_model("llama"), bits=2, budget=32, recent=8, residual_length=16, scorer=scorer, schedule="global"
     )
     ids = torch.randint(1, 320, (1, 50), generator=torch.Generator().manual_seed(5))
     eager = minikv.generate(model, ids, max_new_tokens=20)
