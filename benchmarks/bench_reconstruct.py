@@ -47,6 +47,11 @@ def flops(model, T: int, chunk: int | None) -> float:
     return n * (2 * params + per_query)
 
 
+def _row(model: str, tokens: int, run: str, seconds: float, info: dict, **extra) -> dict:
+    per_s = round(tokens / seconds, 1) if seconds > 0 else float("nan")
+    return dict(model=model, tokens=tokens, run=run, seconds=round(seconds, 2), tokens_per_s=per_s, **info, **extra)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
@@ -91,16 +96,7 @@ def main() -> int:
                 chunk = model._minikv_patch.config.reconstruct_chunk
                 minikv.unpatch(model)
             seconds[label] = best
-            rows.append(
-                dict(
-                    model=args.model,
-                    tokens=T,
-                    run=label,
-                    seconds=round(best, 2),
-                    tokens_per_s=round(T / best, 1),
-                    **info,
-                )
-            )
+            rows.append(_row(args.model, T, label, best, info))
             print(rows[-1], flush=True)
         base = seconds["minikv snapkv (no pass)"]
         for run, label in (
@@ -108,17 +104,7 @@ def main() -> int:
             ("minikv expected", "Expected Attention's scoring (expected - snapkv)"),
         ):
             extra = seconds[run] - base
-            rows.append(
-                dict(
-                    model=args.model,
-                    tokens=T,
-                    run=label,
-                    seconds=round(extra, 2),
-                    tokens_per_s=round(T / extra, 1) if extra > 0 else float("nan"),
-                    **info,
-                    s_per_1k_tokens=round(1000 * extra / T, 2),
-                )
-            )
+            rows.append(_row(args.model, T, label, extra, info, s_per_1k_tokens=round(1000 * extra / T, 2)))
             if run == "minikv kvzip":  # FLOPs counted for the pass only
                 rows[-1]["flops_vs_prefill"] = round(flops(model, T, chunk) / flops(model, T, None), 2)
             print(rows[-1], flush=True)

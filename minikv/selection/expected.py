@@ -47,12 +47,12 @@ def scores_from(module, q, k, v, valid, positions, scaling: float, cfg, sinks: i
     sinks = cfg.sink_tokens if sinks is None else sinks
     past_sinks = valid.cumsum(-1) > sinks  # the first real tokens draw attention whatever comes
     counted = valid & past_sinks
-    cos, sin = rope.tables(module, positions)  # [B, N, rot]
-    q_pre = rope.unrotate(q.double(), cos[:, None], sin[:, None])
-    mu, cov = _stats(q_pre, counted)
     last = torch.where(valid, positions, positions.new_full((), -1)).amax(-1)  # [B]
     future = last[:, None] + 1 + torch.arange(FUTURE_POSITIONS, device=k.device)[None]
-    f_cos, f_sin = rope.tables(module, future)
+    cos, sin = rope.tables(module, torch.cat([positions.to(future.dtype), future], 1))  # one table, both spans
+    (cos, f_cos), (sin, f_sin) = cos.split([N, FUTURE_POSITIONS], 1), sin.split([N, FUTURE_POSITIONS], 1)
+    q_pre = rope.unrotate(q.double(), cos[:, None], sin[:, None])  # [B, Hq, N, D]
+    mu, cov = _stats(q_pre, counted)
     eye = torch.eye(D, dtype=torch.float64, device=k.device).expand(B, D, D)
     mean_rot = rope.rotate(eye, f_cos.mean(1)[:, None], f_sin.mean(1)[:, None]).transpose(-1, -2)  # [B, D, D]
     mu = torch.einsum("bij,bhj->bhi", mean_rot, mu)
